@@ -1,0 +1,367 @@
+"""Post-training quantization (Banner, Nahshan, Soudry, NeurIPS 2019), plus the well-founded
+steps a user expects around it: BN folding, cross-layer equalization (Nagel et al. 2019) and
+empirical bias correction.
+
+Pipeline of :func:`quantize` (each step optional except 1, 4, 5):
+
+1. copy the model, fold BN into the preceding conv (graph tracing);
+2. cross-layer equalization of conv -> ReLU -> conv pairs;
+3. record the float model's per-layer output means (for empirical bias correction);
+4. weights: per-channel range (min-max / percentile / MSE), per-channel bit allocation
+   (alpha^(2/3) rule with alpha = std of the channel), then Banner's weight bias correction;
+5. activations, at the input of every Conv / Linear: one pass over the calibration set *as one
+   batch*, in execution order, so each layer's range is fitted to the input it really receives
+   (upstream layers already quantized); ranges by min-max, EMA, percentile, MSE or ACIQ,
+   unsigned when the input is non-negative, optionally per channel with bit allocation;
+   empirical bias correction shifts each layer's bias so its mean output matches the float
+   model's, in the same pass.
+
+Calibration data is whatever the caller gives; the CLI only ever draws it from training images.
+"""
+from __future__ import annotations
+
+import copy
+import time
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+from torch import nn
+
+from lowbit.errors import CalibrationError, ConfigError, DataError, NumericalError
+from lowbit.nn.layers import QUANT_LAYERS, WRAPPERS
+from lowbit.nn.quantizer import AffineQuantizer, CorrectedQuantizer
+from lowbit.policy import LayerBits, LayerPolicy
+from lowbit.quant.aciq import aciq_range
+from lowbit.quant.affine import QScheme, check_bits, integer_range
+from lowbit.quant.bias_correction import correct_weight_bias
+from lowbit.quant.bit_alloc import allocate_bits
+from lowbit.quant.ranges import channel_rows, ema_update, minmax_range, mse_range, \
+    percentile_range, sample_rows
+from lowbit.transforms import equalize_model, fold_batchnorm, layer_order, swap_layers
+
+A_CLIPS = ("minmax", "ema", "percentile", "mse", "aciq-laplace", "aciq-gauss")
+W_CLIPS = ("minmax", "percentile", "mse")
+BIAS_CORRECTIONS = (None, "mean", "mean_std", "empirical")
+BIT_ALLOC_MAX_BITS = 4  # as in the reference code, allocation only below 5 bits
+EMA_CHUNK = 64  # images per EMA step when clip == "ema"
+
+
+@dataclass
+class PTQConfig:
+    """Everything that decides a post-training quantization run (YAML recipes use these keys)."""
+
+    w_bits: int = 8
+    a_bits: int | None = 8
+    w_per_channel: bool = True
+    a_per_channel: bool = False
+    w_symmetric: bool = False
+    a_symmetric: bool = False
+    w_clip: str = "minmax"
+    clip: str = "minmax"
+    percentile: float = 99.99
+    w_bit_alloc: bool = False
+    a_bit_alloc: bool = False
+    bias_correction: str | None = None
+    equalize: bool = False
+    fold_bn: bool = True
+    calib: int = 1024
+    first_last_bits: int | None = 8
+    skip: list[str] = field(default_factory=list)
+    overrides: dict[str, dict] = field(default_factory=dict)
+    seed: int = 0
+
+    def validate(self) -> "PTQConfig":
+        check_bits(self.w_bits, "w_bits")
+        if self.a_bits is not None:
+            check_bits(self.a_bits, "a_bits")
+        for name, value, choices in (("clip", self.clip, A_CLIPS), ("w_clip", self.w_clip, W_CLIPS),
+                                     ("bias_correction", self.bias_correction, BIAS_CORRECTIONS)):
+            if value not in choices:
+                raise ConfigError(f"{name} must be one of {', '.join(map(str, choices))}; "
+                                  f"got {value!r}")
+        if not 50.0 < self.percentile <= 100.0:
+            raise ConfigError(f"percentile must be in (50, 100], got {self.percentile}")
+        if isinstance(self.calib, bool) or not isinstance(self.calib, int) or self.calib < 1:
+            raise ConfigError(f"calib must be a positive number of images, got {self.calib!r}")
+        if self.a_bit_alloc and self.a_bits is None:
+            raise ConfigError("a_bit_alloc needs a_bits")
+        self.policy().validate()
+        return self
+
+    def policy(self) -> LayerPolicy:
+        return LayerPolicy(self.first_last_bits, list(self.skip), dict(self.overrides))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "PTQConfig":
+        """Build from a mapping (a YAML recipe); an unknown key names itself and the valid ones."""
+        valid = [f.name for f in fields(cls)]
+        unknown = [k for k in values if k not in valid]
+        if unknown:
+            raise ConfigError(f"unknown PTQ key {unknown[0]!r}; valid keys: {', '.join(valid)}")
+        return cls(**values).validate()
+
+
+@dataclass
+class QuantInfo:
+    """What a quantized model carries about how it was made (saved with its checkpoint)."""
+
+    method: str
+    config: dict
+    plan: dict[str, LayerBits]
+    folded: bool
+    notes: list[str] = field(default_factory=list)
+    calibration_seconds: float = 0.0
+    equalized_pairs: int = 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the quantized structure
+
+
+def _weight_quantizer(config: PTQConfig, bits: LayerBits, name: str) -> nn.Module:
+    scheme = QScheme(bits.w_bits, signed=config.w_symmetric, symmetric=config.w_symmetric,
+                     narrow=config.w_symmetric)
+    q = AffineQuantizer(scheme, axis=0 if config.w_per_channel else None, name=f"{name}.weight")
+    return CorrectedQuantizer(q) if config.bias_correction in ("mean", "mean_std") else q
+
+
+def _input_quantizer(config: PTQConfig, bits: LayerBits, name: str):
+    if bits.a_bits is None:
+        return None
+    per_channel = config.a_per_channel or config.a_bit_alloc
+    # Per-channel input ranges along channels (axis 1); a Linear's input is [N, C] too.
+    scheme = QScheme(bits.a_bits, signed=False, symmetric=config.a_symmetric)
+    return AffineQuantizer(scheme, axis=1 if per_channel else None, name=f"{name}.input")
+
+
+def prepare(model: nn.Module, config: PTQConfig, plan: dict[str, LayerBits], folded: bool):
+    """The quantized structure (uncalibrated): BN folded if ``folded``, each planned layer
+    wrapped with empty quantizers. Used by :func:`quantize` and to reload a checkpoint."""
+    if folded:
+        model, reason = fold_batchnorm(model)
+        if reason:
+            raise CalibrationError(f"the checkpoint was made with BN folded but the model cannot "
+                                   f"be traced now: {reason}")
+    with_bias = config.bias_correction == "empirical"
+
+    def wrap(name, layer):
+        if name not in plan:
+            return None
+        bits = plan[name]
+        return WRAPPERS[type(layer)].from_float(
+            layer, _weight_quantizer(config, bits, name),
+            _input_quantizer(config, bits, name), with_bias=with_bias)
+
+    return swap_layers(model, wrap)
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration
+
+
+def calibration_tensor(calib_data, limit: int) -> torch.Tensor:
+    """Concatenate up to ``limit`` inputs from an iterable of tensors or (input, target) batches."""
+    if isinstance(calib_data, torch.Tensor):
+        calib_data = [calib_data]
+    chunks, n = [], 0
+    for batch in calib_data:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        if not isinstance(x, torch.Tensor):
+            raise DataError(f"calibration batches must be tensors or (input, target) pairs, "
+                            f"got {type(x).__name__}")
+        chunks.append(x[: limit - n].float())
+        n += len(chunks[-1])
+        if n >= limit:
+            break
+    if n == 0:
+        raise DataError("the calibration set is empty: give at least one input image")
+    x = torch.cat(chunks)
+    if not torch.isfinite(x).all():
+        raise DataError("the calibration data contains NaN or Inf values")
+    if n < 32:
+        warnings.warn(f"only {n} calibration images: ranges may be poor (1,024 is typical)",
+                      stacklevel=3)
+    return x
+
+
+def check_finite(model: nn.Module) -> None:
+    """Raise NumericalError naming the first parameter or buffer holding NaN / Inf."""
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise NumericalError(f"{name} contains NaN or Inf values; fix the checkpoint first")
+
+
+def _bits_for(rows: torch.Tensor, bits: int, enabled: bool, proxy: str) -> int | torch.Tensor:
+    """Per-channel bits from the allocation rule, or the plain width."""
+    if not enabled or bits > BIT_ALLOC_MAX_BITS or rows.shape[0] < 2:
+        return bits
+    # alpha_i is proportional to the channel's spread (Banner: std, or b for the Laplace prior)
+    if proxy == "laplace":
+        alpha = (rows - rows.mean(1, keepdim=True)).abs().mean(1)
+    else:
+        alpha = rows.std(1)
+    return allocate_bits(alpha, bits)
+
+
+def _range(rows: torch.Tensor, method: str, bits, quantizer: AffineQuantizer, signed: bool,
+           percentile: float, per_channel: bool, seed: int):
+    """(lo, hi) of the rows [C, N] by ``method``; scalars when not per channel."""
+    axis = 0 if per_channel else None
+    values = rows if per_channel else rows.reshape(1, -1)
+    if method == "minmax":
+        return minmax_range(values, axis)
+    values = sample_rows(values, seed=seed)
+    if method == "percentile":
+        return percentile_range(values, percentile, axis)
+    if method == "mse":
+        qmin, qmax = integer_range(torch.as_tensor(bits), signed, quantizer.scheme.narrow)
+        return mse_range(values, qmin, qmax, quantizer.scheme.symmetric, axis)
+    prior = method.split("-")[1]
+    return aciq_range(values, bits, prior, axis, rectified=not signed)
+
+
+@torch.no_grad()
+def calibrate_weights(model: nn.Module, config: PTQConfig) -> None:
+    for name, layer in model.named_modules():
+        if not isinstance(layer, QUANT_LAYERS):
+            continue
+        slot = layer.weight_quantizer
+        quantizer = slot.quantizer if isinstance(slot, CorrectedQuantizer) else slot
+        w = layer.weight.detach()
+        rows = channel_rows(w, 0)
+        per_channel = quantizer.axis is not None
+        bits = _bits_for(rows, quantizer.scheme.bits, config.w_bit_alloc and per_channel, "std")
+        lo, hi = _range(rows, config.w_clip, bits, quantizer, quantizer.scheme.signed,
+                        config.percentile, per_channel, config.seed)
+        quantizer.set_range(lo, hi, bits)
+        if isinstance(slot, CorrectedQuantizer):
+            slot.set_correction(*correct_weight_bias(w, quantizer(w), config.bias_correction))
+
+
+def _set_input_range(quantizer: AffineQuantizer, x: torch.Tensor, config: PTQConfig) -> None:
+    per_channel = quantizer.axis is not None and x.dim() >= 2
+    rows = channel_rows(x, 1) if per_channel else x.detach().float().reshape(1, -1)
+    signed = bool(x.min() < 0)
+    prior = "gauss" if config.clip == "aciq-gauss" else "laplace" if config.clip == "aciq-laplace" \
+        else "std"
+    bits = _bits_for(rows, quantizer.scheme.bits, config.a_bit_alloc and per_channel, prior)
+    if config.clip == "ema":
+        lo = hi = None
+        for chunk in x.split(EMA_CHUNK):
+            c_lo, c_hi = minmax_range(chunk, 1 if per_channel else None)
+            lo, hi = ema_update(lo, c_lo, 0.01), ema_update(hi, c_hi, 0.01)
+    else:
+        lo, hi = _range(rows, config.clip, bits, quantizer, signed, config.percentile,
+                        per_channel, config.seed)
+    if not per_channel and quantizer.axis is not None:
+        quantizer.axis = None  # e.g. a per-channel quantizer that met a 1-D input
+    quantizer.set_range(lo, hi, bits, signed=signed)
+
+
+def _output_means(y: torch.Tensor) -> torch.Tensor:
+    return y.transpose(0, 1).reshape(y.shape[1], -1).mean(1) if y.dim() > 1 else y
+
+
+@torch.no_grad()
+def float_output_means(model: nn.Module, x: torch.Tensor, names) -> dict[str, torch.Tensor]:
+    """Per-channel mean output of each named float layer on ``x``."""
+    means, handles = {}, []
+    modules = dict(model.named_modules())
+    for name in names:
+        handles.append(modules[name].register_forward_hook(
+            lambda _m, _i, y, name=name: means.__setitem__(name, _output_means(y))))
+    try:
+        model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return means
+
+
+@torch.no_grad()
+def calibrate_activations(model: nn.Module, x: torch.Tensor, config: PTQConfig,
+                          float_means: dict[str, torch.Tensor] | None) -> None:
+    """One pass in execution order: fit each input range, then (optionally) correct the bias."""
+    handles = []
+
+    def fit_input(layer, args):
+        q = layer.input_quantizer
+        if isinstance(q, AffineQuantizer) and not q.calibrated:
+            if not torch.isfinite(torch.stack(torch.aminmax(args[0]))).all():  # NaN propagates
+                raise NumericalError(f"{q.name} receives NaN or Inf activations")
+            _set_input_range(q, args[0], config)
+
+    def correct_bias(name):
+        def hook(layer, _args, y):
+            delta = float_means[name] - _output_means(y)
+            layer.bias.add_(delta)
+            return y + delta.reshape(1, -1, *([1] * (y.dim() - 2)))
+        return hook
+
+    for name, layer in model.named_modules():
+        if isinstance(layer, QUANT_LAYERS):
+            handles.append(layer.register_forward_pre_hook(fit_input))
+            if float_means is not None:
+                handles.append(layer.register_forward_hook(correct_bias(name)))
+    try:
+        model(x)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def quantize(model: nn.Module, config: PTQConfig | None = None, calib_data=None) -> nn.Module:
+    """Post-training quantize ``model``; return a fake-quant copy that runs like the original.
+
+    ``calib_data``: an iterable of input tensors or of ``(input, target)`` batches (training
+    images, never the test set); the first ``config.calib`` images are used. The returned
+    model carries a :class:`QuantInfo` as ``model.lowbit``.
+    """
+    config = (config or PTQConfig()).validate()
+    if calib_data is None:
+        raise DataError("quantize needs calibration data (an iterable of input batches)")
+    start = time.perf_counter()
+    torch.manual_seed(config.seed)
+    x = calibration_tensor(calib_data, config.calib)
+    check_finite(model)
+    qmodel = copy.deepcopy(model).eval()
+    notes = []
+    folded = False
+    if config.fold_bn:
+        qmodel, reason = fold_batchnorm(qmodel)
+        folded = not reason
+        if reason:
+            notes.append(f"not traceable ({reason}): BN not folded, no equalization")
+    pairs = 0
+    if config.equalize and folded:
+        pairs = len(equalize_model(qmodel))
+    elif config.equalize:
+        notes.append("equalization skipped: it needs a traced (folded) model")
+    order = layer_order(qmodel, x)
+    if not order:
+        raise ConfigError("the model has no Conv2d or Linear layer to quantize")
+    plan = config.policy().resolve(order, config.w_bits, config.a_bits)
+    if config.a_bits is not None and not any(b.a_bits for b in plan.values()):
+        raise ConfigError("a_bits is set but no layer has an input to quantize "
+                          "(all skipped or overridden); drop a_bits or quantize a layer")
+    float_means = None
+    if config.bias_correction == "empirical":
+        float_means = float_output_means(qmodel, x, plan)
+    qmodel = prepare(qmodel, config, plan, folded=False)
+    calibrate_weights(qmodel, config)
+    calibrate_activations(qmodel, x, config, float_means)
+    qmodel.lowbit = QuantInfo("ptq", config.to_dict(), plan, folded, notes,
+                              time.perf_counter() - start, pairs)
+    return qmodel
+
+
+def restore(model: nn.Module, info: QuantInfo) -> nn.Module:
+    """Rebuild the quantized structure of a saved PTQ model (weights loaded by the caller)."""
+    config = PTQConfig.from_dict(info.config)
+    qmodel = prepare(model.eval(), config, info.plan, info.folded)
+    qmodel.lowbit = info
+    return qmodel

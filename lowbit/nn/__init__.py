@@ -1,0 +1,5 @@
+"""Stateful quantizers and the quantized layer wrappers."""
+from lowbit.nn.layers import QUANT_LAYERS, WRAPPERS, QuantConv2d, QuantLinear
+from lowbit.nn.quantizer import AffineQuantizer, CorrectedQuantizer
+
+__all__ = ["QUANT_LAYERS", "WRAPPERS", "QuantConv2d", "QuantLinear", "AffineQuantizer", "CorrectedQuantizer"]

@@ -1,0 +1,103 @@
+"""Stateful quantizers: qparams in buffers so ``state_dict``, checkpoints and DDP just work."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lowbit.errors import CalibrationError
+from lowbit.quant.affine import QScheme, affine_qparams, fake_quantize, integer_range
+
+_STATE = ("scale", "zero_point", "quant_min", "quant_max")
+
+
+class AffineQuantizer(nn.Module):
+    """Fake-quantizes a tensor with per-tensor or per-channel affine qparams.
+
+    The scheme (bits, signed, symmetric, narrow) and ``axis`` are fixed at construction; the range
+    is set later by :meth:`set_range` (a calibration step, an observer, a method). Per-channel
+    bits (bit allocation) are passed to :meth:`set_range` and stored as per-channel
+    ``quant_min`` / ``quant_max``. A quantizer used before it has a range raises
+    :class:`CalibrationError` naming its layer.
+    """
+
+    def __init__(self, scheme: QScheme, axis: int | None = None, name: str = ""):
+        super().__init__()
+        self.scheme, self.axis, self.name = scheme, axis, name
+        for key in _STATE:
+            self.register_buffer(key, torch.empty(0))
+
+    @property
+    def calibrated(self) -> bool:
+        return self.scale.numel() > 0
+
+    @property
+    def bits(self) -> torch.Tensor:
+        """Bits per channel (or a scalar) derived from the stored integer range."""
+        return torch.log2(self.quant_max - self.quant_min + 1).round().to(torch.int64)
+
+    def set_range(self, lo, hi, bits=None, signed: bool | None = None) -> None:
+        """Compute and store qparams covering [lo, hi].
+
+        ``bits`` overrides the scheme's width (an int or a per-channel tensor); ``signed``
+        overrides its signedness (activations decide it from calibration data).
+        """
+        scheme = self.scheme
+        bits = scheme.bits if bits is None else bits
+        signed = scheme.signed if signed is None else signed
+        qmin, qmax = integer_range(torch.as_tensor(bits), signed, scheme.narrow)
+        qmin = torch.as_tensor(qmin, dtype=torch.float32)
+        qmax = torch.as_tensor(qmax, dtype=torch.float32)
+        scale, zero_point = affine_qparams(lo, hi, qmin, qmax, scheme.symmetric)
+        shape = scale.shape
+        self.scale = scale.detach().float()
+        self.zero_point = zero_point.detach().float()
+        self.quant_min = qmin.expand(shape).clone() if shape else qmin
+        self.quant_max = qmax.expand(shape).clone() if shape else qmax
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.calibrated:
+            raise CalibrationError(f"quantizer {self.name or '(unnamed)'} was never calibrated: "
+                                   "run lowbit.quantize (or load a quantized checkpoint) first")
+        return fake_quantize(x, self.scale, self.zero_point, self.quant_min, self.quant_max,
+                             self.axis if self.scale.dim() else None)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Buffers are empty until calibration; adopt the saved shapes so a quantized checkpoint
+        # loads into a freshly prepared (uncalibrated) model.
+        for key in _STATE:
+            if prefix + key in state_dict:
+                setattr(self, key, torch.empty_like(state_dict[prefix + key]))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        s = self.scheme
+        kind = "symmetric" if s.symmetric else "asymmetric"
+        return f"bits={s.bits}, {kind}, axis={self.axis}, calibrated={self.calibrated}"
+
+
+class CorrectedQuantizer(nn.Module):
+    """A weight quantizer followed by a per-output-channel affine correction
+    ``W_q' = gain * Q(W) + shift`` (Banner et al. 2019 bias correction, see
+    :func:`lowbit.quant.correct_weight_bias`)."""
+
+    def __init__(self, quantizer: nn.Module):
+        super().__init__()
+        self.quantizer = quantizer
+        self.register_buffer("gain", torch.empty(0))
+        self.register_buffer("shift", torch.empty(0))
+
+    def set_correction(self, gain: torch.Tensor, shift: torch.Tensor) -> None:
+        self.gain, self.shift = gain.detach().float(), shift.detach().float()
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        w_q = self.quantizer(w)
+        if self.gain.numel() == 0:
+            return w_q
+        shape = (-1,) + (1,) * (w.dim() - 1)
+        return w_q * self.gain.reshape(shape) + self.shift.reshape(shape)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for key in ("gain", "shift"):
+            if prefix + key in state_dict:
+                setattr(self, key, torch.empty_like(state_dict[prefix + key]))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -1,0 +1,37 @@
+"""Batch-norm folding by graph tracing (torch.fx).
+
+A BN fed by a conv (or linear) whose output has no other user is folded into it:
+``W' = W gamma / sqrt(var + eps)``, ``b' = (b - mu) gamma / sqrt(var + eps) + beta``
+(Jacob et al. 2018; Banner et al. 2019 fold before quantizing). PyTorch's
+``torch.fx.experimental.optimization.fuse`` does exactly this, so lowbit calls it.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import fx, nn
+from torch.fx.experimental.optimization import fuse
+
+
+def trace(model: nn.Module) -> tuple[fx.GraphModule | None, str]:
+    """``(graph_module, "")`` or ``(None, reason)`` when the model cannot be traced."""
+    if isinstance(model, fx.GraphModule):
+        return model, ""
+    try:
+        return fx.symbolic_trace(model), ""
+    except Exception as e:  # fx raises TraceError, TypeError, NotImplementedError, ...
+        return None, f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+
+
+def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, str]:
+    """Return ``(model with BN folded, "")``; if tracing fails, ``(model, reason)`` unchanged and a
+    warning saying it will be quantized unfolded. Modules keep their qualified names."""
+    traced, reason = trace(model)
+    if traced is None:
+        warnings.warn(f"model cannot be traced ({reason}); quantizing it without BN folding",
+                      stacklevel=2)
+        return model, reason
+    with torch.no_grad():
+        folded = fuse(traced.eval(), inplace=True, no_trace=True)
+    return folded, ""
