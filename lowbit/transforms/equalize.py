@@ -35,9 +35,10 @@ def equalization_pairs(gm: fx.GraphModule) -> list[tuple[str, str]]:
                 continue
             nxt = next(iter(src.users))
         second = modules.get(nxt.target) if nxt.op == "call_module" else None
-        depthwise_ok = second is not None and (second.groups == 1 or
-                                               second.weight.shape[1] == 1)
-        if isinstance(second, nn.Conv2d) and depthwise_ok and nxt.args and nxt.args[0] is src:
+        if not isinstance(second, nn.Conv2d):
+            continue
+        plain_or_depthwise = second.groups == 1 or second.weight.shape[1] == 1
+        if plain_or_depthwise and nxt.args and nxt.args[0] is src:
             pairs.append((node.target, nxt.target))
     return pairs
 

@@ -1,0 +1,220 @@
+"""Command line: ``lowbit demo | eval | quantize | recipes``.
+
+User mistakes (``LowbitError``) print one line on stderr and exit 2; nothing already written is
+touched, because every output is written to a temporary name and renamed at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from lowbit.errors import ConfigError, LowbitError
+
+
+def _bits_or_none(text: str):
+    if text.lower() in ("none", "off", "fp", "32"):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer number of bits or 'none', got {text!r}")
+
+
+def _add_data_args(p, model_required=True):
+    p.add_argument("--model", required=model_required,
+                   help="registry name (resnet20, resnet32, psg_resnet32, vgg16_bn, ...) "
+                        "or package.module:factory")
+    p.add_argument("--checkpoint", help="weights file (torch.load weights_only) or lowbit checkpoint")
+    p.add_argument("--data", required=True, help="cifar10=PATH, cifar100=PATH, mnist=PATH, "
+                                                  "folder=PATH or digits")
+    p.add_argument("--limit", type=int, help="evaluate on the first N test images only")
+    p.add_argument("--batch-size", type=int, default=500)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lowbit", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="train a small CNN on the embedded digits and quantize it")
+    demo.add_argument("--out", default="reports/demo")
+    demo.add_argument("--epochs", type=int, default=30)
+    demo.add_argument("--seed", type=int, default=0)
+
+    ev = sub.add_parser("eval", help="top-1 accuracy of a float or quantized checkpoint")
+    _add_data_args(ev, model_required=False)
+
+    q = sub.add_parser("quantize", help="post-training quantization (Banner et al. 2019 and more)")
+    _add_data_args(q)
+    q.add_argument("--out", required=True, help="folder for report.json, report.md, quantized.pt")
+    q.add_argument("--recipe", help="packaged recipe name or YAML path; flags below override it")
+    q.add_argument("--w-bits", type=int)
+    q.add_argument("--a-bits", type=_bits_or_none, default=argparse.SUPPRESS,
+                   help="activation bits, or 'none' to keep activations in float")
+    q.add_argument("--clip", help="activation range: minmax, ema, percentile, mse, aciq-laplace, "
+                                  "aciq-gauss")
+    q.add_argument("--w-clip", help="weight range: minmax, percentile, mse")
+    q.add_argument("--percentile", type=float)
+    q.add_argument("--bit-alloc", action="store_true", help="per-channel bit allocation of "
+                   "weights and activations (activations become per-channel)")
+    q.add_argument("--w-bit-alloc", action="store_true")
+    q.add_argument("--a-bit-alloc", action="store_true")
+    q.add_argument("--a-per-channel", action="store_true")
+    q.add_argument("--w-symmetric", action="store_true")
+    q.add_argument("--bias-correction", nargs="?", const="mean",
+                   help="mean (default), mean_std, or empirical")
+    q.add_argument("--equalize", action="store_true", help="cross-layer equalization (DFQ)")
+    q.add_argument("--no-fold-bn", action="store_true")
+    q.add_argument("--calib", type=int, help="calibration images drawn from the training split")
+    q.add_argument("--first-last-bits", type=_bits_or_none, default=argparse.SUPPRESS,
+                   help="bits of the first and last layer (default 8), or 'none' for the target")
+    q.add_argument("--skip", action="append", help="layer name or regex left in float (repeatable)")
+    q.add_argument("--seed", type=int)
+
+    sub.add_parser("recipes", help="list the packaged recipes")
+    return parser
+
+
+def _config_from_args(args):
+    from lowbit.methods.ptq import PTQConfig
+    from lowbit.recipes import read_recipe
+
+    values = read_recipe(args.recipe) if args.recipe else {}
+    if values.pop("method", "ptq") != "ptq":
+        raise ConfigError("lowbit quantize runs PTQ recipes only")
+    flags = {"w_bits": args.w_bits, "clip": args.clip, "w_clip": args.w_clip,
+             "percentile": args.percentile, "calib": args.calib, "seed": args.seed,
+             "bias_correction": args.bias_correction}
+    values.update({k: v for k, v in flags.items() if v is not None})
+    for flag in ("a_bits", "first_last_bits"):  # given on the command line (None = 'none')
+        if flag in vars(args):
+            values[flag] = vars(args)[flag]
+    for flag, key in (("bit_alloc", "w_bit_alloc"), ("bit_alloc", "a_bit_alloc"),
+                      ("w_bit_alloc", "w_bit_alloc"), ("a_bit_alloc", "a_bit_alloc"),
+                      ("a_per_channel", "a_per_channel"), ("w_symmetric", "w_symmetric"),
+                      ("equalize", "equalize")):
+        if getattr(args, flag):
+            values[key] = True
+    if args.no_fold_bn:
+        values["fold_bn"] = False
+    if args.skip:
+        values["skip"] = list(values.get("skip", [])) + args.skip
+    return PTQConfig.from_dict(values)
+
+
+def _normalization(model_spec: str, dataset):
+    from lowbit.models import model_info
+
+    norm = model_info(model_spec).normalization
+    return norm if norm is not None else dataset.normalization()
+
+
+def cmd_eval(args) -> int:
+    from lowbit.checkpoint import is_quantized_checkpoint, load_quantized
+    from lowbit.data import Batches, load_dataset
+    from lowbit.evaluate import evaluate
+    from lowbit.io import load_torch
+    from lowbit.models import build_model
+
+    if not args.checkpoint and not args.model:
+        raise ConfigError("eval needs --model (with an optional --checkpoint) or a lowbit checkpoint")
+    dataset = load_dataset(args.data)
+    if args.checkpoint and is_quantized_checkpoint(load_torch(args.checkpoint)):
+        model, payload = load_quantized(args.checkpoint)
+        spec = payload["model"]
+    else:
+        spec = args.model
+        model = build_model(spec, args.checkpoint)
+    test = Batches(dataset.test, _normalization(spec, dataset), args.batch_size)
+    top1 = evaluate(model, test, args.limit)
+    n = min(len(dataset.test), args.limit or len(dataset.test))
+    print(f"top-1 {top1:.2f}% on {n} {dataset.name} test images")
+    return 0
+
+
+def cmd_quantize(args) -> int:
+    from lowbit.checkpoint import save_quantized
+    from lowbit.data import Batches, load_dataset
+    from lowbit.evaluate import evaluate
+    from lowbit.io import write_json, write_text
+    from lowbit.methods.ptq import quantize
+    from lowbit.models import build_model
+    from lowbit.report import (float_size_bytes, format_table, layer_stats, markdown_table,
+                               quantized_size_bytes)
+
+    config = _config_from_args(args)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a folder")
+    dataset = load_dataset(args.data)
+    model = build_model(args.model, args.checkpoint)
+    norm = _normalization(args.model, dataset)
+    calib = Batches(dataset.train.subset(min(config.calib, len(dataset.train)), config.seed), norm, 256)
+    test = Batches(dataset.test, norm, args.batch_size)
+    fp_top1 = evaluate(model, test, args.limit, desc="eval fp")
+    qmodel = quantize(model, config, calib)
+    q_top1 = evaluate(qmodel, test, args.limit, desc="eval quantized")
+    fp_bytes, q_bytes = float_size_bytes(model), quantized_size_bytes(qmodel)
+    n = min(len(dataset.test), args.limit or len(dataset.test))
+    headers = ["model", "w_bits", "a_bits", "top-1 %", "size KiB", "x smaller"]
+    rows = [["fp32", 32, 32, fp_top1, fp_bytes / 1024, 1.0],
+            ["quantized", config.w_bits, config.a_bits or 32, q_top1, q_bytes / 1024,
+             fp_bytes / q_bytes]]
+    table = format_table(headers, rows)
+    info = qmodel.lowbit
+    report = {
+        "model": args.model, "checkpoint": args.checkpoint, "data": args.data, "test_images": n,
+        "fp_top1": fp_top1, "q_top1": q_top1, "w_bits": config.w_bits, "a_bits": config.a_bits,
+        "fp_bytes": fp_bytes, "q_bytes": q_bytes, "calibration_seconds": info.calibration_seconds,
+        "bn_folded": info.folded, "equalized_pairs": info.equalized_pairs, "notes": info.notes,
+        "config": config.to_dict(),
+        "plan": {k: {"w_bits": b.w_bits, "a_bits": b.a_bits} for k, b in info.plan.items()},
+        "layers": layer_stats(qmodel),
+    }
+    layer_rows = [[r["layer"], r["w_bits"], r["a_bits"], r["weight_mse"], r["weight_sqnr_db"]]
+                  for r in report["layers"]]
+    md = (f"# lowbit quantize: {args.model}\n\n{markdown_table(headers, rows)}\n\n"
+          f"Calibration: {config.calib} training images, {info.calibration_seconds:.1f} s. "
+          f"Evaluated on {n} test images.\n\n## Layers\n\n"
+          + markdown_table(["layer", "w_bits", "a_bits", "weight MSE", "weight SQNR dB"], layer_rows))
+    save_quantized(out / "quantized.pt", qmodel, args.model)
+    write_json(out / "report.json", report)
+    write_text(out / "report.md", md + "\n")
+    print(table)
+    print(f"wrote {out / 'report.json'}, {out / 'report.md'}, {out / 'quantized.pt'}")
+    return 0
+
+
+def cmd_recipes(_args) -> int:
+    from lowbit.recipes import HERE, recipe_names
+
+    for name in recipe_names():
+        first = (HERE / f"{name}.yaml").read_text().splitlines()[0].lstrip("# ")
+        print(f"{name:20s} {first}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from lowbit.demo import run_demo
+
+    run_demo(Path(args.out), epochs=args.epochs, seed=args.seed)
+    return 0
+
+
+COMMANDS = {"demo": cmd_demo, "eval": cmd_eval, "quantize": cmd_quantize, "recipes": cmd_recipes}
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except LowbitError as e:
+        print(f"lowbit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"lowbit {args.command}: interrupted; no output was overwritten", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
