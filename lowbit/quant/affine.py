@@ -76,7 +76,7 @@ def affine_qparams(lo: torch.Tensor, hi: torch.Tensor, qmin, qmax, symmetric: bo
     asymmetric (GEMMLOWP): S = (hi - lo) / (q_max - q_min), Z = clamp(round(q_min - lo / S)).
     symmetric: Z = 0, S = max(|lo|, hi) / q_max (signed) or hi / q_max (unsigned, lo >= 0 assumed:
     negatives clip to 0).
-    Returns float tensors (Z holds integers); an empty range gets S = 1.
+    Returns float tensors (Z holds integers).
     """
     lo = torch.clamp(torch.as_tensor(lo, dtype=torch.float32), max=0.0)
     hi = torch.clamp(torch.as_tensor(hi, dtype=torch.float32), min=0.0)
@@ -91,7 +91,10 @@ def affine_qparams(lo: torch.Tensor, hi: torch.Tensor, qmin, qmax, symmetric: bo
         scale = (hi - lo) / (qmax - qmin)
         safe = torch.where(scale > 0, scale, torch.ones_like(scale))
         zero_point = torch.clamp(torch.round(qmin - lo / safe), qmin, qmax)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    # An empty range gets S = 1; a denormal one is floored at the smallest normal float so 1/S
+    # stays finite (0 * inf would be NaN).
+    scale = torch.where(scale > 0, scale.clamp(min=torch.finfo(torch.float32).tiny),
+                        torch.ones_like(scale))
     return scale, zero_point
 
 

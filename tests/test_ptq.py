@@ -1,0 +1,242 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import lowbit
+from lowbit.errors import CheckpointError, ConfigError, DataError, NumericalError
+from lowbit.nn import AffineQuantizer, QuantConv2d, QuantLinear
+from lowbit.quant.ranges import bn_activation_range, ema_update
+from lowbit.transforms import equalize_model, fold_batchnorm
+
+
+class Block(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.dw = nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.pw = nn.Conv2d(c, c, 1)
+        self.bn2 = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return F.relu(x + self.bn2(self.pw(F.relu(self.bn1(self.dw(x))))))
+
+
+class UserNet(nn.Module):
+    """Residuals, depthwise + grouped convs, functional ReLU, nested containers, bias-free Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.body = nn.ModuleDict({"a": Block(8), "b": nn.Sequential(Block(8), Block(8))})
+        self.group = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.head = nn.Linear(8, 5, bias=False)
+
+    def forward(self, x):
+        x = self.body["b"](self.body["a"](self.stem(x)))
+        x = F.relu(self.group(x))
+        return self.head(x.mean((2, 3)))
+
+
+def _trained_like(model):
+    torch.manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.3, 0.3)
+    return model.eval()
+
+
+@pytest.fixture
+def user_model():
+    return _trained_like(UserNet())
+
+
+@pytest.fixture
+def calib():
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(32, 3, 12, 12, generator=g) for _ in range(4)]
+
+
+def test_user_model_quantizes_and_runs(user_model, calib):
+    q = lowbit.quantize(user_model, lowbit.PTQConfig(w_bits=8, a_bits=8), calib)
+    wrappers = [m for m in q.modules() if isinstance(m, (QuantConv2d, QuantLinear))]
+    assert len(wrappers) == 9 and q.lowbit.folded
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in q.modules())
+    x = calib[0]
+    ref, out = user_model(x), q(x)
+    assert out.shape == ref.shape
+    assert (out - ref).pow(2).mean() / ref.pow(2).mean() < 1e-3      # W8A8 is close
+    assert q.head.bias is None                                        # bias-free Linear kept
+
+
+def test_first_and_last_layer_policy(user_model, calib):
+    q = lowbit.quantize(user_model, lowbit.PTQConfig(w_bits=4, a_bits=4), calib)
+    plan = q.lowbit.plan
+    names = list(plan)
+    assert names[0] == "stem.0" and names[-1] == "head"
+    assert plan["stem.0"].w_bits == 8 and plan["head"].a_bits == 8 and plan["group"].w_bits == 4
+    q2 = lowbit.quantize(user_model, lowbit.PTQConfig(
+        w_bits=4, a_bits=4, first_last_bits=None, skip=["body\\.a\\..*"],
+        overrides={"group": {"w_bits": 6}}), calib)
+    assert q2.lowbit.plan["stem.0"].w_bits == 4 and q2.lowbit.plan["group"].w_bits == 6
+    assert "body.a.dw" not in q2.lowbit.plan and type(q2.get_submodule("body.a.dw")) is nn.Conv2d
+
+
+def test_input_signedness_follows_data(user_model, calib):
+    q = lowbit.quantize(user_model, lowbit.PTQConfig(w_bits=4, a_bits=4), calib)
+    assert q.get_submodule("stem.0").input_quantizer.quant_min.item() < 0  # image: signed
+    assert q.get_submodule("body.a.pw").input_quantizer.quant_min.item() == 0  # after ReLU: unsigned
+
+
+@pytest.mark.parametrize("cfg", [
+    dict(clip="aciq-laplace", a_per_channel=True, w_bit_alloc=True, a_bit_alloc=True,
+         bias_correction="mean"),
+    dict(clip="aciq-gauss", bias_correction="mean_std"),
+    dict(clip="mse", w_clip="mse", equalize=True, bias_correction="empirical"),
+    dict(clip="percentile", w_clip="percentile"), dict(clip="ema"),
+])
+def test_every_option_runs_and_stays_close(user_model, calib, cfg):
+    q = lowbit.quantize(user_model, lowbit.PTQConfig(w_bits=4, a_bits=8, **cfg), calib)
+    x = calib[0]
+    ref = user_model(x)
+    assert (q(x) - ref).pow(2).mean() / ref.pow(2).mean() < 0.2
+
+
+def test_weight_bit_allocation_keeps_average(user_model, calib):
+    q = lowbit.quantize(user_model, lowbit.PTQConfig(w_bits=4, a_bits=None, w_bit_alloc=True), calib)
+    bits = q.get_submodule("body.a.pw").weight_quantizer.bits
+    assert bits.numel() == 8 and abs(bits.float().mean().item() - 4) <= 0.5 and bits.min() >= 1
+
+
+def test_empirical_bias_correction_matches_float_means(user_model, calib):
+    q = lowbit.quantize(user_model, lowbit.PTQConfig(w_bits=3, a_bits=3,
+                                                     bias_correction="empirical"), calib)
+    x = torch.cat(calib)
+    means = {}
+    hooks = [m.register_forward_hook(lambda m, i, y, n=n: means.__setitem__(n, y.mean((0, 2, 3))))
+             for n, m in q.named_modules() if n == "group"]
+    q(x)
+    fp = fold_batchnorm(user_model)[0]
+    ref = {}
+    fp.group.register_forward_hook(lambda m, i, y: ref.__setitem__("group", y.mean((0, 2, 3))))
+    fp(x)
+    assert torch.allclose(means["group"], ref["group"], atol=1e-4)
+
+
+def test_equalization_preserves_function_and_balances_ranges(user_model, calib):
+    folded, _ = fold_batchnorm(user_model)
+    x = calib[0]
+    before = folded(x)
+    pairs = equalize_model(folded)
+    assert ("body.a.dw", "body.a.pw") in pairs
+    assert torch.allclose(folded(x), before, atol=1e-4)
+    r1 = folded.get_submodule("body.a.dw").weight.abs().amax((1, 2, 3))
+    r2 = folded.get_submodule("body.a.pw").weight.abs().amax((0, 2, 3))
+    assert torch.allclose(r1, r2, rtol=1e-4)
+
+
+def test_untraceable_model_is_quantized_unfolded(calib):
+    class Dynamic(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.bn = nn.BatchNorm2d(4)
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent control flow defeats symbolic tracing
+                x = x * 1.0
+            return self.fc(F.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+    with pytest.warns(UserWarning, match="cannot be traced"):
+        q = lowbit.quantize(_trained_like(Dynamic()), lowbit.PTQConfig(), calib)
+    assert not q.lowbit.folded and isinstance(q.bn, nn.BatchNorm2d)
+    assert q(calib[0]).shape == (32, 2)
+
+
+def test_save_and_reload_give_identical_outputs(tmp_path, calib):
+    from lowbit.models import build_model
+    model = _trained_like(build_model("digits_cnn"))
+    cal = [torch.randn(16, 1, 8, 8) for _ in range(2)]
+    q = lowbit.quantize(model, lowbit.PTQConfig(w_bits=4, a_bits=4, w_bit_alloc=True,
+                                                a_bit_alloc=True, bias_correction="mean"), cal)
+    path = lowbit.save_quantized(tmp_path / "q.pt", q, "digits_cnn")
+    q2, payload = lowbit.load_quantized(path)
+    assert payload["config"]["w_bits"] == 4
+    assert torch.equal(q(cal[0]), q2(cal[0]))
+
+
+# ---- bad input ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs", [dict(w_bits=0), dict(w_bits=17), dict(a_bits=33),
+                                    dict(clip="nope"), dict(calib=0), dict(first_last_bits=20)])
+def test_bad_config_is_a_config_error(kwargs, user_model, calib):
+    with pytest.raises(ConfigError):
+        lowbit.quantize(user_model, lowbit.PTQConfig(**kwargs), calib)
+
+
+def test_empty_calibration_set(user_model):
+    with pytest.raises(DataError, match="empty"):
+        lowbit.quantize(user_model, lowbit.PTQConfig(), [])
+
+
+def test_tiny_calibration_set_warns_but_works(user_model):
+    with pytest.warns(UserWarning, match="only 1 calibration"):
+        q = lowbit.quantize(user_model, lowbit.PTQConfig(), [torch.randn(1, 3, 12, 12)])
+    assert torch.isfinite(q(torch.randn(2, 3, 12, 12))).all()
+
+
+def test_nan_weights_name_the_layer(user_model, calib):
+    user_model.body["b"][1].pw.weight.data[0, 0] = float("nan")
+    with pytest.raises(NumericalError, match=r"body\.b\.1\.pw\.weight"):
+        lowbit.quantize(user_model, lowbit.PTQConfig(), calib)
+
+
+def test_a_bits_without_any_activation_to_quantize(user_model, calib):
+    with pytest.raises(ConfigError, match="no layer has an input"):
+        lowbit.quantize(user_model, lowbit.PTQConfig(a_bits=8, overrides={".*": {"a_bits": None}}),
+                        calib)
+
+
+def test_model_without_layers(calib):
+    with pytest.raises(ConfigError, match="no Conv2d or Linear"):
+        lowbit.quantize(nn.Sequential(nn.ReLU()), lowbit.PTQConfig(), calib)
+
+
+def test_unknown_pattern_and_recipe_key(user_model, calib):
+    with pytest.raises(ConfigError, match="matches no layer"):
+        lowbit.quantize(user_model, lowbit.PTQConfig(skip=["nothing.here"]), calib)
+    with pytest.raises(ConfigError, match="unknown PTQ key 'wbits'.*valid keys: w_bits"):
+        lowbit.PTQConfig.from_dict({"wbits": 4})
+
+
+def test_all_zero_channel_stays_exact(user_model, calib):
+    user_model.group.weight.data[3] = 0.0
+    q = lowbit.quantize(user_model, lowbit.PTQConfig(w_bits=4, a_bits=4), calib)
+    w_q = q.group.quantized_weight()
+    assert torch.isfinite(w_q).all() and torch.equal(w_q[3], torch.zeros_like(w_q[3]))
+
+
+def test_uncalibrated_quantizer_names_itself():
+    from lowbit.quant import QScheme
+    q = AffineQuantizer(QScheme(4), name="layer1.conv.input")
+    with pytest.raises(lowbit.errors.CalibrationError, match="layer1.conv.input"):
+        q(torch.zeros(2))
+
+
+def test_bn_clipping_oracle_12():
+    beta, gamma = torch.tensor([0.1, -0.2]), torch.tensor([0.5, -1.0])
+    lo, hi = bn_activation_range(beta, gamma, 6, signed_gamma=True)
+    assert lo.item() == 0 and hi.item() == pytest.approx(3.1)
+    assert bn_activation_range(beta, gamma, 6)[1].item() == pytest.approx(5.8)  # |gamma|
+
+
+def test_ema_oracle_13():
+    r = ema_update(None, torch.tensor(1.0), 0.01)
+    assert r.item() == 1.0 and ema_update(r, torch.tensor(2.0), 0.01).item() == pytest.approx(1.01)
+    assert ema_update(r, torch.tensor(2.0), 0.1).item() == pytest.approx(1.1)
