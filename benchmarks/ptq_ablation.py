@@ -1,0 +1,113 @@
+"""Banner et al. 2019 ablation (Table 1 layout) on the real CIFAR checkpoints in ../shared.
+
+    python benchmarks/ptq_ablation.py [--models resnet20,resnet32,psg_resnet32] [--limit N]
+
+Calibration: 1,024 training images (seeded); evaluation: the full 10k test set. Activations are
+quantized at the input of every Conv / Linear (residual-add outputs stay float, as in Brevitas's
+layerwise mode). First conv and last linear at 8 bits unless the row says otherwise. Results are
+appended to benchmarks/results/ptq_ablation.json after every row, so an interrupted run resumes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+import lowbit
+from lowbit.data import Batches, load_dataset
+from lowbit.models import MODELS, build_model
+from lowbit.report import float_size_bytes, quantized_size_bytes
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+RESULTS = ROOT / "benchmarks" / "results" / "ptq_ablation.json"
+
+MODELS_TO_RUN = {
+    "resnet20": ("cifar10", "akamaster_resnet20-12fca82f.th"),
+    "resnet32": ("cifar10", "akamaster_resnet32-d509ac18.th"),
+    "psg_resnet32": ("cifar100", "PSG_ResNet150.pth"),
+}
+DATA = {"cifar10": "cifar10=" + str(SHARED / "data" / "cifar-10-python-batch1-test.tar.xz"),
+        "cifar100": "cifar100=" + str(SHARED / "data" / "cifar-100-python.tar.xz")}
+
+BANNER_ALL = dict(a_per_channel=True, clip="aciq-laplace", w_bit_alloc=True, a_bit_alloc=True,
+                  bias_correction="mean")
+BEST = dict(equalize=True, w_clip="mse", clip="mse", bias_correction="empirical")
+ROWS = [
+    ("W8A8 baseline", dict(w_bits=8, a_bits=8)),
+    ("W4A8 baseline", dict(w_bits=4, a_bits=8)),
+    ("W4A8 +bias-corr", dict(w_bits=4, a_bits=8, bias_correction="mean")),
+    ("W4A8 +bit-alloc", dict(w_bits=4, a_bits=8, w_bit_alloc=True)),
+    ("W4A8 both", dict(w_bits=4, a_bits=8, w_bit_alloc=True, bias_correction="mean")),
+    ("W8A4 baseline (per-ch act)", dict(w_bits=8, a_bits=4, a_per_channel=True)),
+    ("W8A4 +ACIQ", dict(w_bits=8, a_bits=4, a_per_channel=True, clip="aciq-laplace")),
+    ("W8A4 +bit-alloc", dict(w_bits=8, a_bits=4, a_per_channel=True, a_bit_alloc=True)),
+    ("W8A4 both", dict(w_bits=8, a_bits=4, a_per_channel=True, clip="aciq-laplace", a_bit_alloc=True)),
+    ("W4A4 baseline (per-ch act)", dict(w_bits=4, a_bits=4, a_per_channel=True)),
+    ("W4A4 baseline (per-tensor act)", dict(w_bits=4, a_bits=4)),
+    ("W4A4 all combined", dict(w_bits=4, a_bits=4, **BANNER_ALL)),
+    ("W4A4 all combined, every layer 4-bit", dict(w_bits=4, a_bits=4, first_last_bits=None, **BANNER_ALL)),
+    ("W3A3 all combined", dict(w_bits=3, a_bits=3, **BANNER_ALL)),
+    ("W2A4 all combined", dict(w_bits=2, a_bits=4, **BANNER_ALL)),
+    ("W4A4 lowbit CLE+MSE+emp-BC (per-tensor act)", dict(w_bits=4, a_bits=4, **BEST)),
+    ("W4A4 lowbit CLE+MSE+emp-BC+bit-alloc (per-ch act)",
+     dict(w_bits=4, a_bits=4, a_bit_alloc=True, w_bit_alloc=True, **BEST)),
+]
+
+
+def commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                                       text=True).strip()
+    except Exception:
+        return "unknown"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default=",".join(MODELS_TO_RUN))
+    ap.add_argument("--limit", type=int)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.simplefilter("ignore", UserWarning)
+    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    results["meta"] = {"commit": commit(), "machine": platform.processor() or platform.machine(),
+                       "threads": args.threads, "calib_images": 1024, "limit": args.limit,
+                       "command": "python benchmarks/ptq_ablation.py"}
+    for name in args.models.split(","):
+        dataset_name, ck = MODELS_TO_RUN[name]
+        data = load_dataset(DATA[dataset_name])
+        model = build_model(name, SHARED / "checkpoints" / ck)
+        norm = MODELS[name].normalization
+        calib = Batches(data.train.subset(1024, seed=0), norm, 256)
+        test = Batches(data.test, norm, 500)
+        done = results.setdefault(name, {})
+        if "FP32" not in done:
+            t = time.perf_counter()
+            done["FP32"] = {"top1": lowbit.evaluate(model, test, args.limit),
+                            "eval_seconds": time.perf_counter() - t,
+                            "bytes": float_size_bytes(model)}
+            RESULTS.write_text(json.dumps(results, indent=1))
+        for label, cfg in ROWS:
+            if label in done:
+                continue
+            qmodel = lowbit.quantize(model, lowbit.PTQConfig(**cfg), calib)
+            t = time.perf_counter()
+            top1 = lowbit.evaluate(qmodel, test, args.limit)
+            done[label] = {"top1": top1, "calib_seconds": qmodel.lowbit.calibration_seconds,
+                           "eval_seconds": time.perf_counter() - t,
+                           "bytes": quantized_size_bytes(qmodel), "config": cfg}
+            RESULTS.write_text(json.dumps(results, indent=1))
+            print(f"{name:14s} {label:52s} {top1:6.2f}  calib {qmodel.lowbit.calibration_seconds:5.1f}s",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()

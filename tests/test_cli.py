@@ -1,0 +1,127 @@
+import json
+
+import pytest
+import torch
+
+from lowbit.cli import main
+from tests.conftest import CIFAR10, RESNET20, needs_shared
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def digits_ckpt(tmp_path_factory):
+    from lowbit.data import Batches
+    from lowbit.data.digits import load_digits
+    from lowbit.models import build_model
+    from lowbit.train import fit
+
+    data = load_digits()
+    model = fit(build_model("digits_cnn"), Batches(data.train, data.normalization(), 64, True), 8)
+    path = tmp_path_factory.mktemp("ck") / "digits.pt"
+    torch.save({"state_dict": model.state_dict()}, path)
+    return path
+
+
+def test_quantize_writes_report_and_reloadable_checkpoint(capsys, tmp_path, digits_ckpt):
+    out = tmp_path / "q"
+    code, stdout, _ = run(capsys, "quantize", "--model", "digits_cnn", "--checkpoint", str(digits_ckpt),
+                          "--data", "digits", "--w-bits", "4", "--a-bits", "4", "--clip", "aciq-laplace",
+                          "--bit-alloc", "--bias-correction", "--calib", "512", "--out", str(out))
+    assert code == 0 and "quantized" in stdout
+    report = json.loads((out / "report.json").read_text())
+    for key in ("fp_top1", "q_top1", "w_bits", "a_bits", "layers"):
+        assert key in report
+    assert report["w_bits"] == 4 and report["a_bits"] == 4
+    assert all("weight_mse" in r and "weight_sqnr_db" in r for r in report["layers"])
+    code, stdout, _ = run(capsys, "eval", "--checkpoint", str(out / "quantized.pt"), "--data", "digits")
+    assert code == 0 and f"top-1 {report['q_top1']:.2f}%" in stdout
+
+
+def test_recipe_and_limit(capsys, tmp_path, digits_ckpt):
+    code, stdout, _ = run(capsys, "quantize", "--model", "digits_cnn", "--checkpoint", str(digits_ckpt),
+                          "--data", "digits", "--recipe", "ptq-w4a4-banner", "--limit", "100",
+                          "--out", str(tmp_path / "r"))
+    assert code == 0
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["test_images"] == 100 and report["config"]["a_bit_alloc"] is True
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--w-bits", "17"], "w_bits must be an integer from 1 to 16"),
+    (["--recipe", "missing-recipe"], "recipe 'missing-recipe' not found"),
+    (["--clip", "magic"], "clip must be one of"),
+])
+def test_bad_flags_give_one_line_and_keep_old_output(capsys, tmp_path, digits_ckpt, extra, message):
+    out = tmp_path / "keep"
+    out.mkdir()
+    (out / "report.json").write_text('{"good": true}')
+    code, _, err = run(capsys, "quantize", "--model", "digits_cnn", "--checkpoint", str(digits_ckpt),
+                       "--data", "digits", "--out", str(out), *extra)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert (out / "report.json").read_text() == '{"good": true}'
+
+
+def test_bad_recipe_key(capsys, tmp_path, digits_ckpt):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("w_bits: 4\nact_bits: 4\n")
+    code, _, err = run(capsys, "quantize", "--model", "digits_cnn", "--checkpoint", str(digits_ckpt),
+                       "--data", "digits", "--recipe", str(recipe), "--out", str(tmp_path / "o"))
+    assert code == 2 and "unknown PTQ key 'act_bits'" in err and "a_bits" in err
+
+
+def test_checkpoint_errors(capsys, tmp_path):
+    code, _, err = run(capsys, "eval", "--model", "resnet20", "--checkpoint", str(tmp_path / "no.th"),
+                       "--data", "digits")
+    assert code == 2 and "checkpoint not found" in err
+    bad = tmp_path / "bad.th"
+    bad.write_bytes(b"not a checkpoint")
+    code, _, err = run(capsys, "eval", "--model", "resnet20", "--checkpoint", str(bad), "--data", "digits")
+    assert code == 2 and "cannot read checkpoint" in err
+    from lowbit.models import build_model
+    mismatched = tmp_path / "vgg.th"
+    torch.save(build_model("digits_cnn").state_dict(), mismatched)
+    code, _, err = run(capsys, "eval", "--model", "resnet20", "--checkpoint", str(mismatched),
+                       "--data", "digits")
+    assert code == 2 and "missing keys: conv1.weight" in err and "unexpected keys" in err
+
+
+def test_nan_checkpoint_names_layer(capsys, tmp_path):
+    from lowbit.models import build_model
+    model = build_model("digits_cnn")
+    state = model.state_dict()
+    state["3.weight"][0, 0, 0, 0] = float("inf")
+    path = tmp_path / "nan.th"
+    torch.save(state, path)
+    code, _, err = run(capsys, "quantize", "--model", "digits_cnn", "--checkpoint", str(path),
+                       "--data", "digits", "--out", str(tmp_path / "o"))
+    assert code == 2 and "3.weight contains NaN or Inf" in err
+
+
+def test_wrong_data_path(capsys, tmp_path):
+    code, _, err = run(capsys, "eval", "--model", "resnet20", "--data", f"cifar10={tmp_path}/nope")
+    assert code == 2 and "CIFAR path not found" in err
+
+
+def test_user_factory_model(capsys, tmp_path):
+    from lowbit.models import build_model
+    path = tmp_path / "w.pt"
+    torch.save(build_model("digits_cnn").state_dict(), path)
+    code, stdout, _ = run(capsys, "eval", "--model", "lowbit.models.small:digits_cnn",
+                          "--checkpoint", str(path), "--data", "digits", "--limit", "50")
+    assert code == 0 and "on 50 digits test images" in stdout
+
+
+@needs_shared(CIFAR10, RESNET20)
+def test_documented_cli_example_on_real_data(capsys, tmp_path):
+    code, stdout, _ = run(capsys, "quantize", "--model", "resnet20", "--checkpoint", str(RESNET20),
+                          "--data", f"cifar10={CIFAR10}", "--w-bits", "4", "--a-bits", "4",
+                          "--clip", "aciq-laplace", "--bit-alloc", "--bias-correction",
+                          "--calib", "256", "--limit", "500", "--out", str(tmp_path / "r20"))
+    assert code == 0
+    report = json.loads((tmp_path / "r20" / "report.json").read_text())
+    assert report["q_top1"] > 70.0
