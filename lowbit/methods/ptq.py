@@ -36,8 +36,8 @@ from lowbit.quant.aciq import aciq_range
 from lowbit.quant.affine import QScheme, check_bits, integer_range
 from lowbit.quant.bias_correction import correct_weight_bias
 from lowbit.quant.bit_alloc import allocate_bits
-from lowbit.quant.ranges import channel_rows, ema_update, minmax_range, mse_range, \
-    percentile_range, sample_rows
+from lowbit.quant.ranges import channel_sample, ema_update, minmax_range, mse_range, \
+    percentile_range
 from lowbit.transforms import equalize_model, fold_batchnorm, layer_order, swap_layers
 
 A_CLIPS = ("minmax", "ema", "percentile", "mse", "aciq-laplace", "aciq-gauss")
@@ -195,33 +195,32 @@ def check_finite(model: nn.Module) -> None:
             raise NumericalError(f"{name} contains NaN or Inf values; fix the checkpoint first")
 
 
-def _bits_for(rows: torch.Tensor, bits: int, enabled: bool, proxy: str) -> int | torch.Tensor:
-    """Per-channel bits from the allocation rule, or the plain width."""
-    if not enabled or bits > BIT_ALLOC_MAX_BITS or rows.shape[0] < 2:
+def _bits_for(sample: torch.Tensor, bits: int, enabled: bool, proxy: str) -> int | torch.Tensor:
+    """Per-channel bits from the allocation rule (on a [C, K] sample), or the plain width."""
+    if not enabled or bits > BIT_ALLOC_MAX_BITS or sample.shape[0] < 2:
         return bits
     # alpha_i is proportional to the channel's spread (Banner: std, or b for the Laplace prior)
     if proxy == "laplace":
-        alpha = (rows - rows.mean(1, keepdim=True)).abs().mean(1)
+        alpha = (sample - sample.mean(1, keepdim=True)).abs().mean(1)
     else:
-        alpha = rows.std(1)
+        alpha = sample.std(1)
     return allocate_bits(alpha, bits)
 
 
-def _range(rows: torch.Tensor, method: str, bits, quantizer: AffineQuantizer, signed: bool,
-           percentile: float, per_channel: bool, seed: int):
-    """(lo, hi) of the rows [C, N] by ``method``; scalars when not per channel."""
-    axis = 0 if per_channel else None
-    values = rows if per_channel else rows.reshape(1, -1)
+def _range(sample: torch.Tensor, exact: tuple, method: str, bits, quantizer: AffineQuantizer,
+           signed: bool, percentile: float, per_channel: bool):
+    """(lo, hi) by ``method`` from a [C, K] sample (min-max uses the ``exact`` extremes);
+    scalars when not per channel."""
     if method == "minmax":
-        return minmax_range(values, axis)
-    values = sample_rows(values, seed=seed)
+        return exact
+    axis = 0 if per_channel else None
     if method == "percentile":
-        return percentile_range(values, percentile, axis)
+        return percentile_range(sample, percentile, axis)
     if method == "mse":
         qmin, qmax = integer_range(torch.as_tensor(bits), signed, quantizer.scheme.narrow)
-        return mse_range(values, qmin, qmax, quantizer.scheme.symmetric, axis)
+        return mse_range(sample, qmin, qmax, quantizer.scheme.symmetric, axis)
     prior = method.split("-")[1]
-    return aciq_range(values, bits, prior, axis, rectified=not signed)
+    return aciq_range(sample, bits, prior, axis, rectified=not signed)
 
 
 @torch.no_grad()
@@ -232,11 +231,13 @@ def calibrate_weights(model: nn.Module, config: PTQConfig) -> None:
         slot = layer.weight_quantizer
         quantizer = slot.quantizer if isinstance(slot, CorrectedQuantizer) else slot
         w = layer.weight.detach()
-        rows = channel_rows(w, 0)
         per_channel = quantizer.axis is not None
+        exact = minmax_range(w, 0 if per_channel else None)
+        rows = channel_sample(w, 0, max_total=w.numel())  # every weight, one row per channel
         bits = _bits_for(rows, quantizer.scheme.bits, config.w_bit_alloc and per_channel, "std")
-        lo, hi = _range(rows, config.w_clip, bits, quantizer, quantizer.scheme.signed,
-                        config.percentile, per_channel, config.seed)
+        sample = rows if per_channel else rows.reshape(1, -1)
+        lo, hi = _range(sample, exact, config.w_clip, bits, quantizer, quantizer.scheme.signed,
+                        config.percentile, per_channel)
         quantizer.set_range(lo, hi, bits)
         if isinstance(slot, CorrectedQuantizer):
             slot.set_correction(*correct_weight_bias(w, quantizer(w), config.bias_correction))
@@ -244,26 +245,29 @@ def calibrate_weights(model: nn.Module, config: PTQConfig) -> None:
 
 def _set_input_range(quantizer: AffineQuantizer, x: torch.Tensor, config: PTQConfig) -> None:
     per_channel = quantizer.axis is not None and x.dim() >= 2
-    rows = channel_rows(x, 1) if per_channel else x.detach().float().reshape(1, -1)
-    signed = bool(x.min() < 0)
-    prior = "gauss" if config.clip == "aciq-gauss" else "laplace" if config.clip == "aciq-laplace" \
-        else "std"
-    bits = _bits_for(rows, quantizer.scheme.bits, config.a_bit_alloc and per_channel, prior)
+    axis = 1 if per_channel else None
+    dims = [d for d in range(x.dim()) if d != 1]
+    exact = (x.amin(dims), x.amax(dims)) if per_channel else tuple(torch.aminmax(x))
+    signed = bool(exact[0].min() < 0)
+    sample = channel_sample(x, axis, seed=config.seed)
+    prior = config.clip[5:] if config.clip.startswith("aciq-") else "std"
+    bits = _bits_for(sample, quantizer.scheme.bits, config.a_bit_alloc and per_channel, prior)
     if config.clip == "ema":
         lo = hi = None
         for chunk in x.split(EMA_CHUNK):
-            c_lo, c_hi = minmax_range(chunk, 1 if per_channel else None)
+            c_lo, c_hi = minmax_range(chunk, axis)
             lo, hi = ema_update(lo, c_lo, 0.01), ema_update(hi, c_hi, 0.01)
     else:
-        lo, hi = _range(rows, config.clip, bits, quantizer, signed, config.percentile,
-                        per_channel, config.seed)
+        lo, hi = _range(sample, exact, config.clip, bits, quantizer, signed, config.percentile,
+                        per_channel)
     if not per_channel and quantizer.axis is not None:
         quantizer.axis = None  # e.g. a per-channel quantizer that met a 1-D input
     quantizer.set_range(lo, hi, bits, signed=signed)
 
 
 def _output_means(y: torch.Tensor) -> torch.Tensor:
-    return y.transpose(0, 1).reshape(y.shape[1], -1).mean(1) if y.dim() > 1 else y
+    """Per-channel mean of a layer output (channels on axis 1)."""
+    return y.mean([d for d in range(y.dim()) if d != 1]) if y.dim() > 1 else y
 
 
 @torch.no_grad()

@@ -56,22 +56,22 @@ def aciq_range(x: torch.Tensor, bits, prior: str = "laplace", axis: int | None =
     One-sided (a ReLU follows): lo = 0, hi = max(mean, 0) + alpha_pos. ``bits`` may be a
     per-channel tensor (bit allocation): each channel uses the alpha of its own bit width.
 
-    ``rectified``: ``x`` is already a ReLU output (lowbit quantizes conv *inputs*, the reference
-    quantizes conv outputs before the ReLU). Half of such a tensor may be exact zeros, which
-    makes the mean absolute deviation under-estimate b by about 40%. The positive part of a
-    Laplace(mu <= 0, b) is exactly Exp(b) (memoryless), so b = mean of the positive values; for
-    the Gauss prior the positive part of N(0, sigma) is half-normal, so sigma = RMS of the
-    positive values. Then lo = 0, hi = alpha_pos(M) * b.
+    ``rectified``: ``x`` is already a ReLU output (lowbit quantizes conv *inputs*; the reference
+    quantizes conv outputs before the ReLU), so its mean and mean absolute deviation mix in the
+    exact zeros. Above its median mu a Laplace(mu, b) is exactly mu + Exp(b), and a ReLU leaves
+    that tail untouched, so mu = max(median(x), 0) and b = mean(x - mu | x > mu) (Gauss:
+    sigma = RMS of that excess, a half-normal). Zeros cost no rounding noise, so the optimal
+    one-sided alpha is still alpha_pos(M): lo = 0, hi = min(mu + alpha_pos(M) b, max(x)). A range
+    past the largest value only wastes levels, hence the cap (the reference's ``clip2max``).
     """
     rows = channel_rows(x, axis)
     if rectified:
-        positive = (rows > 0).float()
-        count = positive.sum(1).clamp(min=1)
-        if prior == "laplace":
-            spread = (rows * positive).sum(1) / count
-        else:
-            spread = ((rows * positive).pow(2).sum(1) / count).sqrt()
-        mean, one_sided = torch.zeros_like(spread), True
+        mean = rows.median(1).values.clamp(min=0)
+        above = (rows > mean[:, None]).float()
+        excess = (rows - mean[:, None]) * above
+        count = above.sum(1).clamp(min=1)
+        spread = excess.sum(1) / count if prior == "laplace" else (excess.pow(2).sum(1) / count).sqrt()
+        one_sided = True
     else:
         mean = rows.mean(1)
         spread = (rows - mean[:, None]).abs().mean(1) if prior == "laplace" else rows.std(1)
@@ -80,6 +80,8 @@ def aciq_range(x: torch.Tensor, bits, prior: str = "laplace", axis: int | None =
     alpha = factor * spread
     if one_sided:
         lo, hi = torch.zeros_like(mean), mean.clamp(min=0) + alpha
+        if rectified:
+            hi = torch.minimum(hi, rows.amax(1))
     else:
         lo = torch.maximum(rows.amin(1), mean - alpha)
         hi = lo + 2 * alpha

@@ -43,23 +43,26 @@ def mse_range(x: torch.Tensor, qmin, qmax, symmetric: bool, axis: int | None = N
               steps: int = 100, floor: float = 0.05):
     """The range that minimises the fake-quantization MSE ``E[(x - Q(x))^2]`` per channel.
 
-    Candidates shrink the min-max range by a common ratio r in (floor, 1] on a grid of
-    ``steps`` values (the search of Brevitas / PyTorch's HistogramObserver in spirit, done on
-    the values themselves). ``qmin`` / ``qmax`` may be per-channel tensors (bit allocation).
+    Candidates shrink the min-max range by a common ratio r in [floor, 1] on a grid of ``steps``
+    values (the search of Brevitas / PyTorch's HistogramObserver in spirit, done on the values
+    themselves), all evaluated at once in chunks of about 2^24 elements. ``qmin`` / ``qmax`` may
+    be per-channel tensors (bit allocation).
     """
     rows = channel_rows(x, axis)
+    c, n = rows.shape
     lo, hi = rows.amin(1).clamp(max=0), rows.amax(1).clamp(min=0)
-    qmin_c = torch.as_tensor(qmin, dtype=torch.float32).expand(rows.shape[0])
-    qmax_c = torch.as_tensor(qmax, dtype=torch.float32).expand(rows.shape[0])
-    best_err = torch.full((rows.shape[0],), float("inf"))
-    best_ratio = torch.ones(rows.shape[0])
-    for ratio in torch.linspace(floor, 1.0, steps):
-        scale, zp = affine_qparams(lo * ratio, hi * ratio, qmin_c, qmax_c, symmetric)
-        err = (fake_quantize(rows, scale, zp, qmin_c, qmax_c, axis=0) - rows).pow(2).mean(1)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_ratio = torch.where(better, ratio, best_ratio)
-    return _out(lo * best_ratio, axis), _out(hi * best_ratio, axis)
+    qmin_c = torch.as_tensor(qmin, dtype=torch.float32).expand(c)
+    qmax_c = torch.as_tensor(qmax, dtype=torch.float32).expand(c)
+    ratios = torch.linspace(floor, 1.0, steps)
+    errors = []
+    for chunk in ratios.split(max(1, (1 << 24) // max(1, c * n))):
+        r = chunk[:, None]  # [R, 1] against per-channel [C]
+        scale, zp = affine_qparams(lo * r, hi * r, qmin_c, qmax_c, symmetric)  # [R, C]
+        fq = fake_quantize(rows.unsqueeze(0), scale[..., None], zp[..., None],
+                           qmin_c[:, None], qmax_c[:, None])
+        errors.append((fq - rows).pow(2).mean(2))  # [R, C]
+    best = ratios[torch.cat(errors).argmin(0)]  # first (smallest) ratio on ties
+    return _out(lo * best, axis), _out(hi * best, axis)
 
 
 def ema_update(old: torch.Tensor | None, new: torch.Tensor, momentum: float) -> torch.Tensor:
@@ -88,14 +91,22 @@ def bn_activation_range(beta: torch.Tensor, gamma: torch.Tensor, n: float = 6.0,
     return torch.zeros(()), hi
 
 
-def sample_rows(rows: torch.Tensor, max_total: int = 1 << 17, seed: int = 0) -> torch.Tensor:
-    """At most ``max_total`` values of a [C, N] matrix: the same random columns for every row.
+def channel_sample(x: torch.Tensor, axis: int | None, max_total: int = 1 << 17,
+                   seed: int = 0) -> torch.Tensor:
+    """At most ``max_total`` values of ``x`` as a [C, K] matrix (one row per channel along
+    ``axis``; one row if None), the same random positions for every channel.
 
-    Range searches (MSE, percentiles, ACIQ statistics) on a large activation tensor only need a
-    random sample; a fixed seed keeps calibration deterministic."""
-    keep = max(1, max_total // rows.shape[0])
-    if rows.shape[1] <= keep:
-        return rows
-    # With replacement: randperm of a 16M-column activation would cost a second per layer.
-    idx = torch.randint(rows.shape[1], (keep,), generator=torch.Generator().manual_seed(seed))
-    return rows[:, idx]
+    Range searches (MSE, percentiles, ACIQ statistics) on a large activation only need a random
+    sample; indexing the positions avoids copying the whole tensor into channel-major order, and
+    the fixed seed keeps calibration deterministic.
+    """
+    x = x.detach().float()
+    xt = x.reshape(1, -1) if axis is None else x.movedim(axis, 0)
+    rest = xt.shape[1:]
+    positions = xt[0].numel()
+    keep = max(1, max_total // xt.shape[0])
+    if positions <= keep:
+        return xt.reshape(xt.shape[0], -1)
+    # With replacement: randperm of a 16M-position activation would cost a second per layer.
+    idx = torch.randint(positions, (keep,), generator=torch.Generator().manual_seed(seed))
+    return xt[(slice(None), *torch.unravel_index(idx, rest))]
