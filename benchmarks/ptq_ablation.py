@@ -73,6 +73,16 @@ def commit() -> str:
         return "unknown"
 
 
+def load_benchmark(name: str):
+    """(model, normalized calibration batches, normalized test batches) for a benchmark model:
+    1,024 seeded training images for calibration, the full test set for evaluation."""
+    dataset_name, ck = MODELS_TO_RUN[name]
+    data = load_dataset(DATA[dataset_name])
+    model = build_model(name, SHARED / "checkpoints" / ck)
+    norm = MODELS[name].normalization
+    return model, Batches(data.train.subset(1024, seed=0), norm, 256), Batches(data.test, norm, 500)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default=",".join(MODELS_TO_RUN))
@@ -86,12 +96,7 @@ def main():
                        "threads": args.threads, "calib_images": 1024, "limit": args.limit,
                        "command": "python benchmarks/ptq_ablation.py"}
     for name in args.models.split(","):
-        dataset_name, ck = MODELS_TO_RUN[name]
-        data = load_dataset(DATA[dataset_name])
-        model = build_model(name, SHARED / "checkpoints" / ck)
-        norm = MODELS[name].normalization
-        calib = Batches(data.train.subset(1024, seed=0), norm, 256)
-        test = Batches(data.test, norm, 500)
+        model, calib, test = load_benchmark(name)
         done = results.setdefault(name, {})
         if "FP32" not in done:
             t = time.perf_counter()

@@ -24,14 +24,10 @@ import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import lowbit
-from lowbit.data import Batches, load_dataset
-from lowbit.models import MODELS, build_model
-
-from ptq_ablation import DATA, MODELS_TO_RUN, SHARED, commit
+from ptq_ablation import MODELS_TO_RUN, commit, load_benchmark
 
 RESULTS = Path(__file__).resolve().parent / "results" / "ptq_peers.json"
 FIRST_LAST = {"resnet20": ("conv1", "linear"), "resnet32": ("conv1", "linear"),
@@ -112,19 +108,6 @@ def onnxruntime_ptq(model, calib, w_bits, a_bits, first_last, method):
     return run
 
 
-def evaluate_fn(fn, test, limit):
-    correct = seen = 0
-    with torch.no_grad():
-        for x, y in test:
-            if limit is not None:
-                x, y = x[: limit - seen], y[: limit - seen]
-            correct += (fn(x).argmax(1) == y).sum().item()
-            seen += len(y)
-            if limit is not None and seen >= limit:
-                break
-    return 100.0 * correct / seen
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default=",".join(MODELS_TO_RUN))
@@ -137,12 +120,8 @@ def main():
     results["meta"] = {"commit": commit(), "threads": torch.get_num_threads(), "limit": args.limit,
                        "command": "python benchmarks/ptq_peers.py"}
     for name in args.models.split(","):
-        dataset_name, ck = MODELS_TO_RUN[name]
-        data = load_dataset(DATA[dataset_name])
-        model = build_model(name, SHARED / "checkpoints" / ck)
-        norm = MODELS[name].normalization
-        calib = list(Batches(data.train.subset(1024, seed=0), norm, 256))
-        test = Batches(data.test, norm, 500)
+        model, calib, test = load_benchmark(name)
+        calib = list(calib)
         done = results.setdefault(name, {})
         for w_bits, a_bits in zip(bits[::2], bits[1::2]):
             for tool, variant in (("pytorch-fx", "minmax"), ("pytorch-fx", "histogram"),
@@ -161,7 +140,7 @@ def main():
                 else:
                     fn = onnxruntime_ptq(model, calib, w_bits, a_bits, FIRST_LAST[name], variant)
                 calib_s = time.perf_counter() - t
-                top1 = evaluate_fn(fn, test, args.limit)
+                top1 = lowbit.evaluate(fn, test, args.limit)
                 done[label] = {"top1": top1, "calib_seconds": calib_s}
                 RESULTS.write_text(json.dumps(results, indent=1))
                 print(f"{name:14s} {label:40s} {top1:6.2f}  calib {calib_s:6.1f}s", flush=True)

@@ -9,10 +9,12 @@ from lowbit.progress import progress
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data, limit: int | None = None, desc: str = "eval") -> float:
-    """Top-1 accuracy in percent over ``data`` (an iterable of ``(input, target)`` batches),
-    stopping after ``limit`` examples if given."""
-    model.eval()
+def evaluate(model, data, limit: int | None = None, desc: str = "eval") -> float:
+    """Top-1 accuracy in percent of ``model`` (an ``nn.Module``, or any callable mapping a batch to
+    logits, e.g. an onnxruntime session wrapper) over ``data`` (an iterable of ``(input,
+    target)`` batches), stopping after ``limit`` examples if given."""
+    if isinstance(model, nn.Module):
+        model.eval()
     correct = seen = 0
     for x, y in progress(data, desc=desc):
         if limit is not None:

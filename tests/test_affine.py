@@ -104,3 +104,29 @@ def test_per_channel_bits_use_per_channel_ranges():
     scale, zp = affine_qparams(x.amin(1), x.amax(1), qmin, qmax, False)
     y = fake_quantize(x, scale, zp, qmin, qmax, axis=0)
     assert torch.unique(y[0]).numel() <= 4 and 32 < torch.unique(y[1]).numel() <= 64
+
+
+def test_mse_range_finds_the_best_candidate():
+    """The vectorized search equals a plain loop over the same candidates."""
+    from lowbit.quant.ranges import mse_range
+    torch.manual_seed(0)
+    x = torch.distributions.Laplace(0.0, 1.0).sample((3, 4000)) * torch.tensor([[1.0], [3.0], [0.2]])
+    lo, hi = mse_range(x, 0, 15, symmetric=False, axis=0, steps=40)
+    for c in range(3):
+        best, best_err = None, float("inf")
+        for r in torch.linspace(0.05, 1.0, 40):
+            s, z = affine_qparams(x[c].min() * r, x[c].max() * r, 0, 15, False)
+            err = (fake_quantize(x[c], s, z, 0, 15) - x[c]).pow(2).mean().item()
+            if err < best_err:
+                best, best_err = r, err
+        assert hi[c].item() == pytest.approx((x[c].max() * best).item(), rel=1e-5)
+    assert (hi < x.amax(1)).all()  # heavy tails: clipping beats min-max at 4 bits
+
+
+def test_channel_sample_keeps_channels_apart():
+    from lowbit.quant.ranges import channel_sample
+    x = torch.arange(4.0).reshape(1, 4, 1, 1).expand(50, 4, 30, 30).contiguous()
+    s = channel_sample(x, 1, max_total=400)
+    assert s.shape == (4, 100) and torch.equal(s, torch.arange(4.0)[:, None].expand(4, 100))
+    assert channel_sample(x, None, max_total=400).shape == (1, 400)
+    assert torch.equal(channel_sample(x[:1, :, :2, :2], 1), x[0, :, :2, :2].reshape(4, 4))

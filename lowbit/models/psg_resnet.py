@@ -6,52 +6,26 @@ Same topology as the CIFAR ResNet-32 but with projection shortcuts (1x1 conv + B
 from __future__ import annotations
 
 from torch import nn
-from torch.nn import functional as F
+
+from lowbit.models.resnet_cifar import BasicBlock, CifarResNet
 
 
-class PSGBlock(nn.Module):
+class PSGBlock(BasicBlock):
+    """BasicBlock whose down-sampling shortcut is a projection (1x1 conv + BN) named
+    ``downsample``, as in the PSG checkpoints."""
+
     def __init__(self, in_planes: int, planes: int, stride: int = 1):
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
+        super().__init__(in_planes, planes, stride)
+        self.shortcut = nn.Identity()
         self.downsample = None
         if stride != 1 or in_planes != planes:
             self.downsample = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False),
                                             nn.BatchNorm2d(planes))
 
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        identity = x if self.downsample is None else self.downsample(x)
-        return F.relu(out + identity)
-
-
-class PSGResNet(nn.Module):
-    def __init__(self, blocks_per_stage: int = 5, num_classes: int = 100):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(16)
-        planes, layers = 16, []
-        for width, stride in ((16, 1), (32, 2), (64, 2)):
-            blocks = []
-            for i in range(blocks_per_stage):
-                blocks.append(PSGBlock(planes, width, stride if i == 0 else 1))
-                planes = width
-            layers.append(nn.Sequential(*blocks))
-        self.layer1, self.layer2, self.layer3 = layers
-        self.fc = nn.Linear(64, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.layer3(self.layer2(self.layer1(out)))
-        out = F.avg_pool2d(out, 8).flatten(1)
-        return self.fc(out)
+    def residual(self, x):
+        return x if self.downsample is None else self.downsample(x)
 
 
 def psg_resnet32(num_classes: int = 100):
-    return PSGResNet(5, num_classes)
+    """ResNet-32 with projection shortcuts; 8x8 average pooling of the 8x8 map = global pooling."""
+    return CifarResNet(5, num_classes, block=PSGBlock, head="fc")

@@ -33,26 +33,35 @@ class BasicBlock(nn.Module):
         if stride != 1 or in_planes != planes:
             self.shortcut = ShortcutA(planes // 4)
 
+    def residual(self, x):
+        return self.shortcut(x)
+
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
+        return F.relu(out + self.residual(x))
 
 
 class CifarResNet(nn.Module):
-    def __init__(self, blocks_per_stage: int, num_classes: int = 10):
+    """Stem conv + BN + ReLU, three stages of ``block`` (16 / 32 / 64 channels, strides 1 / 2 / 2),
+    global average pooling and a linear head stored under ``head`` (``linear`` for akamaster,
+    ``fc`` for the PSG repository)."""
+
+    def __init__(self, blocks_per_stage: int, num_classes: int = 10, block=BasicBlock,
+                 head: str = "linear"):
         super().__init__()
+        self.head = head
         self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
         planes, layers = 16, []
         for width, stride in ((16, 1), (32, 2), (64, 2)):
             blocks = []
             for i in range(blocks_per_stage):
-                blocks.append(BasicBlock(planes, width, stride if i == 0 else 1))
+                blocks.append(block(planes, width, stride if i == 0 else 1))
                 planes = width
             layers.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3 = layers
-        self.linear = nn.Linear(64, num_classes)
+        setattr(self, head, nn.Linear(64, num_classes))
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 nn.init.kaiming_normal_(m.weight)
@@ -61,7 +70,7 @@ class CifarResNet(nn.Module):
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.layer3(self.layer2(self.layer1(out)))
         out = F.adaptive_avg_pool2d(out, 1).flatten(1)
-        return self.linear(out)
+        return getattr(self, self.head)(out)
 
 
 def resnet20(num_classes: int = 10):
