@@ -95,6 +95,8 @@ def _config_from_args(args):
                       ("equalize", "equalize")):
         if getattr(args, flag):
             values[key] = True
+    if args.bit_alloc and values.get("a_bits", 8) is None:
+        values.pop("a_bit_alloc", None)  # --bit-alloc means "whatever is quantized"
     if args.no_fold_bn:
         values["fold_bn"] = False
     if args.skip:

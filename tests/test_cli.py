@@ -42,6 +42,14 @@ def test_quantize_writes_report_and_reloadable_checkpoint(capsys, tmp_path, digi
     assert code == 0 and f"top-1 {report['q_top1']:.2f}%" in stdout
 
 
+def test_bit_alloc_with_float_activations(capsys, tmp_path, digits_ckpt):
+    code, _, _ = run(capsys, "quantize", "--model", "digits_cnn", "--checkpoint", str(digits_ckpt),
+                     "--data", "digits", "--w-bits", "4", "--a-bits", "none", "--bit-alloc",
+                     "--limit", "50", "--out", str(tmp_path / "wa"))
+    report = json.loads((tmp_path / "wa" / "report.json").read_text())
+    assert code == 0 and report["a_bits"] is None and report["config"]["w_bit_alloc"] is True
+
+
 def test_recipe_and_limit(capsys, tmp_path, digits_ckpt):
     code, stdout, _ = run(capsys, "quantize", "--model", "digits_cnn", "--checkpoint", str(digits_ckpt),
                           "--data", "digits", "--recipe", "ptq-w4a4-banner", "--limit", "100",
