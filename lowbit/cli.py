@@ -62,7 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--a-per-channel", action="store_true")
     q.add_argument("--w-symmetric", action="store_true")
     q.add_argument("--bias-correction", nargs="?", const="mean",
-                   help="mean (default), mean_std, or empirical")
+                   help="weight bias correction: mean (default) or mean_std")
+    q.add_argument("--empirical-bias-correction", action="store_true",
+                   help="match each layer's mean output to the float model on calibration data")
     q.add_argument("--equalize", action="store_true", help="cross-layer equalization (DFQ)")
     q.add_argument("--no-fold-bn", action="store_true")
     q.add_argument("--calib", type=int, help="calibration images drawn from the training split")
@@ -92,7 +94,8 @@ def _config_from_args(args):
     for flag, key in (("bit_alloc", "w_bit_alloc"), ("bit_alloc", "a_bit_alloc"),
                       ("w_bit_alloc", "w_bit_alloc"), ("a_bit_alloc", "a_bit_alloc"),
                       ("a_per_channel", "a_per_channel"), ("w_symmetric", "w_symmetric"),
-                      ("equalize", "equalize")):
+                      ("equalize", "equalize"),
+                      ("empirical_bias_correction", "empirical_bias_correction")):
         if getattr(args, flag):
             values[key] = True
     if args.bit_alloc and values.get("a_bits", 8) is None:

@@ -25,7 +25,8 @@ BITS = [(8, 8), (4, 8), (4, 4), (2, 8)]
 RECIPES = {
     "min-max": {},
     "banner": dict(clip="aciq-laplace", w_bit_alloc=True, bias_correction="mean"),
-    "lowbit-best": dict(clip="mse", w_clip="mse", equalize=True, bias_correction="empirical"),
+    "lowbit-best": dict(clip="mse", w_clip="mse", equalize=True, bias_correction="mean_std",
+                        empirical_bias_correction=True),
 }
 
 

@@ -97,7 +97,8 @@ def test_input_signedness_follows_data(user_model, calib):
     dict(clip="aciq-laplace", a_per_channel=True, w_bit_alloc=True, a_bit_alloc=True,
          bias_correction="mean"),
     dict(clip="aciq-gauss", bias_correction="mean_std"),
-    dict(clip="mse", w_clip="mse", equalize=True, bias_correction="empirical"),
+    dict(clip="mse", w_clip="mse", equalize=True, bias_correction="mean_std",
+         empirical_bias_correction=True),
     dict(clip="percentile", w_clip="percentile"), dict(clip="ema"),
 ])
 def test_every_option_runs_and_stays_close(user_model, calib, cfg):
@@ -115,7 +116,7 @@ def test_weight_bit_allocation_keeps_average(user_model, calib):
 
 def test_empirical_bias_correction_matches_float_means(user_model, calib):
     q = lowbit.quantize(user_model, lowbit.PTQConfig(w_bits=3, a_bits=3,
-                                                     bias_correction="empirical"), calib)
+                                                     empirical_bias_correction=True), calib)
     x = torch.cat(calib)
     means = {}
     hooks = [m.register_forward_hook(lambda m, i, y, n=n: means.__setitem__(n, y.mean((0, 2, 3))))

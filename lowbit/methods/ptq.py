@@ -8,13 +8,15 @@ Pipeline of :func:`quantize` (each step optional except 1, 4, 5):
 2. cross-layer equalization of conv -> ReLU -> conv pairs;
 3. record the float model's per-layer output means (for empirical bias correction);
 4. weights: per-channel range (min-max / percentile / MSE), per-channel bit allocation
-   (alpha^(2/3) rule with alpha = std of the channel), then Banner's weight bias correction;
+   (alpha^(2/3) rule with alpha = std of the channel), then Banner's weight bias correction
+   (restoring each channel's mean, or mean and std);
 5. activations, at the input of every Conv / Linear: one pass over the calibration set *as one
    batch*, in execution order, so each layer's range is fitted to the input it really receives
    (upstream layers already quantized); ranges by min-max, EMA, percentile, MSE or ACIQ,
    unsigned when the input is non-negative, optionally per channel with bit allocation;
-   empirical bias correction shifts each layer's bias so its mean output matches the float
-   model's, in the same pass.
+   empirical bias correction (Nagel et al. 2019; Finkelstein et al. 2019) shifts each layer's
+   bias so its mean output matches the float model's, in the same pass, so the correction of
+   one layer is seen by the next.
 
 Calibration data is whatever the caller gives; the CLI only ever draws it from training images.
 """
@@ -42,7 +44,7 @@ from lowbit.transforms import equalize_model, fold_batchnorm, layer_order, swap_
 
 A_CLIPS = ("minmax", "ema", "percentile", "mse", "aciq-laplace", "aciq-gauss")
 W_CLIPS = ("minmax", "percentile", "mse")
-BIAS_CORRECTIONS = (None, "mean", "mean_std", "empirical")
+BIAS_CORRECTIONS = (None, "mean", "mean_std")
 BIT_ALLOC_MAX_BITS = 4  # as in the reference code, allocation only below 5 bits
 EMA_CHUNK = 64  # images per EMA step when clip == "ema"
 
@@ -63,6 +65,7 @@ class PTQConfig:
     w_bit_alloc: bool = False
     a_bit_alloc: bool = False
     bias_correction: str | None = None
+    empirical_bias_correction: bool = False
     equalize: bool = False
     fold_bn: bool = True
     calib: int = 1024
@@ -146,7 +149,7 @@ def prepare(model: nn.Module, config: PTQConfig, plan: dict[str, LayerBits], fol
         if reason:
             raise CalibrationError(f"the checkpoint was made with BN folded but the model cannot "
                                    f"be traced now: {reason}")
-    with_bias = config.bias_correction == "empirical"
+    with_bias = config.empirical_bias_correction
 
     def wrap(name, layer):
         if name not in plan:
@@ -353,7 +356,7 @@ def quantize(model: nn.Module, config: PTQConfig | None = None, calib_data=None)
         raise ConfigError("a_bits is set but no layer has an input to quantize "
                           "(all skipped or overridden); drop a_bits or quantize a layer")
     float_means = None
-    if config.bias_correction == "empirical":
+    if config.empirical_bias_correction:
         float_means = float_output_means(qmodel, x, plan)
     qmodel = prepare(qmodel, config, plan, folded=False)
     calibrate_weights(qmodel, config)
