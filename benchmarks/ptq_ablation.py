@@ -99,6 +99,10 @@ def main():
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore", UserWarning)
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    previous = results.get("meta", {}).get("commit")
+    for name in MODELS_TO_RUN:  # rows remember the commit that computed them
+        for row in results.get(name, {}).values():
+            row.setdefault("commit", previous)
     current = {"FP32", *(label for label, _ in ROWS)}
     for name in MODELS_TO_RUN:  # rows of an older ROWS list would mix code versions: drop them
         for label in set(results.get(name, {})) - current:
@@ -113,7 +117,7 @@ def main():
             t = time.perf_counter()
             done["FP32"] = {"top1": lowbit.evaluate(model, test, args.limit),
                             "eval_seconds": time.perf_counter() - t,
-                            "bytes": float_size_bytes(model)}
+                            "bytes": float_size_bytes(model), "commit": commit()}
             RESULTS.write_text(json.dumps(results, indent=1))
         for label, cfg in ROWS:
             if label in done:
@@ -123,7 +127,8 @@ def main():
             top1 = lowbit.evaluate(qmodel, test, args.limit)
             done[label] = {"top1": top1, "calib_seconds": qmodel.lowbit.calibration_seconds,
                            "eval_seconds": time.perf_counter() - t,
-                           "bytes": quantized_size_bytes(qmodel), "config": cfg}
+                           "bytes": quantized_size_bytes(qmodel), "config": cfg,
+                           "commit": commit()}
             RESULTS.write_text(json.dumps(results, indent=1))
             print(f"{name:14s} {label:52s} {top1:6.2f}  calib {qmodel.lowbit.calibration_seconds:5.1f}s",
                   flush=True)
