@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 from torch import nn
 
-from lowbit.errors import CalibrationError, ConfigError, DataError, NumericalError
+from lowbit.errors import CheckpointError, ConfigError, DataError, NumericalError
 from lowbit.nn.layers import QUANT_LAYERS, WRAPPERS
 from lowbit.nn.quantizer import AffineQuantizer, CorrectedQuantizer
 from lowbit.policy import LayerBits, LayerPolicy
@@ -147,8 +147,8 @@ def prepare(model: nn.Module, config: PTQConfig, plan: dict[str, LayerBits], fol
     if folded:
         model, reason = fold_batchnorm(model)
         if reason:
-            raise CalibrationError(f"the checkpoint was made with BN folded but the model cannot "
-                                   f"be traced now: {reason}")
+            raise CheckpointError(f"the checkpoint was made with BN folded but the model cannot "
+                                  f"be traced now: {reason}")
     with_bias = config.empirical_bias_correction
 
     def wrap(name, layer):
