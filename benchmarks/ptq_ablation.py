@@ -103,10 +103,11 @@ def main():
     for name in MODELS_TO_RUN:  # rows remember the commit that computed them
         for row in results.get(name, {}).values():
             row.setdefault("commit", previous)
-    current = {"FP32", *(label for label, _ in ROWS)}
-    for name in MODELS_TO_RUN:  # rows of an older ROWS list would mix code versions: drop them
-        for label in set(results.get(name, {})) - current:
-            del results[name][label]
+    current = dict(ROWS)
+    for name in MODELS_TO_RUN:  # rows whose label or config is no longer in ROWS: drop them
+        for label, row in list(results.get(name, {}).items()):
+            if label != "FP32" and row.get("config") != current.get(label):
+                del results[name][label]
     results["meta"] = {"commit": commit(), "machine": platform.processor() or platform.machine(),
                        "threads": args.threads, "calib_images": 1024, "limit": args.limit,
                        "command": "python benchmarks/ptq_ablation.py"}

@@ -30,6 +30,10 @@ import lowbit
 from ptq_ablation import MODELS_TO_RUN, commit, load_benchmark
 
 RESULTS = Path(__file__).resolve().parent / "results" / "ptq_peers.json"
+TOOLS = [("pytorch-fx", "minmax"), ("pytorch-fx", "histogram"), ("onnxruntime", "minmax"),
+         ("onnxruntime", "percentile"), ("onnxruntime", "entropy"), ("brevitas", "stats"),
+         ("brevitas", "cle+bc"), ("brevitas", "cle+bc+mse")]
+TOOLS_SHORT = [("pytorch-fx", "histogram"), ("onnxruntime", "percentile"), ("brevitas", "cle+bc")]
 FIRST_LAST = {"resnet20": ("conv1", "linear"), "resnet32": ("conv1", "linear"),
               "psg_resnet32": ("conv1", "fc")}
 
@@ -111,7 +115,8 @@ def onnxruntime_ptq(model, calib, w_bits, a_bits, first_last, method):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default=",".join(MODELS_TO_RUN))
-    ap.add_argument("--bits", default="4,4,4,8", help="pairs w,a,w,a,...")
+    ap.add_argument("--bits", default="4,4,4,8",
+                    help="pairs w,a,w,a,...; every tool at W4A4, the best of each otherwise")
     ap.add_argument("--limit", type=int)
     args = ap.parse_args()
     warnings.simplefilter("ignore")
@@ -124,10 +129,7 @@ def main():
         calib = list(calib)
         done = results.setdefault(name, {})
         for w_bits, a_bits in zip(bits[::2], bits[1::2]):
-            for tool, variant in (("pytorch-fx", "minmax"), ("pytorch-fx", "histogram"),
-                                  ("onnxruntime", "minmax"), ("onnxruntime", "percentile"),
-                                  ("onnxruntime", "entropy"), ("brevitas", "stats"),
-                                  ("brevitas", "cle+bc"), ("brevitas", "cle+bc+mse")):
+            for tool, variant in TOOLS if (w_bits, a_bits) == (4, 4) else TOOLS_SHORT:
                 label = f"W{w_bits}A{a_bits} {tool} {variant}"
                 if label in done:
                     continue
@@ -141,13 +143,9 @@ def main():
                     fn = onnxruntime_ptq(model, calib, w_bits, a_bits, FIRST_LAST[name], variant)
                 calib_s = time.perf_counter() - t
                 top1 = lowbit.evaluate(fn, test, args.limit)
-                done[label] = {"top1": top1, "calib_seconds": calib_s}
+                done[label] = {"top1": top1, "calib_seconds": calib_s, "commit": commit()}
                 RESULTS.write_text(json.dumps(results, indent=1))
                 print(f"{name:14s} {label:40s} {top1:6.2f}  calib {calib_s:6.1f}s", flush=True)
-
-
-if __name__ == "__main__":
-    main()
 
 
 def _pad_classifier(model, attr: str):
@@ -190,3 +188,7 @@ def brevitas_ptq(model, calib, w_bits, a_bits, variant, last: str, act_type: str
         bx.apply_bias_correction(calib, qmodel)
     qmodel.eval()
     return lambda x: qmodel(x)[:, :classes]
+
+
+if __name__ == "__main__":
+    main()
