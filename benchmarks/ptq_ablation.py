@@ -64,6 +64,7 @@ ROWS = [
     ("W3A3 all combined", dict(w_bits=3, a_bits=3, **BANNER_ALL)),
     ("W2A4 all combined", dict(w_bits=2, a_bits=4, **BANNER_ALL)),
     (BEST_LABEL, dict(w_bits=4, a_bits=4, **BEST)),
+    ("W4A8 lowbit best", dict(w_bits=4, a_bits=8, **BEST)),
     ("W3A3 lowbit best", dict(w_bits=3, a_bits=3, **BEST)),
     # At 2 bits MSE weight ranges minimise weight error but not output error, and mean+std
     # correction divides by the std of channels that quantize mostly to 0 (W2A4 ResNet-20 on
