@@ -2,9 +2,10 @@
 
     python benchmarks/ptq_peers.py [--models resnet20,...] [--bits 4,4] [--limit N]
 
-* PyTorch FX fake-quant PTQ (``torch.ao.quantization``): per-channel symmetric weights,
-  activations with MinMaxObserver or HistogramObserver; observers placed by FX at every
-  quantizable op output, residual adds included.
+* PyTorch FX PTQ (``torch.ao.quantization``): per-channel symmetric weights, activations with
+  MinMaxObserver or HistogramObserver placed by FX at every quantizable op output (residual
+  adds included), evaluated as ``convert_to_reference_fx``'s model (the prepared model alone
+  leaves weights in float).
 * onnxruntime ``quantize_static``: QDQ, per-channel weights, MinMax / Percentile / Entropy
   calibration, int4 weights and uint4 activations (int8 for the first conv and last Gemm via
   TensorQuantOverrides); quantizes every Conv / Gemm / Add output.
@@ -42,7 +43,7 @@ def torch_fx_ptq(model, calib, w_bits, a_bits, first_last, observer):
     from torch.ao.quantization import (FakeQuantize, HistogramObserver, MinMaxObserver,
                                        PerChannelMinMaxObserver, QConfig, QConfigMapping,
                                        disable_fake_quant, disable_observer, enable_fake_quant)
-    from torch.ao.quantization.quantize_fx import prepare_fx
+    from torch.ao.quantization.quantize_fx import convert_to_reference_fx, prepare_fx
 
     def qconfig(wb, ab):
         obs = HistogramObserver if observer == "histogram" else MinMaxObserver
@@ -64,7 +65,9 @@ def torch_fx_ptq(model, calib, w_bits, a_bits, first_last, observer):
             prepared(chunk)
     prepared.apply(enable_fake_quant)
     prepared.apply(disable_observer)
-    return prepared
+    # The prepared (PTQ-flow) model only observes weights; PyTorch applies their quantization at
+    # convert time, so evaluate its reference model: float ops on quantized-dequantized weights.
+    return convert_to_reference_fx(prepared)
 
 
 def onnxruntime_ptq(model, calib, w_bits, a_bits, first_last, method):
