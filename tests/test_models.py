@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from lowbit.models import MODELS, build_model
-from tests.conftest import SHARED, needs_shared
+from tests.conftest import SHARED
 
 CKPTS = {"resnet20": "akamaster_resnet20-12fca82f.th", "resnet32": "akamaster_resnet32-d509ac18.th",
          "psg_resnet32": "PSG_ResNet150.pth"}

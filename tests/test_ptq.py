@@ -1,4 +1,3 @@
-import math
 
 import pytest
 import torch
@@ -6,7 +5,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import lowbit
-from lowbit.errors import CheckpointError, ConfigError, DataError, NumericalError
+from lowbit.errors import ConfigError, DataError, NumericalError
 from lowbit.nn import AffineQuantizer, QuantConv2d, QuantLinear
 from lowbit.quant.ranges import bn_activation_range, ema_update
 from lowbit.transforms import equalize_model, fold_batchnorm
@@ -119,8 +118,8 @@ def test_empirical_bias_correction_matches_float_means(user_model, calib):
                                                      empirical_bias_correction=True), calib)
     x = torch.cat(calib)
     means = {}
-    hooks = [m.register_forward_hook(lambda m, i, y, n=n: means.__setitem__(n, y.mean((0, 2, 3))))
-             for n, m in q.named_modules() if n == "group"]
+    q.get_submodule("group").register_forward_hook(
+        lambda m, i, y: means.__setitem__("group", y.mean((0, 2, 3))))
     q(x)
     fp = fold_batchnorm(user_model)[0]
     ref = {}

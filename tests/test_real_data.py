@@ -1,5 +1,4 @@
 """Accuracy on the real CIFAR-10 checkpoint; skipped when ../shared is absent."""
-import torch
 
 import lowbit
 from lowbit.data import Batches, load_dataset

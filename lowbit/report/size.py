@@ -7,7 +7,6 @@ packed size; the deployment exporter writes files of this size.
 """
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from lowbit.nn.layers import QUANT_LAYERS
