@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--empirical-bias-correction", action="store_true",
                    help="match each layer's mean output to the float model on calibration data")
     q.add_argument("--equalize", action="store_true", help="cross-layer equalization (DFQ)")
+    q.add_argument("--adaround", nargs="?", type=int, const=1000, metavar="ITERS",
+                   help="learn the weight rounding (AdaRound), ITERS steps per layer (1000); "
+                        "replaces the recipe's weight bias correction")
     q.add_argument("--no-fold-bn", action="store_true")
     q.add_argument("--calib", type=int, help="calibration images drawn from the training split")
     q.add_argument("--first-last-bits", type=_bits_or_none, default=argparse.SUPPRESS,
@@ -100,6 +103,10 @@ def _config_from_args(args):
             values[key] = True
     if args.bit_alloc and values.get("a_bits", 8) is None:
         values.pop("a_bit_alloc", None)  # --bit-alloc means "whatever is quantized"
+    if args.adaround is not None:
+        values.update(w_round="adaround", round_iters=args.adaround)
+        if args.bias_correction is None:
+            values["bias_correction"] = None
     if args.no_fold_bn:
         values["fold_bn"] = False
     if args.skip:

@@ -59,6 +59,16 @@ def test_recipe_and_limit(capsys, tmp_path, digits_ckpt):
     assert report["test_images"] == 100 and report["config"]["a_bit_alloc"] is True
 
 
+def test_adaround_flag_replaces_the_recipes_weight_correction(capsys, tmp_path, digits_ckpt):
+    code, _, err = run(capsys, "quantize", "--model", "digits_cnn", "--checkpoint", str(digits_ckpt),
+                       "--data", "digits", "--recipe", "ptq-w4a4-best", "--adaround", "20",
+                       "--calib", "128", "--limit", "100", "--out", str(tmp_path / "a"))
+    assert code == 0, err
+    config = json.loads((tmp_path / "a" / "report.json").read_text())["config"]
+    assert config["w_round"] == "adaround" and config["round_iters"] == 20
+    assert config["bias_correction"] is None
+
+
 @pytest.mark.parametrize("extra,message", [
     (["--w-bits", "17"], "w_bits must be an integer from 1 to 16"),
     (["--recipe", "missing-recipe"], "recipe 'missing-recipe' not found"),
@@ -133,3 +143,12 @@ def test_documented_cli_example_on_real_data(capsys, tmp_path):
     assert code == 0
     report = json.loads((tmp_path / "r20" / "report.json").read_text())
     assert report["q_top1"] > 70.0
+
+
+def test_every_packaged_recipe_is_a_valid_config():
+    from lowbit.recipes import load_recipe, recipe_names
+
+    names = recipe_names()
+    assert "ptq-w4a4-adaround" in names
+    for name in names:
+        assert load_recipe(name).validate()

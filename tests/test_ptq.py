@@ -9,56 +9,7 @@ from lowbit.errors import ConfigError, DataError, NumericalError
 from lowbit.nn import AffineQuantizer, QuantConv2d, QuantLinear
 from lowbit.quant.ranges import bn_activation_range, ema_update
 from lowbit.transforms import equalize_model, fold_batchnorm
-
-
-class Block(nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        self.dw = nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False)
-        self.bn1 = nn.BatchNorm2d(c)
-        self.pw = nn.Conv2d(c, c, 1)
-        self.bn2 = nn.BatchNorm2d(c)
-
-    def forward(self, x):
-        return F.relu(x + self.bn2(self.pw(F.relu(self.bn1(self.dw(x))))))
-
-
-class UserNet(nn.Module):
-    """Residuals, depthwise + grouped convs, functional ReLU, nested containers, bias-free Linear."""
-
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
-        self.body = nn.ModuleDict({"a": Block(8), "b": nn.Sequential(Block(8), Block(8))})
-        self.group = nn.Conv2d(8, 8, 3, padding=1, groups=2)
-        self.head = nn.Linear(8, 5, bias=False)
-
-    def forward(self, x):
-        x = self.body["b"](self.body["a"](self.stem(x)))
-        x = F.relu(self.group(x))
-        return self.head(x.mean((2, 3)))
-
-
-def _trained_like(model):
-    torch.manual_seed(0)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.2, 0.2)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.3, 0.3)
-    return model.eval()
-
-
-@pytest.fixture
-def user_model():
-    return _trained_like(UserNet())
-
-
-@pytest.fixture
-def calib():
-    g = torch.Generator().manual_seed(1)
-    return [torch.randn(32, 3, 12, 12, generator=g) for _ in range(4)]
+from tests.user_models import trained_like
 
 
 def test_user_model_quantizes_and_runs(user_model, calib):
@@ -154,14 +105,14 @@ def test_untraceable_model_is_quantized_unfolded(calib):
             return self.fc(F.relu(self.bn(self.conv(x))).mean((2, 3)))
 
     with pytest.warns(UserWarning, match="cannot be traced"):
-        q = lowbit.quantize(_trained_like(Dynamic()), lowbit.PTQConfig(), calib)
+        q = lowbit.quantize(trained_like(Dynamic()), lowbit.PTQConfig(), calib)
     assert not q.lowbit.folded and isinstance(q.bn, nn.BatchNorm2d)
     assert q(calib[0]).shape == (32, 2)
 
 
 def test_save_and_reload_give_identical_outputs(tmp_path, calib):
     from lowbit.models import build_model
-    model = _trained_like(build_model("digits_cnn"))
+    model = trained_like(build_model("digits_cnn"))
     cal = [torch.randn(16, 1, 8, 8) for _ in range(2)]
     q = lowbit.quantize(model, lowbit.PTQConfig(w_bits=4, a_bits=4, w_bit_alloc=True,
                                                 a_bit_alloc=True, bias_correction="mean"), cal)

@@ -1,12 +1,13 @@
 """Post-training quantization (Banner, Nahshan, Soudry, NeurIPS 2019), plus the well-founded
 steps a user expects around it: BN folding, cross-layer equalization (Nagel et al. 2019) and
-empirical bias correction.
+empirical bias correction and learned rounding (AdaRound, Nagel et al. 2020).
 
 Pipeline of :func:`quantize` (each step optional except 1, 4, 5):
 
 1. copy the model, fold BN into the preceding conv (graph tracing);
 2. cross-layer equalization of conv -> ReLU -> conv pairs;
-3. record the float model's per-layer output means (for empirical bias correction);
+3. record the float model's per-layer outputs (their means for empirical bias correction, the
+   whole outputs for AdaRound);
 4. weights: per-channel range (min-max / percentile / MSE), per-channel bit allocation
    (alpha^(2/3) rule with alpha = std of the channel), then Banner's weight bias correction
    (restoring each channel's mean, or mean and std);
@@ -14,7 +15,8 @@ Pipeline of :func:`quantize` (each step optional except 1, 4, 5):
    batch*, in execution order, so each layer's range is fitted to the input it really receives
    (upstream layers already quantized); ranges by min-max, EMA, percentile, MSE or ACIQ,
    unsigned when the input is non-negative, optionally per channel with bit allocation;
-   empirical bias correction (Nagel et al. 2019; Finkelstein et al. 2019) shifts each layer's
+   AdaRound then learns each layer's weight rounding on that quantized input against the float
+   layer's output (the weights are rewritten onto the grid points it chose); empirical bias correction (Nagel et al. 2019; Finkelstein et al. 2019) shifts each layer's
    bias so its mean output matches the float model's, in the same pass, so the correction of
    one layer is seen by the next.
 
@@ -35,7 +37,8 @@ from lowbit.nn.layers import QUANT_LAYERS, WRAPPERS
 from lowbit.nn.quantizer import AffineQuantizer, CorrectedQuantizer
 from lowbit.policy import LayerBits, LayerPolicy
 from lowbit.quant.aciq import aciq_range
-from lowbit.quant.affine import QScheme, check_bits, integer_range
+from lowbit.quant.adaround import AdaRoundSchedule, learn_rounding
+from lowbit.quant.affine import QScheme, broadcast_along, check_bits, integer_range
 from lowbit.quant.bias_correction import correct_weight_bias
 from lowbit.quant.bit_alloc import allocate_bits
 from lowbit.quant.ranges import channel_sample, ema_update, minmax_range, mse_range, \
@@ -45,6 +48,7 @@ from lowbit.transforms import equalize_model, fold_batchnorm, layer_order, swap_
 A_CLIPS = ("minmax", "ema", "percentile", "mse", "aciq-laplace", "aciq-gauss")
 W_CLIPS = ("minmax", "percentile", "mse")
 BIAS_CORRECTIONS = (None, "mean", "mean_std")
+W_ROUNDINGS = ("nearest", "adaround")
 BIT_ALLOC_MAX_BITS = 4  # as in the reference code, allocation only below 5 bits
 EMA_CHUNK = 64  # images per EMA step when clip == "ema"
 
@@ -66,6 +70,8 @@ class PTQConfig:
     a_bit_alloc: bool = False
     bias_correction: str | None = None
     empirical_bias_correction: bool = False
+    w_round: str = "nearest"
+    round_iters: int = 1000
     equalize: bool = False
     fold_bn: bool = True
     calib: int = 1024
@@ -79,7 +85,8 @@ class PTQConfig:
         if self.a_bits is not None:
             check_bits(self.a_bits, "a_bits")
         for name, value, choices in (("clip", self.clip, A_CLIPS), ("w_clip", self.w_clip, W_CLIPS),
-                                     ("bias_correction", self.bias_correction, BIAS_CORRECTIONS)):
+                                     ("bias_correction", self.bias_correction, BIAS_CORRECTIONS),
+                                     ("w_round", self.w_round, W_ROUNDINGS)):
             if value not in choices:
                 raise ConfigError(f"{name} must be one of {', '.join(map(str, choices))}; "
                                   f"got {value!r}")
@@ -89,6 +96,13 @@ class PTQConfig:
             raise ConfigError(f"calib must be a positive number of images, got {self.calib!r}")
         if self.a_bit_alloc and self.a_bits is None:
             raise ConfigError("a_bit_alloc needs a_bits")
+        if self.w_round == "adaround" and self.bias_correction is not None:
+            raise ConfigError("bias_correction corrects nearest rounding; with w_round: adaround "
+                              "the learned rounding already minimises the output error: set "
+                              "bias_correction to null (empirical_bias_correction still works)")
+        if isinstance(self.round_iters, bool) or not isinstance(self.round_iters, int) \
+                or self.round_iters < 1:
+            raise ConfigError(f"round_iters must be a positive integer, got {self.round_iters!r}")
         self.policy().validate()
         return self
 
@@ -274,45 +288,68 @@ def _output_means(y: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def float_output_means(model: nn.Module, x: torch.Tensor, names) -> dict[str, torch.Tensor]:
-    """Per-channel mean output of each named float layer on ``x``."""
-    means, handles = {}, []
+def float_outputs(model: nn.Module, x: torch.Tensor, names, keep: bool) -> dict[str, tuple]:
+    """Per named float layer on ``x``: (per-channel output mean, whole output if ``keep``)."""
+    outputs, handles = {}, []
     modules = dict(model.named_modules())
     for name in names:
         handles.append(modules[name].register_forward_hook(
-            lambda _m, _i, y, name=name: means.__setitem__(name, _output_means(y))))
+            lambda _m, _i, y, name=name: outputs.__setitem__(
+                name, (_output_means(y), y if keep else None))))
     try:
         model(x)
     finally:
         for h in handles:
             h.remove()
-    return means
+    return outputs
+
+
+def _adaround(layer, x: torch.Tensor, target: torch.Tensor, config: PTQConfig,
+              generator: torch.Generator) -> None:
+    """Replace ``layer.weight`` by the grid values AdaRound chose (its quantizer reproduces
+    them exactly: they are S * integer)."""
+    q = layer.weight_quantizer
+    w = layer.weight
+    qparams = [broadcast_along(t, w, q.axis if t.dim() else None)
+               for t in (q.scale, q.zero_point, q.quant_min, q.quant_max)]
+    x_q = layer.input_quantizer(x)
+    if x_q.dim() == 4:  # CPU convolutions (and their weight gradient) run faster this way
+        x_q, target = (t.contiguous(memory_format=torch.channels_last) for t in (x_q, target))
+    layer.weight.copy_(learn_rounding(w, *qparams, layer.forward_with, x_q, target,
+                                      AdaRoundSchedule(iters=config.round_iters), generator))
 
 
 @torch.no_grad()
 def calibrate_activations(model: nn.Module, x: torch.Tensor, config: PTQConfig,
-                          float_means: dict[str, torch.Tensor] | None) -> None:
-    """One pass in execution order: fit each input range, then (optionally) correct the bias."""
-    handles = []
+                          float_out: dict[str, tuple] | None) -> None:
+    """One pass in execution order: fit each input range, then (optionally) learn the weight
+    rounding and correct the bias, so every later layer sees this layer's final output."""
+    handles, rounded = [], set()
+    generator = torch.Generator().manual_seed(config.seed)
 
-    def fit_input(layer, args):
-        q = layer.input_quantizer
-        if isinstance(q, AffineQuantizer) and not q.calibrated:
-            if not torch.isfinite(torch.stack(torch.aminmax(args[0]))).all():  # NaN propagates
-                raise NumericalError(f"{q.name} receives NaN or Inf activations")
-            _set_input_range(q, args[0], config)
+    def fit_input(name):
+        def hook(layer, args):
+            q = layer.input_quantizer
+            if isinstance(q, AffineQuantizer) and not q.calibrated:
+                if not torch.isfinite(torch.stack(torch.aminmax(args[0]))).all():  # NaN spreads
+                    raise NumericalError(f"{q.name} receives NaN or Inf activations")
+                _set_input_range(q, args[0], config)
+            if config.w_round == "adaround" and name not in rounded:  # a reused layer: once
+                rounded.add(name)
+                _adaround(layer, args[0], float_out[name][1], config, generator)
+        return hook
 
     def correct_bias(name):
         def hook(layer, _args, y):
-            delta = float_means[name] - _output_means(y)
+            delta = float_out[name][0] - _output_means(y)
             layer.bias.add_(delta)
             return y + delta.reshape(1, -1, *([1] * (y.dim() - 2)))
         return hook
 
     for name, layer in model.named_modules():
         if isinstance(layer, QUANT_LAYERS):
-            handles.append(layer.register_forward_pre_hook(fit_input))
-            if float_means is not None:
+            handles.append(layer.register_forward_pre_hook(fit_input(name)))
+            if config.empirical_bias_correction:
                 handles.append(layer.register_forward_hook(correct_bias(name)))
     try:
         model(x)
@@ -355,12 +392,12 @@ def quantize(model: nn.Module, config: PTQConfig | None = None, calib_data=None)
     if config.a_bits is not None and not any(b.a_bits for b in plan.values()):
         raise ConfigError("a_bits is set but no layer has an input to quantize "
                           "(all skipped or overridden); drop a_bits or quantize a layer")
-    float_means = None
-    if config.empirical_bias_correction:
-        float_means = float_output_means(qmodel, x, plan)
+    float_out = None
+    if config.empirical_bias_correction or config.w_round == "adaround":
+        float_out = float_outputs(qmodel, x, plan, keep=config.w_round == "adaround")
     qmodel = prepare(qmodel, config, plan, folded=False)
     calibrate_weights(qmodel, config)
-    calibrate_activations(qmodel, x, config, float_means)
+    calibrate_activations(qmodel, x, config, float_out)
     qmodel.lowbit = QuantInfo("ptq", config.to_dict(), plan, folded, notes,
                               time.perf_counter() - start, pairs)
     return qmodel

@@ -19,6 +19,9 @@ class _QuantSlots:
     def quantized_weight(self) -> torch.Tensor:
         return self.weight_quantizer(self.weight)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_with(self.input_quantizer(x), self.quantized_weight())
+
     @classmethod
     def from_float(cls, layer, weight_quantizer=None, input_quantizer=None, with_bias=False):
         """Wrap ``layer`` (sharing its parameters); ``with_bias`` adds a zero bias if it has none."""
@@ -38,15 +41,17 @@ class _QuantSlots:
 class QuantConv2d(_QuantSlots, nn.Conv2d):
     """``nn.Conv2d`` computing ``conv(input_quantizer(x), weight_quantizer(W)) + b``."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(self.input_quantizer(x), self.quantized_weight(), self.bias)
+    def forward_with(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The float convolution with a given weight (no quantizer): ``conv(x, weight) + b``."""
+        return self._conv_forward(x, weight, self.bias)
 
 
 class QuantLinear(_QuantSlots, nn.Linear):
     """``nn.Linear`` computing ``input_quantizer(x) @ weight_quantizer(W).T + b``."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.input_quantizer(x), self.quantized_weight(), self.bias)
+    def forward_with(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The float affine map with a given weight (no quantizer): ``x @ weight.T + b``."""
+        return F.linear(x, weight, self.bias)
 
 
 WRAPPERS = {nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear}

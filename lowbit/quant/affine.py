@@ -98,7 +98,7 @@ def affine_qparams(lo: torch.Tensor, hi: torch.Tensor, qmin, qmax, symmetric: bo
     return scale, zero_point
 
 
-def _along(t, x: torch.Tensor, axis: int | None) -> torch.Tensor:
+def broadcast_along(t, x: torch.Tensor, axis: int | None) -> torch.Tensor:
     """Reshape a per-channel vector so it broadcasts along ``axis`` of ``x`` (scalars pass)."""
     t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
     if axis is None or t.dim() == 0:
@@ -110,14 +110,14 @@ def _along(t, x: torch.Tensor, axis: int | None) -> torch.Tensor:
 
 def quantize(x, scale, zero_point, qmin, qmax, axis: int | None = None) -> torch.Tensor:
     """Integer codes ``clamp(round(x * (1/S)) + Z, q_min, q_max)`` (as a float tensor)."""
-    inv = 1.0 / _along(scale, x, axis)
-    z = _along(zero_point, x, axis)
-    return torch.clamp(torch.round(x * inv) + z, _along(qmin, x, axis), _along(qmax, x, axis))
+    inv = 1.0 / broadcast_along(scale, x, axis)
+    z = broadcast_along(zero_point, x, axis)
+    return torch.clamp(torch.round(x * inv) + z, broadcast_along(qmin, x, axis), broadcast_along(qmax, x, axis))
 
 
 def dequantize(q, scale, zero_point, axis: int | None = None) -> torch.Tensor:
     """Real values ``S * (q - Z)``."""
-    return (q - _along(zero_point, q, axis)) * _along(scale, q, axis)
+    return (q - broadcast_along(zero_point, q, axis)) * broadcast_along(scale, q, axis)
 
 
 class FakeQuantizeSTE(torch.autograd.Function):
@@ -149,5 +149,5 @@ class FakeQuantizeSTE(torch.autograd.Function):
 
 def fake_quantize(x, scale, zero_point, qmin, qmax, axis: int | None = None) -> torch.Tensor:
     """Quantize then dequantize ``x`` in float, differentiable through :class:`FakeQuantizeSTE`."""
-    return FakeQuantizeSTE.apply(x, _along(scale, x, axis), _along(zero_point, x, axis),
-                                 _along(qmin, x, axis), _along(qmax, x, axis))
+    return FakeQuantizeSTE.apply(x, broadcast_along(scale, x, axis), broadcast_along(zero_point, x, axis),
+                                 broadcast_along(qmin, x, axis), broadcast_along(qmax, x, axis))
