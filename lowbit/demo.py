@@ -19,7 +19,7 @@ from lowbit.methods.ptq import PTQConfig, quantize
 from lowbit.models.small import digits_cnn
 from lowbit.progress import progress
 from lowbit.report import float_size_bytes, format_table, markdown_table, quantized_size_bytes
-from lowbit.train import fit
+from lowbit.train import TrainConfig, train
 
 BITS = [(8, 8), (4, 8), (4, 4), (2, 8)]
 RECIPES = {
@@ -35,10 +35,12 @@ def run_demo(out: Path, epochs: int = 30, seed: int = 0) -> list[list]:
     torch.manual_seed(seed)
     data = load_digits(seed=seed)
     norm = data.normalization()
-    train = Batches(data.train, norm, 64, shuffle=True, seed=seed)
     test = Batches(data.test, norm, 512)
     print(f"[1/3] training a small CNN on {len(data.train)} UCI digits ({epochs} epochs)")
-    model = fit(digits_cnn(), train, epochs, seed=seed)
+    # 8x8 digits: no crop / flip augmentation (a flipped digit is another digit)
+    config = TrainConfig(epochs=epochs, batch_size=64, optimizer="adam", lr=3e-3,
+                         augment=False, seed=seed, eval_every=epochs)
+    model = train(digits_cnn(), data, norm, config).model
     fp_top1 = evaluate(model, test)
     fp_bytes = float_size_bytes(model)
     headers = ["recipe", "w_bits", "a_bits", "top-1 %", "drop", "size KiB", "x smaller"]

@@ -15,13 +15,14 @@ def run(capsys, *argv):
 
 @pytest.fixture(scope="module")
 def digits_ckpt(tmp_path_factory):
-    from lowbit.data import Batches
     from lowbit.data.digits import load_digits
     from lowbit.models import build_model
-    from lowbit.train import fit
+    from lowbit.train import TrainConfig, train
 
     data = load_digits()
-    model = fit(build_model("digits_cnn"), Batches(data.train, data.normalization(), 64, True), 8)
+    config = TrainConfig(epochs=8, batch_size=64, optimizer="adam", lr=3e-3, augment=False,
+                         eval_every=8)
+    model = train(build_model("digits_cnn"), data, data.normalization(), config).model
     path = tmp_path_factory.mktemp("ck") / "digits.pt"
     torch.save({"state_dict": model.state_dict()}, path)
     return path

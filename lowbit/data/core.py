@@ -38,6 +38,14 @@ class Dataset:
         return tuple(x.mean((0, 2, 3)).tolist()), tuple(x.std((0, 2, 3)).clamp(min=1e-3).tolist())
 
 
+def normalization_tensors(normalization, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) shaped [1, C, 1, 1] from ``((mean...), (std...))``; None means identity."""
+    mean, std = normalization if normalization else ((0.0,) * channels, (1.0,) * channels)
+    if len(mean) != channels:
+        raise DataError(f"normalization has {len(mean)} channels but the images have {channels}")
+    return torch.tensor(mean).reshape(1, -1, 1, 1), torch.tensor(std).reshape(1, -1, 1, 1)
+
+
 class Batches:
     """Iterate ``(x, y)`` float batches normalized as ``(pixel / 255 - mean) / std``."""
 
@@ -46,12 +54,7 @@ class Batches:
         if len(split) == 0:
             raise DataError("the dataset split is empty")
         self.split, self.batch_size, self.shuffle, self.seed = split, batch_size, shuffle, seed
-        c = split.images.shape[1]
-        mean, std = normalization if normalization else ((0.0,) * c, (1.0,) * c)
-        if len(mean) != c:
-            raise DataError(f"normalization has {len(mean)} channels but the images have {c}")
-        self.mean = torch.tensor(mean).reshape(1, -1, 1, 1)
-        self.std = torch.tensor(std).reshape(1, -1, 1, 1)
+        self.mean, self.std = normalization_tensors(normalization, split.images.shape[1])
         self.epoch = 0
 
     def __len__(self):

@@ -1,0 +1,73 @@
+"""The settings of one training run (every training method shares them)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+from lowbit.errors import ConfigError
+
+OPTIMIZERS = ("sgd", "adam")
+SCHEDULES = ("cosine", "multistep", "constant")
+
+
+@dataclass
+class TrainConfig:
+    """Optimizer, schedule, data augmentation, distillation and bookkeeping of a run.
+
+    ``milestones`` count epochs as PyTorch's MultiStepLR does: after ``m`` completed epochs the
+    LR is multiplied by ``gamma``; the cosine schedule decays per step to 0 over the whole run
+    (Loshchilov & Hutter 2017, without restarts). ``distill`` adds Hinton et al.'s (2015)
+    knowledge-distillation term from the float model: ``(1 - kd_alpha) * CE + kd_alpha * T^2 *
+    KL(softmax(t / T) || softmax(s / T))``.
+    """
+
+    epochs: int = 1
+    batch_size: int = 128
+    optimizer: str = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 1e-4
+    schedule: str = "cosine"
+    milestones: list[int] = field(default_factory=list)
+    gamma: float = 0.1
+    augment: bool = True
+    reflect_pad: bool = False
+    distill: bool = False
+    kd_temperature: float = 4.0
+    kd_alpha: float = 0.5
+    seed: int = 0
+    device: str = "cpu"
+    eval_every: int = 1
+
+    def validate(self) -> "TrainConfig":
+        for name in ("epochs", "batch_size", "eval_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, "
+                              f"got {self.optimizer!r}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}, "
+                              f"got {self.schedule!r}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be positive, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not 0 <= self.kd_alpha <= 1 or not self.kd_temperature > 0:
+            raise ConfigError("kd_alpha must be in [0, 1] and kd_temperature positive")
+        if any(not isinstance(m, int) or m < 1 for m in self.milestones):
+            raise ConfigError(f"milestones must be positive epoch numbers, got {self.milestones}")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        valid = [f.name for f in fields(cls)]
+        unknown = [k for k in values if k not in valid]
+        if unknown:
+            raise ConfigError(f"unknown training key {unknown[0]!r}; valid keys: "
+                              f"{', '.join(valid)}")
+        return cls(**values).validate()

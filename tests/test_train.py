@@ -1,0 +1,180 @@
+"""The training engine: augmentation, schedules, distillation, metrics files, exact resume,
+refusal of foreign checkpoints, divergence, and DDP agreement."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lowbit.data.core import Dataset, Split
+from lowbit.data.digits import load_digits
+from lowbit.errors import CheckpointError, ConfigError, NumericalError
+from lowbit.models import build_model
+from lowbit.train import TrainConfig, train
+from lowbit.train.augment import pad_crop_flip
+from lowbit.train.engine import distillation_loss
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def digits():
+    d = load_digits()
+    return Dataset("digits", d.train.head(320), d.test.head(100), 10), d.normalization()
+
+
+def small_config(**kw):
+    # 8x8 digits do not survive CIFAR's crop-and-flip: augmentation only where a test needs it
+    return TrainConfig(**{**dict(epochs=3, batch_size=32, lr=0.05, seed=3, augment=False), **kw})
+
+
+def test_pad_crop_flip_moves_whole_images():
+    x = torch.arange(2 * 3 * 6 * 6, dtype=torch.float32).reshape(2, 3, 6, 6)
+    out = pad_crop_flip(x, torch.Generator().manual_seed(0), pad=2)
+    assert out.shape == x.shape
+    padded = torch.nn.functional.pad(x, (2,) * 4)
+    for i in range(2):  # each output is one window of the padded image, maybe flipped
+        windows = [padded[i, :, dy:dy + 6, dx:dx + 6] for dy in range(5) for dx in range(5)]
+        assert any(torch.equal(out[i], w) or torch.equal(out[i], w.flip(2)) for w in windows)
+    again = pad_crop_flip(x, torch.Generator().manual_seed(0), pad=2)
+    assert torch.equal(out, again)
+
+
+def test_pad_crop_flip_statistics():
+    x = torch.zeros(4000, 1, 4, 4)
+    x[:, :, :, 0] = 1  # a bright left column
+    out = pad_crop_flip(x, torch.Generator().manual_seed(1), pad=0)
+    flipped = (out[:, 0, 0, 3] == 1).float().mean().item()
+    assert abs(flipped - 0.5) < 0.03
+    reflect = pad_crop_flip(torch.ones(8, 1, 4, 4), torch.Generator(), pad=2, reflect=True)
+    assert torch.equal(reflect, torch.ones(8, 1, 4, 4))  # reflection never brings in zeros
+
+
+def test_distillation_loss_limits():
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(16, 10, generator=g), torch.randn(16, 10, generator=g)
+    y = torch.randint(10, (16,), generator=g)
+    ce = torch.nn.functional.cross_entropy(s, y)
+    assert torch.allclose(distillation_loss(s, t, y, 4.0, 0.0), ce)
+    assert distillation_loss(t, t, y, 4.0, 1.0).abs().item() < 1e-6  # student == teacher
+
+
+def test_training_learns_and_writes_metrics(tmp_path, digits):
+    data, norm = digits
+    torch.manual_seed(0)
+    result = train(build_model("digits_cnn"), data, norm, small_config(distill=False),
+                   out=tmp_path)
+    rows = json.loads((tmp_path / "metrics.json").read_text())
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    assert rows[-1]["test_top1"] > 50
+    assert (tmp_path / "metrics.csv").read_text().count("\n") == 4
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert result.checkpoint.is_file()
+
+
+def test_cosine_and_multistep_schedules(digits):
+    data, norm = digits
+    rows = train(build_model("digits_cnn"), data, norm,
+                 small_config(schedule="multistep", milestones=[2], epochs=3)).metrics
+    assert [r["lr"] for r in rows] == pytest.approx([0.05, 0.05, 0.005])
+    rows = train(build_model("digits_cnn"), data, norm, small_config(epochs=2)).metrics
+    assert rows[0]["lr"] == pytest.approx(0.05) and rows[1]["lr"] == pytest.approx(0.025)
+
+
+def test_killed_run_resumes_to_identical_weights(tmp_path, digits):
+    data, norm = digits
+    torch.manual_seed(0)
+    init = build_model("digits_cnn").state_dict()
+
+    def fresh():
+        model = build_model("digits_cnn")
+        model.load_state_dict(init)
+        return model
+
+    full = train(fresh(), data, norm, small_config(distill=True, augment=True), out=tmp_path / "a").model
+
+    def kill(epoch, step, loss):
+        if epoch == 1 and step == 4:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        train(fresh(), data, norm, small_config(distill=True, augment=True), out=tmp_path / "b",
+              callbacks=[kill])
+    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    resumed = train(fresh(), data, norm, small_config(distill=True, augment=True), out=tmp_path / "b",
+                    resume=True).model
+    for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
+    rows = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+
+
+def test_resume_refuses_another_config_or_model(tmp_path, digits):
+    data, norm = digits
+    train(build_model("digits_cnn"), data, norm, small_config(epochs=1), out=tmp_path)
+    with pytest.raises(CheckpointError, match="lr: 0.05 in the checkpoint, 0.1 now"):
+        train(build_model("digits_cnn"), data, norm, small_config(epochs=2, lr=0.1),
+              out=tmp_path, resume=True)
+    with pytest.raises(CheckpointError, match="model"):
+        train(build_model("resnet20", num_classes=10), data, norm, small_config(epochs=2),
+              out=tmp_path, resume=True)
+    with pytest.raises(CheckpointError, match="not found"):
+        train(build_model("digits_cnn"), data, norm, small_config(), out=tmp_path / "none",
+              resume=True)
+
+
+def test_diverging_run_stops_and_keeps_the_last_good_checkpoint(tmp_path, digits):
+    data, norm = digits
+    model = build_model("digits_cnn")
+
+    def explode(epoch, step, loss):  # weights turn NaN in the second epoch
+        if epoch == 1:
+            for p in model.parameters():
+                p.data.fill_(float("nan"))
+    with pytest.raises(NumericalError, match="diverged at epoch 2"):
+        train(model, data, norm, small_config(epochs=2), out=tmp_path, callbacks=[explode])
+    ck = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert ck["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in ck["state_dict"].values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("kw", [dict(epochs=0), dict(optimizer="rmsprop"), dict(lr=0.0),
+                                dict(schedule="step"), dict(kd_alpha=2.0)])
+def test_bad_training_settings(kw):
+    with pytest.raises(ConfigError):
+        TrainConfig(**kw).validate()
+
+
+DDP_SCRIPT = """
+import sys, torch
+from lowbit.data.core import Dataset
+from lowbit.data.digits import load_digits
+from lowbit.models import build_model
+from lowbit.train import TrainConfig, train
+from lowbit.train.distributed import world
+torch.set_num_threads(1)
+d = load_digits()
+data = Dataset("digits", d.train.head(256), d.test.head(64), 10)
+torch.manual_seed(int(sys.argv[2]) + world()[0])  # different init per rank: DDP must fix it
+model = train(build_model("digits_cnn"), data, d.normalization(),
+              TrainConfig(epochs=2, batch_size=64, lr=0.05, augment=True)).model
+torch.save(model.state_dict(), f"{sys.argv[1]}/rank{world()[0]}.pt")
+"""
+
+
+def test_ddp_ranks_agree(tmp_path):
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", "29517", str(script), str(tmp_path), "0"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    a = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    b = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
