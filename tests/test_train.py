@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lowbit.data.core import Dataset, Split
+from lowbit.data.core import Dataset
 from lowbit.data.digits import load_digits
 from lowbit.errors import CheckpointError, ConfigError, NumericalError
 from lowbit.models import build_model
@@ -65,13 +65,12 @@ def test_distillation_loss_limits():
 def test_training_learns_and_writes_metrics(tmp_path, digits):
     data, norm = digits
     torch.manual_seed(0)
-    result = train(build_model("digits_cnn"), data, norm, small_config(distill=False),
-                   out=tmp_path)
+    result = train(build_model("digits_cnn"), data, norm, small_config(epochs=4), out=tmp_path)
     rows = json.loads((tmp_path / "metrics.json").read_text())
-    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]
     assert rows[-1]["test_top1"] > 50
-    assert (tmp_path / "metrics.csv").read_text().count("\n") == 4
+    assert (tmp_path / "metrics.csv").read_text().count("\n") == 5
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     assert result.checkpoint.is_file()
 
@@ -152,6 +151,7 @@ DDP_SCRIPT = """
 import sys, torch
 from lowbit.data.core import Dataset
 from lowbit.data.digits import load_digits
+from lowbit.methods import training_method
 from lowbit.models import build_model
 from lowbit.train import TrainConfig, train
 from lowbit.train.distributed import world
@@ -159,22 +159,25 @@ torch.set_num_threads(1)
 d = load_digits()
 data = Dataset("digits", d.train.head(256), d.test.head(64), 10)
 torch.manual_seed(int(sys.argv[2]) + world()[0])  # different init per rank: DDP must fix it
+method = training_method(sys.argv[3], {"w_bits": 4, "a_bits": 4}) if sys.argv[3] != "fp" else None
 model = train(build_model("digits_cnn"), data, d.normalization(),
-              TrainConfig(epochs=2, batch_size=64, lr=0.05, augment=True)).model
+              TrainConfig(epochs=2, batch_size=64, lr=0.05, augment=True), method=method).model
 torch.save(model.state_dict(), f"{sys.argv[1]}/rank{world()[0]}.pt")
 """
 
 
-def test_ddp_ranks_agree(tmp_path):
+@pytest.mark.parametrize("method", ["fp", "qat"])
+def test_ddp_ranks_agree(tmp_path, method):
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", "29517", str(script), str(tmp_path), "0"],
+                           "--master_port", "29517", str(script), str(tmp_path), "0", method],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     a = torch.load(tmp_path / "rank0.pt", weights_only=True)
     b = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert a.keys() == b.keys()
+    assert any("input_quantizer.running_max" in k for k in a) == (method == "qat")
     for k in a:
         assert torch.equal(a[k], b[k]), k

@@ -1,7 +1,7 @@
 """The one training loop every training method uses (fine-tuning, STE QAT, LSQ, PSG, ...).
 
-A *method* adapts the model and the loop without owning it: ``method.prepare(model)`` returns
-the model to train (quantizers in the wrapper slots, gradient hooks, ...) and optionally
+A *method* adapts the model and the loop without owning it: ``method.prepare(model, example)``
+returns the model to train (quantizers in the wrapper slots, gradient hooks, ...) and
 ``method.before_step(model, epoch, step)`` switches things on a schedule (activation
 quantization after N steps, BN statistics frozen from an epoch). ``None`` trains the float model.
 
@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from lowbit.data.core import Batches, Dataset, normalization_tensors
+from lowbit.data.core import Batches, Dataset, Split, normalization_tensors
 from lowbit.errors import DataError, NumericalError
 from lowbit.evaluate import evaluate
 from lowbit.progress import progress
@@ -46,17 +46,12 @@ def _epoch_seed(seed: int, epoch: int, stream: int) -> int:
     return (seed * 1_000_003 + epoch * 101 + stream) % (2 ** 63)
 
 
-def _optimizer(model: nn.Module, config: TrainConfig, no_decay: set) -> torch.optim.Optimizer:
+def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if id(p) not in no_decay]
-    rest = [p for p in params if id(p) in no_decay]
-    groups = [{"params": decay, "weight_decay": config.weight_decay}]
-    if rest:
-        groups.append({"params": rest, "weight_decay": 0.0})
     if config.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=config.lr)
-    return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum,
-                           nesterov=config.nesterov)
+        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
+                           nesterov=config.nesterov, weight_decay=config.weight_decay)
 
 
 def _lr_factor(config: TrainConfig, steps_per_epoch: int):
@@ -101,18 +96,20 @@ def train(model: nn.Module, data: Dataset, normalization, config: TrainConfig | 
     distributed.init_from_env(device)
     rank, size = distributed.world()
     torch.manual_seed(config.seed)
-    teacher = copy.deepcopy(model).to(device).eval() if config.distill else None
-    model = (method.prepare(model) if method is not None else model).to(device)
-    settings = _settings(config, method)
-
-    mean, std = (t.to(device) for t in normalization_tensors(normalization,
-                                                             data.train.images.shape[1]))
-    test = Batches(data.test, normalization, 500)
     local_batch = max(config.batch_size // size, 1)
     steps_per_epoch = len(data.train) // (local_batch * size)
     if steps_per_epoch == 0:
         raise DataError(f"{len(data.train)} training images are fewer than one batch of "
                         f"{config.batch_size}")
+    mean, std = normalization_tensors(normalization, data.train.images.shape[1])
+    first = (data.train.images[:local_batch].float() / 255.0 - mean) / std
+    teacher = copy.deepcopy(model).to(device).eval() if config.distill else None
+    if method is not None:
+        model = method.prepare(model.eval(), first)
+    model, mean, std, first = model.to(device), mean.to(device), std.to(device), first.to(device)
+    settings = _settings(config, method)
+    test = Batches(Split(data.test.images[rank::size], data.test.labels[rank::size]),
+                   normalization, 500)
 
     out = Path(out) if out is not None else None
     ck = load_checkpoint(out / CHECKPOINT, model, settings) if resume else None
@@ -122,10 +119,8 @@ def train(model: nn.Module, data: Dataset, normalization, config: TrainConfig | 
         # Quantizers that calibrate on the first tensor they see do so here, on the same
         # images in every process, before DDP copies rank 0's state to the others.
         with torch.no_grad():
-            first = data.train.images[:local_batch].to(device).float() / 255.0
-            model.eval()((first - mean) / std)
-    no_decay = method.no_weight_decay(model) if hasattr(method, "no_weight_decay") else set()
-    optimizer = _optimizer(model, config, no_decay)
+            model.eval()(first)
+    optimizer = _optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(config, steps_per_epoch))
     start_epoch, rows = 0, []
     if ck is not None:
@@ -145,8 +140,8 @@ def train(model: nn.Module, data: Dataset, normalization, config: TrainConfig | 
             row = {"epoch": epoch + 1, "lr": lr,
                    "train_loss": loss_sum / seen, "train_top1": 100.0 * correct / seen}
             last = epoch + 1 == config.epochs
-            if rank == 0 and ((epoch + 1) % config.eval_every == 0 or last):
-                row["test_top1"] = evaluate(model, _on(test, device), desc="test")
+            if (epoch + 1) % config.eval_every == 0 or last:
+                row["test_top1"] = _evaluate(model, test, device)
             rows.append(row)
             if rank == 0 and out is not None:
                 save_checkpoint(out / CHECKPOINT, model=model, optimizer=optimizer,
@@ -160,9 +155,12 @@ def train(model: nn.Module, data: Dataset, normalization, config: TrainConfig | 
     return TrainResult(model.eval(), rows, out / CHECKPOINT if out is not None else None)
 
 
-def _on(batches, device):
-    for x, y in batches:
-        yield x.to(device), y.to(device)
+def _evaluate(model, batches, device) -> float:
+    """Top-1 over the test set, each process taking its share (all of it when alone)."""
+    n = len(batches.split)
+    top1 = evaluate(model, ((x.to(device), y.to(device)) for x, y in batches), desc="test")
+    correct, seen = distributed.all_reduce_sum([top1 * n / 100.0, n], device)
+    return 100.0 * round(correct) / seen
 
 
 def _train_epoch(net, model, teacher, data, config, method, epoch, steps, local_batch, norm,
@@ -183,7 +181,7 @@ def _train_epoch(net, model, teacher, data, config, method, epoch, steps, local_
         if config.augment:
             x = pad_crop_flip(x, augment_rng, reflect=config.reflect_pad)
         x, y = ((x.to(device) - mean) / std), data.train.labels[idx].to(device)
-        if method is not None and hasattr(method, "before_step"):
+        if method is not None:
             method.before_step(model, epoch, epoch * steps + step)
         logits = net(x)
         if teacher is not None:

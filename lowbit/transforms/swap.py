@@ -16,8 +16,10 @@ def quantizable_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 @torch.no_grad()
 def layer_order(model: nn.Module, example: torch.Tensor) -> list[str]:
-    """Names of the quantizable layers in the order a forward pass first calls them."""
-    order, handles = [], []
+    """Names of the quantizable layers in the order a forward pass first calls them (run in eval
+    mode, so BN statistics are untouched)."""
+    order, handles, was_training = [], [], model.training
+    model.eval()
     for name, layer in quantizable_layers(model).items():
         handles.append(layer.register_forward_pre_hook(
             lambda _m, _i, name=name: order.append(name) if name not in order else None))
@@ -26,6 +28,7 @@ def layer_order(model: nn.Module, example: torch.Tensor) -> list[str]:
     finally:
         for h in handles:
             h.remove()
+        model.train(was_training)
     return order
 
 

@@ -1,0 +1,70 @@
+"""Learned Step Size Quantization (Esser, McKinstry, Bablani, Appuswamy, Modha, ICLR 2020).
+
+Forward, with step s > 0 and integer bounds Q_N, Q_P::
+
+    v_bar = round(clip(v / s, -Q_N, Q_P))        v_hat = v_bar * s
+
+Backward (the paper's eq. 3 and the clipped straight-through estimator)::
+
+    d v_hat / d v = 1                 if -Q_N < v/s < Q_P, else 0
+    d v_hat / d s = round(v/s) - v/s  if -Q_N < v/s < Q_P
+                  = -Q_N              if v/s <= -Q_N
+                  = Q_P               if v/s >= Q_P
+
+and dL/ds is multiplied by the gradient scale g = 1 / sqrt(N * Q_P).
+
+PyTorch's ``_fake_quantize_learnable_per_{tensor,channel}_affine`` agree everywhere except in
+the half-step bands Q_P <= v/s < Q_P + 1/2 and -Q_N - 1/2 < v/s < -Q_N: they decide "inside" on
+the *rounded* value, so there they pass dv = 1 and ds = Q_P - v/s. lowbit follows the paper.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def lsq_bounds(bits: int, signed: bool) -> tuple[int, int]:
+    """(Q_N, Q_P): signed data uses the full range [-2^(b-1), 2^(b-1) - 1] (the paper's final
+    version), unsigned [0, 2^b - 1]."""
+    if signed:
+        return 2 ** (bits - 1), 2 ** (bits - 1) - 1
+    return 0, 2 ** bits - 1
+
+
+def lsq_initial_step(v: torch.Tensor, q_p: int, axis: int | None = None) -> torch.Tensor:
+    """s_0 = 2 mean|v| / sqrt(Q_P) (per channel along ``axis`` if given)."""
+    a = v.detach().abs()
+    mean = a.mean() if axis is None else a.transpose(0, axis).reshape(a.shape[axis], -1).mean(1)
+    return 2 * mean / math.sqrt(q_p)
+
+
+def lsq_grad_scale(n: int, q_p: int) -> float:
+    """g = 1 / sqrt(N Q_P)."""
+    return 1.0 / math.sqrt(n * q_p)
+
+
+class LSQFakeQuantize(torch.autograd.Function):
+    """v_hat = round(clip(v/s, -Q_N, Q_P)) * s with the paper's gradients for v and s.
+
+    ``step`` arrives shaped to broadcast against ``x`` (a scalar, or per channel); its gradient
+    is summed back to that shape and multiplied by ``grad_scale``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, step, q_n: int, q_p: int, grad_scale: float):
+        v = x / step
+        v_bar = torch.clamp(v, -q_n, q_p).round()
+        ctx.save_for_backward(v, v_bar, step)
+        ctx.q_n, ctx.q_p, ctx.grad_scale = q_n, q_p, grad_scale
+        return v_bar * step
+
+    @staticmethod
+    def backward(ctx, grad):
+        v, v_bar, step = ctx.saved_tensors
+        below, above = v <= -ctx.q_n, v >= ctx.q_p
+        inside = ~(below | above)
+        grad_x = grad * inside
+        d_step = torch.where(inside, v_bar - v, v_bar)  # v_bar is -Q_N / Q_P outside
+        grad_step = (grad * d_step * ctx.grad_scale).sum_to_size(step.shape)
+        return grad_x, grad_step, None, None, None
