@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from lowbit.errors import ConfigError
-from lowbit.methods import ptq, qat
+from lowbit.methods import psg, ptq, qat
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,7 @@ TRAINING_METHODS = {
     "qat": TrainingMethod(qat.QATConfig, {"quantizer": "ste"}, qat.QATMethod),
     "lsq": TrainingMethod(qat.QATConfig, {"quantizer": "lsq", "w_per_channel": False},
                           qat.QATMethod),
+    "psg": TrainingMethod(psg.PSGConfig, {}, psg.PSGMethod),
 }
 
 
@@ -46,4 +47,4 @@ def training_method(name: str, values: dict | None = None):
     return TRAINING_METHODS[name].make(values or {})
 
 
-__all__ = ["METHODS", "TRAINING_METHODS", "training_method", "ptq", "qat"]
+__all__ = ["METHODS", "TRAINING_METHODS", "training_method", "psg", "ptq", "qat"]
