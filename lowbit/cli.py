@@ -1,4 +1,4 @@
-"""Command line: ``lowbit demo | eval | quantize | recipes``.
+"""Command line: ``lowbit demo | eval | quantize | train | recipes``.
 
 User mistakes (``LowbitError``) print one line on stderr and exit 2; nothing already written is
 touched, because every output is written to a temporary name and renamed at the end.
@@ -75,6 +75,34 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bits of the first and last layer (default 8), or 'none' for the target")
     q.add_argument("--skip", action="append", help="layer name or regex left in float (repeatable)")
     q.add_argument("--seed", type=int)
+
+    t = sub.add_parser("train", help="train or fine-tune: float, STE QAT, LSQ or PSG (resumable; "
+                                     "run under torchrun for data parallelism)")
+    _add_data_args(t)
+    t.add_argument("--out", required=True, help="run folder: checkpoint.pt, metrics, report.json, "
+                                                "model.pt")
+    t.add_argument("--method", default="fp", help="fp, qat, lsq or psg")
+    t.add_argument("--recipe", help="YAML with 'method', method keys and a 'train' mapping; "
+                                    "flags override it")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out")
+    t.add_argument("--w-bits", type=int)
+    t.add_argument("--a-bits", type=_bits_or_none, default=argparse.SUPPRESS)
+    t.add_argument("--lambda-s", type=float, help="PSG gradient scale (150)")
+    t.add_argument("--sparse", action="store_true", help="PSG towards 0 (sparse training)")
+    t.add_argument("--epochs", type=int)
+    t.add_argument("--train-batch-size", type=int, help="training batch (128)")
+    t.add_argument("--lr", type=float)
+    t.add_argument("--optimizer", help="sgd or adam")
+    t.add_argument("--schedule", help="cosine, multistep or constant")
+    t.add_argument("--milestones", type=lambda s: [int(v) for v in s.split(",")],
+                   help="multistep: comma-separated epoch counts")
+    t.add_argument("--weight-decay", type=float)
+    t.add_argument("--distill", action="store_true", help="knowledge distillation from the FP model")
+    t.add_argument("--no-augment", action="store_true")
+    t.add_argument("--train-limit", type=int, help="train on N seeded training images")
+    t.add_argument("--seed", type=int)
+    t.add_argument("--device", help="cpu or cuda")
+    t.add_argument("--threads", type=int, help="torch CPU threads")
 
     sub.add_parser("recipes", help="list the packaged recipes")
     return parser
@@ -197,6 +225,53 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def _training_from_args(args):
+    from lowbit.recipes import read_recipe
+    from lowbit.train import TrainConfig
+
+    values = read_recipe(args.recipe) if args.recipe else {}
+    method = values.pop("method", "fp") if args.method == "fp" else args.method
+    train_values = values.pop("train", {}) or {}
+    if not isinstance(train_values, dict):
+        raise ConfigError("the recipe's 'train' entry must be a mapping of training keys")
+    method_flags = {"w_bits": args.w_bits, "lambda_s": args.lambda_s,
+                    "sparse": True if args.sparse else None}
+    if "a_bits" in vars(args):
+        method_flags["a_bits"] = args.a_bits
+    values.update({k: v for k, v in method_flags.items() if v is not None or k == "a_bits"})
+    train_flags = {"epochs": args.epochs, "batch_size": args.train_batch_size, "lr": args.lr,
+                   "optimizer": args.optimizer, "schedule": args.schedule,
+                   "milestones": args.milestones, "weight_decay": args.weight_decay,
+                   "seed": args.seed, "device": args.device,
+                   "distill": True if args.distill else None,
+                   "augment": False if args.no_augment else None}
+    train_values.update({k: v for k, v in train_flags.items() if v is not None})
+    return method, values, TrainConfig.from_dict(train_values)
+
+
+def cmd_train(args) -> int:
+    import torch
+
+    from lowbit.train.run import run_training
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    method, values, config = _training_from_args(args)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a folder")
+    if not args.resume and (out / "checkpoint.pt").exists():
+        raise ConfigError(f"{out} already holds a run: pass --resume to continue it, or "
+                          "choose another --out")
+    report = run_training(model_spec=args.model, checkpoint=args.checkpoint, data_spec=args.data,
+                          method=method, method_values=values, config=config, out=out,
+                          resume=args.resume, train_limit=args.train_limit, test_limit=args.limit)
+    extra = "".join(f", {k} {v:.2f}%" for k, v in report.items() if k.startswith("ptq_"))
+    print(f"{method}: top-1 {report['top1']:.2f}% after {len(report['epochs'])} epochs "
+          f"(float {report['fp_top1']:.2f}%{extra}); wrote {out}")
+    return 0
+
+
 def cmd_recipes(_args) -> int:
     from lowbit.recipes import HERE, recipe_names
 
@@ -213,7 +288,8 @@ def cmd_demo(args) -> int:
     return 0
 
 
-COMMANDS = {"demo": cmd_demo, "eval": cmd_eval, "quantize": cmd_quantize, "recipes": cmd_recipes}
+COMMANDS = {"demo": cmd_demo, "eval": cmd_eval, "quantize": cmd_quantize, "train": cmd_train,
+            "recipes": cmd_recipes}
 
 
 def main(argv=None) -> int:

@@ -153,3 +153,22 @@ def test_every_packaged_recipe_is_a_valid_config():
     assert "ptq-w4a4-adaround" in names
     for name in names:
         assert load_recipe(name).validate()
+
+
+def test_train_psg_writes_a_run_and_refuses_to_overwrite_it(capsys, tmp_path, digits_ckpt):
+    out = tmp_path / "psg"
+    argv = ["train", "--model", "digits_cnn", "--checkpoint", str(digits_ckpt), "--data",
+            "digits", "--method", "psg", "--w-bits", "3", "--lambda-s", "50", "--epochs", "1",
+            "--train-batch-size", "64", "--no-augment", "--lr", "0.01", "--out", str(out)]
+    code, stdout, err = run(capsys, *argv)
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    assert report["method_config"]["lambda_s"] == 50 and "ptq_w3a32_top1" in report
+    assert "psg: top-1" in stdout
+    state = torch.load(out / "model.pt", weights_only=True)["state_dict"]
+    assert not any("weight_quantizer" in k for k in state)  # the plain float model
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and "--resume" in err
+    code, _, err = run(capsys, *argv[:-2], "--method", "psg", "--w-bits", "1", "--out",
+                       str(tmp_path / "bad"))
+    assert code == 2 and "1 bit" in err

@@ -1,0 +1,54 @@
+"""``lowbit train``: load a model and data, train with a method, write the run folder.
+
+The folder holds ``checkpoint.pt`` (every epoch; ``--resume`` continues it), ``metrics.csv`` /
+``metrics.json`` / ``tensorboard/``, and at the end ``report.json`` and ``model.pt``:
+the float state_dict for float and PSG training (ready for ``lowbit quantize`` / ``eval``), the
+fake-quant model's state_dict (with its quantizer state) for QAT and LSQ.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from lowbit.data import Batches, Dataset, load_dataset
+from lowbit.evaluate import evaluate
+from lowbit.io import save_torch, write_json
+from lowbit.methods import training_method
+from lowbit.methods.psg import PSGMethod, ptq_config
+from lowbit.methods.ptq import quantize
+from lowbit.models import build_model, model_info
+from lowbit.train.config import TrainConfig
+from lowbit.train.distributed import world
+from lowbit.train.engine import train
+
+
+def run_training(*, model_spec: str, checkpoint: str | None, data_spec: str, method: str,
+                 method_values: dict, config: TrainConfig, out: Path, resume: bool = False,
+                 train_limit: int | None = None, test_limit: int | None = None) -> dict:
+    dataset = load_dataset(data_spec)
+    train_split = dataset.train if train_limit is None else \
+        dataset.train.subset(min(train_limit, len(dataset.train)), config.seed)
+    data = Dataset(dataset.name, train_split, dataset.test.head(test_limit), dataset.num_classes)
+    model = build_model(model_spec, checkpoint, num_classes=dataset.num_classes
+                        if checkpoint is None else None)
+    norm = model_info(model_spec).normalization or dataset.normalization()
+    test = Batches(data.test, norm, 500)
+    fp_top1 = evaluate(model, test, desc="eval fp")
+    trainer = training_method(method, method_values)
+    result = train(model, data, norm, config, method=trainer, out=out, resume=resume)
+    report = {"model": model_spec, "checkpoint": checkpoint, "data": data_spec,
+              "method": method, "method_config": trainer.config.to_dict() if trainer else None,
+              "train": config.to_dict(), "train_images": len(train_split),
+              "test_images": len(data.test), "fp_top1": fp_top1,
+              "top1": result.metrics[-1]["test_top1"], "epochs": result.metrics}
+    trained = result.model
+    if isinstance(trainer, PSGMethod):
+        trained = trainer.unwrap(trained)
+        calib = Batches(train_split.subset(min(256, len(train_split)), 0), norm, 256)
+        q = quantize(trained, ptq_config(trainer.config), calib)
+        report[f"ptq_w{trainer.config.w_bits}a32_top1"] = evaluate(q, test)
+    if world()[0] == 0:
+        save_torch(out / "model.pt", {"state_dict": trained.state_dict(), "model": model_spec,
+                                      "method": method})
+        write_json(out / "report.json", report)
+    return report
+
