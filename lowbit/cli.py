@@ -1,4 +1,4 @@
-"""Command line: ``lowbit demo | eval | quantize | train | recipes``.
+"""Command line: ``lowbit demo | eval | quantize | train | plot-weights | recipes``.
 
 User mistakes (``LowbitError``) print one line on stderr and exit 2; nothing already written is
 touched, because every output is written to a temporary name and renamed at the end.
@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--a-bits", type=_bits_or_none, default=argparse.SUPPRESS,
                    help="activation bits, or 'none' to keep activations in float")
     q.add_argument("--clip", help="activation range: minmax, ema, percentile, mse, aciq-laplace, "
-                                  "aciq-gauss")
+                                  "aciq-gauss, bn (data-free, beta + 6 gamma of the feeding BN)")
     q.add_argument("--w-clip", help="weight range: minmax, percentile, mse")
     q.add_argument("--percentile", type=float)
     q.add_argument("--bit-alloc", action="store_true", help="per-channel bit allocation of "
@@ -99,10 +99,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--weight-decay", type=float)
     t.add_argument("--distill", action="store_true", help="knowledge distillation from the FP model")
     t.add_argument("--no-augment", action="store_true")
+    t.add_argument("--reflect-pad", action="store_true", help="reflection padding for the crop "
+                                                              "(the PSG reference)")
     t.add_argument("--train-limit", type=int, help="train on N seeded training images")
     t.add_argument("--seed", type=int)
     t.add_argument("--device", help="cpu or cuda")
     t.add_argument("--threads", type=int, help="torch CPU threads")
+
+    pw = sub.add_parser("plot-weights", help="per-layer weight histograms of models on the "
+                                             "quantization grid (PNG + HTML)")
+    pw.add_argument("--model", required=True)
+    pw.add_argument("--checkpoints", nargs="+", required=True, metavar="[LABEL=]PATH",
+                    help="one or more weight files, e.g. sgd=a.pth psgd=b.pth")
+    pw.add_argument("--w-bits", type=int, default=4)
+    pw.add_argument("--out", required=True)
 
     sub.add_parser("recipes", help="list the packaged recipes")
     return parser
@@ -244,7 +254,8 @@ def _training_from_args(args):
                    "milestones": args.milestones, "weight_decay": args.weight_decay,
                    "seed": args.seed, "device": args.device,
                    "distill": True if args.distill else None,
-                   "augment": False if args.no_augment else None}
+                   "augment": False if args.no_augment else None,
+                   "reflect_pad": True if args.reflect_pad else None}
     train_values.update({k: v for k, v in train_flags.items() if v is not None})
     return method, values, TrainConfig.from_dict(train_values)
 
@@ -272,6 +283,21 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_plot_weights(args) -> int:
+    from lowbit.models import build_model
+    from lowbit.quant.psg import check_psg_bits
+    from lowbit.report.weights import plot_weights
+
+    check_psg_bits(args.w_bits)
+    models = {}
+    for item in args.checkpoints:
+        label, _, path = item.rpartition("=")
+        models[label or Path(path).stem] = build_model(args.model, path)
+    page = plot_weights(models, args.w_bits, Path(args.out))
+    print(f"wrote {page}")
+    return 0
+
+
 def cmd_recipes(_args) -> int:
     from lowbit.recipes import HERE, recipe_names
 
@@ -289,7 +315,7 @@ def cmd_demo(args) -> int:
 
 
 COMMANDS = {"demo": cmd_demo, "eval": cmd_eval, "quantize": cmd_quantize, "train": cmd_train,
-            "recipes": cmd_recipes}
+            "plot-weights": cmd_plot_weights, "recipes": cmd_recipes}
 
 
 def main(argv=None) -> int:

@@ -172,3 +172,16 @@ def test_train_psg_writes_a_run_and_refuses_to_overwrite_it(capsys, tmp_path, di
     code, _, err = run(capsys, *argv[:-2], "--method", "psg", "--w-bits", "1", "--out",
                        str(tmp_path / "bad"))
     assert code == 2 and "1 bit" in err
+
+
+def test_plot_weights_writes_a_png_per_layer_and_a_page(capsys, tmp_path, digits_ckpt):
+    code, _, err = run(capsys, "plot-weights", "--model", "digits_cnn", "--checkpoints",
+                       f"a={digits_ckpt}", f"b={digits_ckpt}", "--w-bits", "3",
+                       "--out", str(tmp_path / "pw"))
+    assert code == 0, err
+    page = (tmp_path / "pw" / "index.html").read_text()
+    assert len(list((tmp_path / "pw").glob("*.png"))) == 4 and page.count("<img") == 4
+    assert "a SSE" in page and "b SSE" in page
+    code, _, err = run(capsys, "plot-weights", "--model", "digits_cnn", "--checkpoints",
+                       str(digits_ckpt), "--w-bits", "1", "--out", str(tmp_path / "x"))
+    assert code == 2 and "1 bit" in err

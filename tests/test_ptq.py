@@ -9,6 +9,7 @@ from lowbit.errors import ConfigError, DataError, NumericalError
 from lowbit.nn import AffineQuantizer, QuantConv2d, QuantLinear
 from lowbit.quant.ranges import bn_activation_range, ema_update
 from lowbit.transforms import equalize_model, fold_batchnorm
+from lowbit.models import build_model
 from tests.user_models import trained_like
 
 
@@ -191,3 +192,23 @@ def test_ema_oracle_13():
     r = ema_update(None, torch.tensor(1.0), 0.01)
     assert r.item() == 1.0 and ema_update(r, torch.tensor(2.0), 0.01).item() == pytest.approx(1.01)
     assert ema_update(r, torch.tensor(2.0), 0.1).item() == pytest.approx(1.1)
+
+
+def test_bn_clipping_takes_ranges_from_the_feeding_batchnorm():
+    model = build_model("psg_resnet32", num_classes=100)
+    trained_like(model)
+    x = torch.randn(16, 3, 32, 32)
+    q = lowbit.quantize(model, lowbit.PTQConfig(w_bits=8, a_bits=4, clip="bn", fold_bn=False,
+                                                bn_signed_gamma=True), [x])
+    bn = model.layer1[0].bn1                           # feeds layer1.0.conv2 through a ReLU
+    expected = (bn.bias + 6 * bn.weight).max().item()
+    quantizer = q.layer1[0].conv2.input_quantizer
+    assert quantizer.scale.item() == pytest.approx(expected / 15, rel=1e-5)
+    residual = model.layer1[0].bn2                     # after the add: the block's own BN
+    got = q.layer1[1].conv1.input_quantizer.scale.item() * 15
+    assert got == pytest.approx((residual.bias + 6 * residual.weight).max().item(), rel=1e-5)
+    assert q.conv1.input_quantizer.quant_min.item() < 0          # the image: min-max, signed
+    assert any("bn clipping: 32 inputs" in n for n in q.lowbit.notes)
+    folded = lowbit.quantize(model, lowbit.PTQConfig(w_bits=8, a_bits=4, clip="bn"), [x])
+    assert folded.get_submodule("layer1.0.conv2").input_quantizer.scale.item() == pytest.approx(
+        (bn.bias + 6 * bn.weight.abs()).max().item() / 15, rel=1e-5)

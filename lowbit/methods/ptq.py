@@ -41,11 +41,12 @@ from lowbit.quant.adaround import AdaRoundSchedule, learn_rounding
 from lowbit.quant.affine import QScheme, broadcast_along, check_bits, integer_range
 from lowbit.quant.bias_correction import correct_weight_bias
 from lowbit.quant.bit_alloc import allocate_bits
-from lowbit.quant.ranges import channel_sample, ema_update, minmax_range, mse_range, \
-    percentile_range
-from lowbit.transforms import equalize_model, fold_batchnorm, layer_order, swap_layers
+from lowbit.quant.ranges import bn_activation_range, channel_sample, ema_update, minmax_range, \
+    mse_range, percentile_range
+from lowbit.transforms import bn_sources, equalize_model, fold_batchnorm, layer_order, \
+    swap_layers
 
-A_CLIPS = ("minmax", "ema", "percentile", "mse", "aciq-laplace", "aciq-gauss")
+A_CLIPS = ("minmax", "ema", "percentile", "mse", "aciq-laplace", "aciq-gauss", "bn")
 W_CLIPS = ("minmax", "percentile", "mse")
 BIAS_CORRECTIONS = (None, "mean", "mean_std")
 W_ROUNDINGS = ("nearest", "adaround")
@@ -66,6 +67,8 @@ class PTQConfig:
     w_clip: str = "minmax"
     clip: str = "minmax"
     percentile: float = 99.99
+    bn_clip_n: float = 6.0
+    bn_signed_gamma: bool = False
     w_bit_alloc: bool = False
     a_bit_alloc: bool = False
     bias_correction: str | None = None
@@ -260,7 +263,11 @@ def calibrate_weights(model: nn.Module, config: PTQConfig) -> None:
             slot.set_correction(*correct_weight_bias(w, quantizer(w), config.bias_correction))
 
 
-def _set_input_range(quantizer: AffineQuantizer, x: torch.Tensor, config: PTQConfig) -> None:
+def _set_input_range(quantizer: AffineQuantizer, x: torch.Tensor, config: PTQConfig,
+                     bn=None) -> None:
+    """Fit an input quantizer to ``x``; with ``clip="bn"`` and a BatchNorm ``bn`` feeding this
+    non-negative input the range is data-free: [0, beta + n gamma] (max over channels unless
+    per channel)."""
     per_channel = quantizer.axis is not None and x.dim() >= 2
     axis = 1 if per_channel else None
     dims = [d for d in range(x.dim()) if d != 1]
@@ -269,11 +276,16 @@ def _set_input_range(quantizer: AffineQuantizer, x: torch.Tensor, config: PTQCon
     sample = channel_sample(x, axis, seed=config.seed)
     prior = config.clip[5:] if config.clip.startswith("aciq-") else "std"
     bits = _bits_for(sample, quantizer.scheme.bits, config.a_bit_alloc and per_channel, prior)
-    if config.clip == "ema":
+    if config.clip == "bn" and bn is not None and not signed:  # a ReLU'd BatchNorm output
+        lo, hi = bn_activation_range(bn.bias, bn.weight, config.bn_clip_n,
+                                     config.bn_signed_gamma, per_channel)
+    elif config.clip == "ema":
         lo = hi = None
         for chunk in x.split(EMA_CHUNK):
             c_lo, c_hi = minmax_range(chunk, axis)
             lo, hi = ema_update(lo, c_lo, 0.01), ema_update(hi, c_hi, 0.01)
+    elif config.clip == "bn":  # no ReLU'd BatchNorm feeds this input (e.g. the image)
+        lo, hi = exact
     else:
         lo, hi = _range(sample, exact, config.clip, bits, quantizer, signed, config.percentile,
                         per_channel)
@@ -321,7 +333,7 @@ def _adaround(layer, x: torch.Tensor, target: torch.Tensor, config: PTQConfig,
 
 @torch.no_grad()
 def calibrate_activations(model: nn.Module, x: torch.Tensor, config: PTQConfig,
-                          float_out: dict[str, tuple] | None) -> None:
+                          float_out: dict[str, tuple] | None, bns: dict | None = None) -> None:
     """One pass in execution order: fit each input range, then (optionally) learn the weight
     rounding and correct the bias, so every later layer sees this layer's final output."""
     handles, rounded = [], set()
@@ -333,7 +345,7 @@ def calibrate_activations(model: nn.Module, x: torch.Tensor, config: PTQConfig,
             if isinstance(q, AffineQuantizer) and not q.calibrated:
                 if not torch.isfinite(torch.stack(torch.aminmax(args[0]))).all():  # NaN spreads
                     raise NumericalError(f"{q.name} receives NaN or Inf activations")
-                _set_input_range(q, args[0], config)
+                _set_input_range(q, args[0], config, (bns or {}).get(name))
             if config.w_round == "adaround" and name not in rounded:  # a reused layer: once
                 rounded.add(name)
                 _adaround(layer, args[0], float_out[name][1], config, generator)
@@ -375,6 +387,11 @@ def quantize(model: nn.Module, config: PTQConfig | None = None, calib_data=None)
     qmodel = copy.deepcopy(model).eval()
     notes = []
     folded = False
+    bns = None
+    if config.clip == "bn":  # found before folding removes the BatchNorms
+        bns, reason = bn_sources(qmodel)
+        notes.append(f"bn clipping: {len(bns)} inputs from BatchNorm statistics, the others "
+                     f"min-max{f' (not traceable: {reason})' if reason else ''}")
     if config.fold_bn:
         qmodel, reason = fold_batchnorm(qmodel)
         folded = not reason
@@ -397,7 +414,7 @@ def quantize(model: nn.Module, config: PTQConfig | None = None, calib_data=None)
         float_out = float_outputs(qmodel, x, plan, keep=config.w_round == "adaround")
     qmodel = prepare(qmodel, config, plan, folded=False)
     calibrate_weights(qmodel, config)
-    calibrate_activations(qmodel, x, config, float_out)
+    calibrate_activations(qmodel, x, config, float_out, bns)
     qmodel.lowbit = QuantInfo("ptq", config.to_dict(), plan, folded, notes,
                               time.perf_counter() - start, pairs)
     return qmodel

@@ -78,17 +78,18 @@ def ema_update(old: torch.Tensor | None, new: torch.Tensor, momentum: float) -> 
 
 
 def bn_activation_range(beta: torch.Tensor, gamma: torch.Tensor, n: float = 6.0,
-                        signed_gamma: bool = False):
+                        signed_gamma: bool = False, per_channel: bool = False):
     """Data-free range of a ReLU following a BatchNorm (DFQ, Nagel et al. 2019; PSG eval.py).
 
-    The BN output of channel c is modelled as N(beta_c, gamma_c^2), so the layer range is
-    ``lo = 0, hi = max_c(beta_c + n * |gamma_c|)``. The PSG reference uses the signed gamma
-    (``signed_gamma=True``), which under-estimates channels with negative gamma; lowbit defaults
-    to |gamma|, the standard deviation the model actually implies.
+    The BN output of channel c is modelled as N(beta_c, gamma_c^2), so the range is
+    ``lo = 0, hi = max_c(beta_c + n * |gamma_c|)`` (or per channel). The PSG reference uses the
+    signed gamma (``signed_gamma=True``), which under-estimates channels with negative gamma;
+    lowbit defaults to |gamma|, the standard deviation the model actually implies.
     """
     g = gamma.detach() if signed_gamma else gamma.detach().abs()
-    hi = (beta.detach() + n * g).max().clamp(min=0.0)
-    return torch.zeros(()), hi
+    hi = (beta.detach() + n * g).clamp(min=0.0)
+    hi = hi if per_channel else hi.max()
+    return torch.zeros_like(hi), hi
 
 
 def channel_sample(x: torch.Tensor, axis: int | None, max_total: int = 1 << 17,
