@@ -1,0 +1,121 @@
+"""PSG reproduction on CIFAR-100 ResNet-32, compressed for a CPU: PSGD against plain SGD with
+the same schedule and seed, both fine-tuned from the reference's epoch-82 checkpoint, then PTQ
+on the PSG grid at W4A32, W3A32, W2A32 and W4A4 (BN clipping), per-layer grid SSE (the paper's
+Table A3 quantity) and the weight-histogram figure.
+
+    python benchmarks/psg_train.py [--epochs 3] [--train-limit N] [--threads 1]
+
+The paper's run (68 epochs: lr 0.01, x0.1 after 40 of them, i.e. at epoch 123; lambda_s 150;
+W4; batch 128; weight decay 1e-4; reflection padding; seed 1) is the same call with
+``--epochs 68 --milestone 40``, or ``lowbit train`` as printed by ``--print-paper-command``.
+
+Each run trains in ``benchmarks/runs/psg-{sgd,psgd}`` (a checkpoint per epoch; rerunning the
+script resumes) and its evaluation is appended to ``benchmarks/results/psg_train.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+import lowbit
+from lowbit.data import Batches, load_dataset
+from lowbit.methods.psg import PSGConfig, PSGMethod, ptq_config, unwrap
+from lowbit.models import MODELS, build_model
+from lowbit.report.weights import grid_errors, plot_weights
+from lowbit.train import TrainConfig, train
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+RESULTS = ROOT / "benchmarks" / "results" / "psg_train.json"
+FIGURE = ROOT / "benchmarks" / "results" / "psg_weights"
+RUNS = ROOT / "benchmarks" / "runs"
+START = SHARED / "checkpoints" / "PSG_ResNet82.pth"
+DATA = "cifar100=" + str(SHARED / "data" / "cifar-100-python.tar.xz")
+PAPER_COMMAND = (
+    "lowbit train --model psg_resnet32 --checkpoint ../shared/checkpoints/PSG_ResNet82.pth "
+    "--data cifar100=../shared/data/cifar-100-python.tar.xz --method psg --w-bits 4 "
+    "--lambda-s 150 --epochs 68 --lr 0.01 --schedule multistep --milestones 40 "
+    "--weight-decay 1e-4 --train-batch-size 128 --reflect-pad --seed 1 --out runs/psg-paper")
+
+
+def evaluate_grid(model, psg: PSGConfig, calib, test) -> dict:
+    """PTQ of a float model on the PSG grid at several widths, and W4A4 with BN clipping (the
+    reference's eval: signed gamma, n = 6, the image left in float)."""
+    out = {"fp": lowbit.evaluate(model, test)}
+    for bits in (4, 3, 2):
+        q = lowbit.quantize(model, ptq_config(PSGConfig(w_bits=bits)), calib)
+        out[f"w{bits}a32"] = lowbit.evaluate(q, test)
+    cfg = ptq_config(psg, a_bits=4, clip="bn", bn_signed_gamma=True,
+                     overrides={"conv1": {"a_bits": None}})
+    out["w4a4_bn_clip"] = lowbit.evaluate(lowbit.quantize(model, cfg, calib), test)
+    out["grid_sse"] = {f"{b}bit": grid_errors(model, b) for b in (4, 3, 2)}
+    out["grid_sse_total"] = {k: sum(v.values()) for k, v in out["grid_sse"].items()}
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--milestone", type=int, help="epochs before the x0.1 decay (60%%)")
+    ap.add_argument("--train-limit", type=int, help="training images per epoch (all 50,000)")
+    ap.add_argument("--test-limit", type=int, help="test images (all 10,000); for smoke runs")
+    ap.add_argument("--lambda-s", type=float, default=150.0)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--print-paper-command", action="store_true")
+    args = ap.parse_args()
+    if args.print_paper_command:
+        print(PAPER_COMMAND)
+        return
+    torch.set_num_threads(args.threads)
+    warnings.simplefilter("ignore", UserWarning)
+    data = load_dataset(DATA)
+    if args.train_limit:
+        data.train = data.train.subset(args.train_limit, seed=1)
+    norm = MODELS["psg_resnet32"].normalization
+    data.test = data.test.head(args.test_limit)
+    calib = Batches(data.train.subset(1024, seed=0), norm, 256)
+    test = Batches(data.test, norm, 500)
+    milestone = args.milestone or max(1, round(0.6 * args.epochs))
+    config = TrainConfig(epochs=args.epochs, batch_size=128, lr=0.01, momentum=0.9,
+                         weight_decay=1e-4, schedule="multistep", milestones=[milestone],
+                         reflect_pad=True, seed=1)
+    psg = PSGConfig(w_bits=4, lambda_s=args.lambda_s)
+    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    key = f"epochs={args.epochs},milestone={milestone},train={len(data.train)}," \
+          f"test={len(data.test)},lambda={args.lambda_s}"
+    done = results.setdefault(key, {})
+    if "start" not in done:
+        done["start"] = evaluate_grid(build_model("psg_resnet32", START), psg, calib, test)
+        RESULTS.write_text(json.dumps(results, indent=1))
+    models = {}
+    for variant in ("sgd", "psgd"):
+        out = RUNS / f"psg-{variant}-{key.replace(',', '-').replace('=', '')}"
+        method = PSGMethod(psg) if variant == "psgd" else None
+        t = time.perf_counter()
+        result = train(build_model("psg_resnet32", START), data, norm, config, method=method,
+                       out=out, resume=(out / "checkpoint.pt").is_file())
+        model = unwrap(result.model)
+        models[variant] = model
+        if variant not in done:
+            done[variant] = {"train_seconds_this_call": time.perf_counter() - t,
+                             "epochs": result.metrics, **evaluate_grid(model, psg, calib, test)}
+            RESULTS.write_text(json.dumps(results, indent=1))
+        print(variant, {k: v for k, v in done[variant].items() if k in
+                        ("fp", "w4a32", "w3a32", "w2a32", "w4a4_bn_clip")}, flush=True)
+    results["meta"] = {"machine": platform.processor() or platform.machine(),
+                       "threads": args.threads, "command": "python benchmarks/psg_train.py "
+                       f"--epochs {args.epochs}" + (f" --train-limit {args.train_limit}"
+                                                     if args.train_limit else ""),
+                       "paper_command": PAPER_COMMAND}
+    RESULTS.write_text(json.dumps(results, indent=1))
+    plot_weights({"SGD": models["sgd"], "PSGD": models["psgd"]}, 4, FIGURE)
+
+
+if __name__ == "__main__":
+    main()
