@@ -28,7 +28,7 @@ from lowbit.data import Batches, load_dataset
 from lowbit.methods.psg import PSGConfig, PSGMethod, ptq_config, unwrap
 from lowbit.models import MODELS, build_model
 from lowbit.report.weights import grid_errors, plot_weights
-from lowbit.train import TrainConfig, train
+from lowbit.training import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"

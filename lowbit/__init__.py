@@ -11,7 +11,9 @@ from lowbit.checkpoint import load_quantized, save_quantized
 from lowbit.evaluate import evaluate
 from lowbit.methods.ptq import PTQConfig, quantize
 from lowbit.recipes import load_recipe
+from lowbit.training import TrainConfig, train
 
 __version__ = "0.1.0"
-__all__ = ["errors", "evaluate", "PTQConfig", "quantize", "load_recipe", "save_quantized",
+__all__ = ["errors", "evaluate", "PTQConfig", "quantize", "TrainConfig", "train",
+           "load_recipe", "save_quantized",
            "load_quantized", "__version__"]

@@ -237,7 +237,7 @@ def cmd_quantize(args) -> int:
 
 def _training_from_args(args):
     from lowbit.recipes import read_recipe
-    from lowbit.train import TrainConfig
+    from lowbit.training import TrainConfig
 
     values = read_recipe(args.recipe) if args.recipe else {}
     method = values.pop("method", "fp") if args.method == "fp" else args.method
@@ -263,7 +263,7 @@ def _training_from_args(args):
 def cmd_train(args) -> int:
     import torch
 
-    from lowbit.train.run import run_training
+    from lowbit.training.run import run_training
 
     if args.threads:
         torch.set_num_threads(args.threads)

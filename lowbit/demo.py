@@ -19,7 +19,7 @@ from lowbit.methods.ptq import PTQConfig, quantize
 from lowbit.models.small import digits_cnn
 from lowbit.progress import progress
 from lowbit.report import float_size_bytes, format_table, markdown_table, quantized_size_bytes
-from lowbit.train import TrainConfig, train
+from lowbit.training import TrainConfig, train
 
 BITS = [(8, 8), (4, 8), (4, 4), (2, 8)]
 RECIPES = {

@@ -17,7 +17,7 @@ def run(capsys, *argv):
 def digits_ckpt(tmp_path_factory):
     from lowbit.data.digits import load_digits
     from lowbit.models import build_model
-    from lowbit.train import TrainConfig, train
+    from lowbit.training import TrainConfig, train
 
     data = load_digits()
     config = TrainConfig(epochs=8, batch_size=64, optimizer="adam", lr=3e-3, augment=False,

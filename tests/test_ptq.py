@@ -197,7 +197,7 @@ def test_ema_oracle_13():
 def test_bn_clipping_takes_ranges_from_the_feeding_batchnorm():
     model = build_model("psg_resnet32", num_classes=100)
     trained_like(model)
-    x = torch.randn(16, 3, 32, 32)
+    x = torch.randn(32, 3, 32, 32)
     q = lowbit.quantize(model, lowbit.PTQConfig(w_bits=8, a_bits=4, clip="bn", fold_bn=False,
                                                 bn_signed_gamma=True), [x])
     bn = model.layer1[0].bn1                           # feeds layer1.0.conv2 through a ReLU

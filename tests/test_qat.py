@@ -14,7 +14,7 @@ from lowbit.models import build_model
 from lowbit.nn import LSQQuantizer, ObservedQuantizer
 from lowbit.quant.affine import QScheme
 from lowbit.quant.lsq import LSQFakeQuantize, lsq_bounds, lsq_grad_scale
-from lowbit.train import TrainConfig, train
+from lowbit.training import TrainConfig, train
 
 
 def _lsq(x, step, q_n, q_p, g):

@@ -13,9 +13,9 @@ from lowbit.data.core import Dataset
 from lowbit.data.digits import load_digits
 from lowbit.errors import CheckpointError, ConfigError, NumericalError
 from lowbit.models import build_model
-from lowbit.train import TrainConfig, train
-from lowbit.train.augment import pad_crop_flip
-from lowbit.train.engine import distillation_loss
+from lowbit.training import TrainConfig, train
+from lowbit.training.augment import pad_crop_flip
+from lowbit.training.engine import distillation_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -153,8 +153,8 @@ from lowbit.data.core import Dataset
 from lowbit.data.digits import load_digits
 from lowbit.methods import training_method
 from lowbit.models import build_model
-from lowbit.train import TrainConfig, train
-from lowbit.train.distributed import world
+from lowbit.training import TrainConfig, train
+from lowbit.training.distributed import world
 torch.set_num_threads(1)
 d = load_digits()
 data = Dataset("digits", d.train.head(256), d.test.head(64), 10)

@@ -26,11 +26,11 @@ from lowbit.data.core import Batches, Dataset, Split, normalization_tensors
 from lowbit.errors import DataError, NumericalError
 from lowbit.evaluate import evaluate
 from lowbit.progress import progress
-from lowbit.train import distributed
-from lowbit.train.augment import pad_crop_flip
-from lowbit.train.config import TrainConfig
-from lowbit.train.metrics import MetricLog
-from lowbit.train.state import load_checkpoint, save_checkpoint
+from lowbit.training import distributed
+from lowbit.training.augment import pad_crop_flip
+from lowbit.training.config import TrainConfig
+from lowbit.training.metrics import MetricLog
+from lowbit.training.state import load_checkpoint, save_checkpoint
 
 CHECKPOINT = "checkpoint.pt"
 

@@ -16,9 +16,9 @@ from lowbit.methods import training_method
 from lowbit.methods.psg import PSGMethod, ptq_config
 from lowbit.methods.ptq import quantize
 from lowbit.models import build_model, model_info
-from lowbit.train.config import TrainConfig
-from lowbit.train.distributed import world
-from lowbit.train.engine import train
+from lowbit.training.config import TrainConfig
+from lowbit.training.distributed import world
+from lowbit.training.engine import train
 
 
 def run_training(*, model_spec: str, checkpoint: str | None, data_spec: str, method: str,
