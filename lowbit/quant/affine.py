@@ -136,6 +136,8 @@ class FakeQuantizeSTE(torch.autograd.Function):
         # clamp(round(x/S) + Z, qmin, qmax) - Z == clamp(round(x/S), qmin - Z, qmax - Z) exactly
         # (small integers in float32), which saves two full passes over x; in place for speed.
         lo, hi = qmin - zero_point, qmax - zero_point
+        if lo.dim() == 0 and hi.dim() == 0 and lo.device.type == "cpu":
+            lo, hi = lo.item(), hi.item()  # per-tensor: scalar bounds take a faster kernel
         v = torch.mul(x, 1.0 / scale).round_()
         if ctx.needs_input_grad[0]:
             ctx.save_for_backward((v >= lo) & (v <= hi))

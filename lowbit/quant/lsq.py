@@ -54,7 +54,7 @@ class LSQFakeQuantize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, step, q_n: int, q_p: int, grad_scale: float):
         v = x / step
-        v_bar = torch.clamp(v, -q_n, q_p).round()
+        v_bar = torch.clamp(v, -q_n, q_p).round_()
         ctx.save_for_backward(v, v_bar, step)
         ctx.q_n, ctx.q_p, ctx.grad_scale = q_n, q_p, grad_scale
         return v_bar * step
@@ -62,9 +62,12 @@ class LSQFakeQuantize(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         v, v_bar, step = ctx.saved_tensors
-        below, above = v <= -ctx.q_n, v >= ctx.q_p
-        inside = ~(below | above)
-        grad_x = grad * inside
-        d_step = torch.where(inside, v_bar - v, v_bar)  # v_bar is -Q_N / Q_P outside
-        grad_step = (grad * d_step * ctx.grad_scale).sum_to_size(step.shape)
+        grad_x = grad * ((v > -ctx.q_n) & (v < ctx.q_p))
+        # d v_hat / d s is v_bar - v inside and v_bar (= -Q_N or Q_P) outside, so
+        # sum(grad * d) = sum(grad * v_bar) - sum(grad_x * v): two dot products, no temporaries.
+        if step.numel() == 1:
+            total = grad.reshape(-1) @ v_bar.reshape(-1) - grad_x.reshape(-1) @ v.reshape(-1)
+            grad_step = (total * ctx.grad_scale).reshape(step.shape)
+        else:
+            grad_step = ((grad * v_bar - grad_x * v) * ctx.grad_scale).sum_to_size(step.shape)
         return grad_x, grad_step, None, None, None
