@@ -104,8 +104,8 @@ def train(model: nn.Module, data: Dataset, normalization, config: TrainConfig | 
     mean, std = normalization_tensors(normalization, data.train.images.shape[1])
     first = (data.train.images[:local_batch].float() / 255.0 - mean) / std
     teacher = copy.deepcopy(model).to(device).eval() if config.distill else None
-    if method is not None:
-        model = method.prepare(model.eval(), first)
+    if method is not None:  # the caller's model stays as it was; float training updates it
+        model = method.prepare(copy.deepcopy(model).eval(), first)
     model, mean, std, first = model.to(device), mean.to(device), std.to(device), first.to(device)
     settings = _settings(config, method)
     test = Batches(Split(data.test.images[rank::size], data.test.labels[rank::size]),
