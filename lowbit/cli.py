@@ -165,14 +165,22 @@ def cmd_eval(args) -> int:
     from lowbit.evaluate import evaluate
     from lowbit.io import load_torch
     from lowbit.models import build_model
+    from lowbit.training.run import is_trained_checkpoint, load_trained
 
     if not args.checkpoint and not args.model:
         raise ConfigError("eval needs --model (with an optional --checkpoint) or a lowbit checkpoint")
     dataset = load_dataset(args.data)
-    if args.checkpoint and is_quantized_checkpoint(load_torch(args.checkpoint)):
+    payload = load_torch(args.checkpoint) if args.checkpoint else None
+    if is_quantized_checkpoint(payload):
         model, payload = load_quantized(args.checkpoint)
         spec = payload["model"]
+    elif is_trained_checkpoint(payload):
+        spec = payload["model"]
+        example = next(iter(Batches(dataset.test, _normalization(spec, dataset), 8)))[0]
+        model = load_trained(payload, example)
     else:
+        if not args.model:
+            raise ConfigError(f"{args.checkpoint} holds plain weights: give --model too")
         spec = args.model
         model = build_model(spec, args.checkpoint)
     test = Batches(dataset.test, _normalization(spec, dataset), args.batch_size)

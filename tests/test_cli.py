@@ -185,3 +185,17 @@ def test_plot_weights_writes_a_png_per_layer_and_a_page(capsys, tmp_path, digits
     code, _, err = run(capsys, "plot-weights", "--model", "digits_cnn", "--checkpoints",
                        str(digits_ckpt), "--w-bits", "1", "--out", str(tmp_path / "x"))
     assert code == 2 and "1 bit" in err
+
+
+def test_trained_lsq_model_reloads_with_the_same_accuracy(capsys, tmp_path, digits_ckpt):
+    out = tmp_path / "lsq"
+    code, _, err = run(capsys, "train", "--model", "digits_cnn", "--checkpoint", str(digits_ckpt),
+                       "--data", "digits", "--method", "lsq", "--w-bits", "3", "--a-bits", "3",
+                       "--epochs", "1", "--train-batch-size", "64", "--no-augment",
+                       "--out", str(out))
+    assert code == 0, err
+    top1 = json.loads((out / "report.json").read_text())["top1"]
+    code, stdout, _ = run(capsys, "eval", "--checkpoint", str(out / "model.pt"), "--data", "digits")
+    assert code == 0 and f"top-1 {top1:.2f}%" in stdout
+    code, _, err = run(capsys, "eval", "--checkpoint", str(digits_ckpt), "--data", "digits")
+    assert code == 2 and "--model" in err

@@ -187,3 +187,16 @@ def test_short_qat_run_beats_ptq_at_2_bits(name, digits_fp):
                    method=method)
     qat_top1 = result.metrics[-1]["test_top1"]
     assert qat_top1 > ptq_top1 + 5, (qat_top1, ptq_top1)
+
+
+def test_lsq_bounds_and_grad_scale_oracle_9():
+    assert lsq_bounds(4, True) == (8, 7) and lsq_bounds(4, False) == (0, 15)
+    assert lsq_bounds(2, True) == (2, 1) and lsq_bounds(8, False) == (0, 255)
+    assert 1 / lsq_grad_scale(3 * 3 * 64 * 64, 7) == pytest.approx(507.98, abs=0.01)
+    w = torch.randn(64, 64, 3, 3)
+    q = LSQQuantizer(4, signed=True)
+    out = q(w)
+    out.sum().backward()
+    s = q.step.detach().clone().requires_grad_(True)
+    LSQFakeQuantize.apply(w, s, 8, 7, 1 / 507.98).sum().backward()
+    assert torch.allclose(q.step.grad, s.grad, rtol=1e-4)   # the layer uses N = 36,864

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from lowbit.data import Batches, Dataset, load_dataset
 from lowbit.evaluate import evaluate
-from lowbit.io import save_torch, write_json
+from lowbit.io import load_weights, save_torch, write_json
 from lowbit.methods import training_method
 from lowbit.methods.psg import PSGMethod, ptq_config
 from lowbit.methods.ptq import quantize
@@ -19,6 +21,8 @@ from lowbit.models import build_model, model_info
 from lowbit.training.config import TrainConfig
 from lowbit.training.distributed import world
 from lowbit.training.engine import train
+
+TRAINED_FORMAT = "lowbit-trained"
 
 
 def run_training(*, model_spec: str, checkpoint: str | None, data_spec: str, method: str,
@@ -47,8 +51,26 @@ def run_training(*, model_spec: str, checkpoint: str | None, data_spec: str, met
         q = quantize(trained, ptq_config(trainer.config), calib)
         report[f"ptq_w{trainer.config.w_bits}a32_top1"] = evaluate(q, test)
     if world()[0] == 0:
-        save_torch(out / "model.pt", {"state_dict": trained.state_dict(), "model": model_spec,
-                                      "method": method})
+        float_model = trainer is None or isinstance(trainer, PSGMethod)
+        save_torch(out / "model.pt", {
+            "format": TRAINED_FORMAT, "state_dict": trained.state_dict(), "model": model_spec,
+            "num_classes": dataset.num_classes, "method": "fp" if float_model else method,
+            "method_config": None if float_model else trainer.config.to_dict()})
         write_json(out / "report.json", report)
     return report
+
+
+def is_trained_checkpoint(obj) -> bool:
+    return isinstance(obj, dict) and obj.get("format") == TRAINED_FORMAT
+
+
+def load_trained(payload: dict, example: torch.Tensor) -> torch.nn.Module:
+    """Rebuild the model a ``lowbit train`` run saved in ``model.pt`` (``example``: one input
+    batch, to find the layer order the method's policy needs)."""
+    model = build_model(payload["model"], num_classes=payload["num_classes"])
+    method = training_method(payload["method"], payload["method_config"])
+    if method is not None:
+        model = method.prepare(model, example)
+    load_weights(model, payload["state_dict"], payload["model"])
+    return model.eval()
 
