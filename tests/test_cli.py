@@ -199,3 +199,15 @@ def test_trained_lsq_model_reloads_with_the_same_accuracy(capsys, tmp_path, digi
     assert code == 0 and f"top-1 {top1:.2f}%" in stdout
     code, _, err = run(capsys, "eval", "--checkpoint", str(digits_ckpt), "--data", "digits")
     assert code == 2 and "--model" in err
+
+
+def test_train_psg_sparse_reports_pruned_accuracy(capsys, tmp_path, digits_ckpt):
+    out = tmp_path / "sparse"
+    code, _, err = run(capsys, "train", "--model", "digits_cnn", "--checkpoint", str(digits_ckpt),
+                       "--data", "digits", "--method", "psg", "--sparse", "--lambda-s", "20",
+                       "--epochs", "1", "--train-batch-size", "64", "--no-augment",
+                       "--out", str(out))
+    assert code == 0, err
+    pruned = json.loads((out / "report.json").read_text())["pruned"]
+    assert [p["threshold"] for p in pruned] == [1e-3, 1e-2, 3e-2]
+    assert pruned[0]["sparsity"] < pruned[-1]["sparsity"] <= 1.0

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import copy
+
 import torch
 
 from lowbit.data import Batches, Dataset, load_dataset
 from lowbit.evaluate import evaluate
 from lowbit.io import load_weights, save_torch, write_json
 from lowbit.methods import training_method
-from lowbit.methods.psg import PSGMethod, ptq_config
+from lowbit.methods.psg import PSGMethod, ptq_config, sparsity
 from lowbit.methods.ptq import quantize
 from lowbit.models import build_model, model_info
 from lowbit.training.config import TrainConfig
@@ -23,6 +25,7 @@ from lowbit.training.distributed import world
 from lowbit.training.engine import train
 
 TRAINED_FORMAT = "lowbit-trained"
+SPARSITY_THRESHOLDS = (1e-3, 1e-2, 3e-2)
 
 
 def run_training(*, model_spec: str, checkpoint: str | None, data_spec: str, method: str,
@@ -48,8 +51,11 @@ def run_training(*, model_spec: str, checkpoint: str | None, data_spec: str, met
     if isinstance(trainer, PSGMethod):
         trained = trainer.unwrap(trained)
         calib = Batches(train_split.subset(min(256, len(train_split)), 0), norm, 256)
-        q = quantize(trained, ptq_config(trainer.config), calib)
-        report[f"ptq_w{trainer.config.w_bits}a32_top1"] = evaluate(q, test)
+        if trainer.config.sparse:
+            report["pruned"] = pruned_accuracy(trained, test, SPARSITY_THRESHOLDS)
+        else:
+            q = quantize(trained, ptq_config(trainer.config), calib)
+            report[f"ptq_w{trainer.config.w_bits}a32_top1"] = evaluate(q, test)
     if world()[0] == 0:
         float_model = trainer is None or isinstance(trainer, PSGMethod)
         save_torch(out / "model.pt", {
@@ -58,6 +64,20 @@ def run_training(*, model_spec: str, checkpoint: str | None, data_spec: str, met
             "method_config": None if float_model else trainer.config.to_dict()})
         write_json(out / "report.json", report)
     return report
+
+
+@torch.no_grad()
+def pruned_accuracy(model, test, thresholds) -> list[dict]:
+    """Sparsity and top-1 after zeroing the Conv / Linear weights with |w| <= threshold."""
+    rows = []
+    for threshold in thresholds:
+        pruned = copy.deepcopy(model)
+        for m in pruned.modules():
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+                m.weight.masked_fill_(m.weight.abs() <= threshold, 0.0)
+        rows.append({"threshold": threshold, "sparsity": sparsity(pruned, 0.0),
+                     "top1": evaluate(pruned, test)})
+    return rows
 
 
 def is_trained_checkpoint(obj) -> bool:
