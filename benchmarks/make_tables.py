@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ptq_ablation import BEST_LABEL, DEPLOY_LABEL
+from ptq_ablation import ADAROUND_LABEL, BEST_LABEL, DEPLOY_LABEL
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -50,7 +50,8 @@ def targets_section(res: dict) -> list[str]:
     lines.append(_row("W8A8 - FP32 (target: within 0.3)", (
         f"{top1(m, 'W8A8 baseline') - top1(m, 'FP32'):+.2f}" for m in models)))
     for label, shown in (("W4A4 all combined", "Banner's all combined"), (BEST_LABEL, "lowbit best"),
-                         (DEPLOY_LABEL, "lowbit per-tensor")):
+                         (DEPLOY_LABEL, "lowbit per-tensor"),
+                         (ADAROUND_LABEL, "lowbit best + AdaRound")):
         cells = []
         for m in models:
             base, fp, q = top1(m, "W4A4 baseline (per-ch act)"), top1(m, "FP32"), top1(m, label)
@@ -73,7 +74,8 @@ def ablation_section(res: dict) -> list[str]:
         "\"all combined\" = per-channel activations + ACIQ (Laplace) + bit allocation of weights "
         "and activations + weight bias correction (mean), the paper's recipe. \"lowbit best\" adds "
         "cross-layer equalization, MSE weight ranges with mean+std weight correction, and "
-        "empirical bias correction.", "",
+        "empirical bias correction; \"+ AdaRound\" learns each weight's rounding against the "
+        "float layer's output instead of the weight correction (Nagel et al. 2020).", "",
         *_header("setting", (MODELS[m] for m in models)),
     ]
     for label in labels:
@@ -81,8 +83,9 @@ def ablation_section(res: dict) -> list[str]:
                                   for m in models)))
     lines += ["", "Calibration seconds (one `quantize` call: BN folding, every pass, finalization) "
               "and the fake-quant / FP32 ratio of full-test-set evaluation times, 2 threads. "
-              "Other work shared the machine during these runs, so these are rough; the speed "
-              "section has the careful measurement:", "",
+              "Other work shared the machine during these runs (the AdaRound rows ran beside "
+              "two training benchmarks), so these are rough; the speed section has the careful "
+              "measurement:", "",
               *_header("setting", (f"{MODELS[m]}: calib s, eval ratio" for m in models))]
     for label in labels[1:]:
         cells = []
@@ -118,7 +121,8 @@ def peers_section(res: dict, ablation: dict) -> list[str]:
     for label in _labels(res, models):
         lines.append(_row(label, (cell(res[m].get(label)) for m in models)))
     for label, shown in (("W4A4 all combined", "W4A4 lowbit, Banner's all combined"),
-                         (BEST_LABEL, BEST_LABEL), (DEPLOY_LABEL, DEPLOY_LABEL)):
+                         (BEST_LABEL, BEST_LABEL), (DEPLOY_LABEL, DEPLOY_LABEL),
+                         (ADAROUND_LABEL, ADAROUND_LABEL)):
         lines.append(_row(shown, (cell(ablation.get(m, {}).get(label)) for m in models)))
     return lines
 
@@ -143,15 +147,84 @@ def speed_section(res: dict) -> list[str]:
     return lines
 
 
+def psg_section(res: dict) -> list[str]:
+    meta = res.get("meta", {})
+    lines = ["## PSG reproduction (CIFAR-100 ResNet-32)", "",
+             f"Command: `{meta.get('command', 'python benchmarks/psg_train.py')}`. Both runs "
+             "start from the reference's epoch-82 SGD checkpoint and use the same schedule and "
+             "seed (SGD, momentum 0.9, lr 0.01 with one x0.1 decay, weight decay 1e-4, batch "
+             "128, reflection-padded crop and flip); PSGD adds lambda_s = 150 towards the 4-bit "
+             "grid. PTQ on the PSG grid (symmetric, restricted range, per tensor, BN unfolded; "
+             "first and last layer at 8 bits below 4 bits). W4A4: activations at 4 bits from "
+             "BN clipping (beta + 6 gamma, signed gamma as the reference; the image in float). "
+             "Top-1 % on the full 10k test set. The paper's run (68 epochs) is "
+             f"`{meta.get('paper_command', '')}`.", ""]
+    for key, runs in res.items():
+        if key == "meta":
+            continue
+        lines += [f"Schedule `{key}`:", "",
+                  "| model | FP | W4A32 | W3A32 | W2A32 | W4A4 BN-clip | grid SSE 4/3/2 bit |",
+                  "|---|---|---|---|---|---|---|"]
+        for name, shown in (("start", "epoch-82 checkpoint"), ("sgd", "SGD"), ("psgd", "PSGD")):
+            r = runs.get(name)
+            if r is None:
+                continue
+            sse = r["grid_sse_total"]
+            lines.append(f"| {shown} | {r['fp']:.2f} | {r['w4a32']:.2f} | {r['w3a32']:.2f} | "
+                         f"{r['w2a32']:.2f} | {r['w4a4_bn_clip']:.2f} | {sse['4bit']:.1f} / "
+                         f"{sse['3bit']:.1f} / {sse['2bit']:.1f} |")
+        lines.append("")
+    lines.append("Per-layer histograms and SSE: `benchmarks/results/psg_weights/index.html`.")
+    return lines
+
+
+def qat_section(res: dict) -> list[str]:
+    models = [m for m in MODELS if m in res]
+    lines = ["## QAT: LSQ and STE fake quantization vs PTQ", "",
+             "Command: `python benchmarks/qat_train.py`. Fine-tuned from the FP checkpoints: "
+             "ResNet-20 on the 10,000-image CIFAR-10 training batch in ../shared, the PSG "
+             "ResNet-32 on CIFAR-100. First / last layer at 8 bits. Compressed CPU schedules "
+             "(epochs in the table): SGD momentum 0.9, lr 0.01 cosine, weight decay 1e-4 "
+             "(2.5e-5 at 2 bits), batch 128, crop and flip. Top-1 % on the full 10k test set.", "",
+             *_header("setting", (MODELS[m] for m in models))]
+    for label in _labels(res, models):
+        cells = []
+        for m in models:
+            r = res[m].get(label)
+            epochs = f" ({len(r['epochs'])} ep)" if r and "epochs" in r else ""
+            cells.append("-" if r is None else f"{r['top1']:.2f}{epochs}")
+        lines.append(_row(label, cells))
+    return lines
+
+
+def cost_section(res: dict) -> list[str]:
+    lines = ["## Training-step cost", "",
+             f"Command: `{res['meta']['command']}`. One SGD step on a batch of 128, methods "
+             "interleaved round by round in one process; median step time as a ratio to the "
+             "float step (targets: STE and LSQ <= 1.5, PSG <= 1.1).", "",
+             "| model | threads | FP step s | STE QAT | LSQ | PSG |", "|---|---|---|---|---|---|"]
+    for model, rows in res.items():
+        if model == "meta":
+            continue
+        for threads, r in rows.items():
+            ratio = r["ratio"]
+            lines.append(f"| {model} | {threads.split('=')[1]} | {r['fp_step_seconds']:.2f} | "
+                         f"{ratio['qat']:.2f} | {ratio['lsq']:.2f} | {ratio['psg']:.2f} |")
+    return lines
+
+
 def main():
     ablation, peers, speed = _load("ptq_ablation"), _load("ptq_peers"), _load("ptq_speed")
+    psg, qat, cost = _load("psg_train"), _load("qat_train"), _load("train_cost")
     lines = ["# lowbit benchmarks", "",
              "Generated by `python benchmarks/make_tables.py` from `benchmarks/results/*.json`. "
              "Machine: the project's 2-vCPU x86-64 box (AVX-512), PyTorch 2.13.0 CPU.", ""]
     for section in ((targets_section(ablation) if ablation else []),
                     (ablation_section(ablation) if ablation else []),
                     (peers_section(peers, ablation) if peers else []),
-                    (speed_section(speed) if speed else [])):
+                    (speed_section(speed) if speed else []),
+                    (psg_section(psg) if psg else []), (qat_section(qat) if qat else []),
+                    (cost_section(cost) if cost else [])):
         if section:
             lines += section + [""]
     (ROOT / "BENCHMARKS.md").write_text("\n".join(lines))
