@@ -32,7 +32,7 @@ from ptq_ablation import MODELS_TO_RUN, commit, load_benchmark
 
 RESULTS = Path(__file__).resolve().parent / "results" / "ptq_peers.json"
 TOOLS = [("pytorch-fx", "minmax"), ("pytorch-fx", "histogram"), ("onnxruntime", "minmax"),
-         ("onnxruntime", "percentile"), ("onnxruntime", "entropy"), ("brevitas", "stats"),
+         ("onnxruntime", "percentile"), ("onnxruntime", "entropy-2048"), ("brevitas", "stats"),
          ("brevitas", "cle+bc"), ("brevitas", "cle+bc+mse")]
 TOOLS_SHORT = [("pytorch-fx", "histogram"), ("onnxruntime", "percentile"), ("brevitas", "cle+bc")]
 FIRST_LAST = {"resnet20": ("conv1", "linear"), "resnet32": ("conv1", "linear"),
@@ -73,6 +73,7 @@ def torch_fx_ptq(model, calib, w_bits, a_bits, first_last, observer):
 def onnxruntime_ptq(model, calib, w_bits, a_bits, first_last, method):
     import onnx
     import onnxruntime as ort
+    import onnxruntime.quantization.quantize as ort_quantize
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
                                           QuantType, quantize_static)
 
@@ -98,14 +99,24 @@ def onnxruntime_ptq(model, calib, w_bits, a_bits, first_last, method):
 
     qtype = {4: (QuantType.QUInt4, QuantType.QInt4), 8: (QuantType.QUInt8, QuantType.QInt8)}
     methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
-               "entropy": CalibrationMethod.Entropy}
-    quantize_static(str(tmp / "fp.onnx"), str(tmp / "q.onnx"), Reader(),
-                    quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=qtype[a_bits][0], weight_type=qtype[w_bits][1],
-                    calibrate_method=methods[method],
-                    # quantize_static does not forward the entropy calibrator's bin counts:
-                    # entropy runs at onnxruntime's default of 128 bins
-                    extra_options={"TensorQuantOverrides": overrides, "ActivationSymmetric": False})
+               "entropy-2048": CalibrationMethod.Entropy}
+    # The entropy calibrator's defaults (128 histogram bins, 128 quantized bins) leave its KL
+    # search a single candidate, the whole range, so it returns min-max ranges; and
+    # quantize_static does not pass bin counts through. Give it 2,048 bins (TensorRT's choice)
+    # by wrapping the calibrator factory quantize_static calls.
+    create = ort_quantize.create_calibrator
+    if method == "entropy-2048":
+        ort_quantize.create_calibrator = lambda *a, extra_options=None, **k: create(
+            *a, extra_options={**(extra_options or {}), "num_bins": 2048}, **k)
+    try:
+        quantize_static(str(tmp / "fp.onnx"), str(tmp / "q.onnx"), Reader(),
+                        quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=qtype[a_bits][0], weight_type=qtype[w_bits][1],
+                        calibrate_method=methods[method],
+                        extra_options={"TensorQuantOverrides": overrides,
+                                       "ActivationSymmetric": False})
+    finally:
+        ort_quantize.create_calibrator = create
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = torch.get_num_threads()
     session = ort.InferenceSession(str(tmp / "q.onnx"), opts, providers=["CPUExecutionProvider"])
