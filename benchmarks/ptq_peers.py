@@ -18,6 +18,7 @@ Results go to benchmarks/results/ptq_peers.json (resumable).
 from __future__ import annotations
 
 import argparse
+import importlib
 import copy
 import json
 import tempfile
@@ -73,7 +74,8 @@ def torch_fx_ptq(model, calib, w_bits, a_bits, first_last, observer):
 def onnxruntime_ptq(model, calib, w_bits, a_bits, first_last, method):
     import onnx
     import onnxruntime as ort
-    import onnxruntime.quantization.quantize as ort_quantize
+    # the package's ``quantize`` attribute is a function, so fetch the module by its name
+    ort_quantize = importlib.import_module("onnxruntime.quantization.quantize")
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
                                           QuantType, quantize_static)
 
