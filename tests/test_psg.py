@@ -102,7 +102,7 @@ def test_method_wraps_every_layer_with_reference_first_last_policy():
     wrapped.train()(x).sum().backward()
     assert wrapped.fc.bias.grad is not None
     expected = wrapped.eval()(x)
-    plain = method.unwrap(wrapped).eval()
+    plain = method.finalize(wrapped).eval()
     assert type(plain.conv1) is nn.Conv2d and plain.state_dict().keys() == ref.state_dict().keys()
     assert torch.equal(plain(x), expected)
 

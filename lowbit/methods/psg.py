@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from lowbit.errors import ConfigError
+from lowbit.methods.base import TrainingMethod
 from lowbit.methods.ptq import PTQConfig
 from lowbit.nn.layers import QUANT_LAYERS, WRAPPERS
 from lowbit.nn.psg import PSGGradientScaler
@@ -64,7 +65,7 @@ class PSGConfig:
         return cls(**values).validate()
 
 
-class PSGMethod:
+class PSGMethod(TrainingMethod):
     name = "psg"
 
     def __init__(self, config: PSGConfig):
@@ -99,10 +100,7 @@ class PSGMethod:
             self._hooks.append(last.bias.register_hook(scale_bias))
         return model
 
-    def before_step(self, model: nn.Module, epoch: int, step: int) -> None:
-        """PSG needs no schedule."""
-
-    def unwrap(self, model: nn.Module) -> nn.Module:
+    def finalize(self, model: nn.Module) -> nn.Module:
         """The plain float model (wrappers replaced by the float layers, bias hook removed)."""
         for handle in self._hooks:
             handle.remove()

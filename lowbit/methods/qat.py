@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from lowbit.errors import ConfigError
+from lowbit.methods.base import TrainingMethod
 from lowbit.nn.layers import WRAPPERS
 from lowbit.nn.lsq import LSQQuantizer
 from lowbit.nn.observed import ObservedQuantizer
@@ -77,7 +78,7 @@ class QATConfig:
         return cls(**values).validate()
 
 
-class QATMethod:
+class QATMethod(TrainingMethod):
     """The training method the engine calls: wraps layers, then schedules quantization."""
 
     def __init__(self, config: QATConfig):

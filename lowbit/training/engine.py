@@ -1,9 +1,11 @@
 """The one training loop every training method uses (fine-tuning, STE QAT, LSQ, PSG, ...).
 
 A *method* adapts the model and the loop without owning it: ``method.prepare(model, example)``
-returns the model to train (quantizers in the wrapper slots, gradient hooks, ...) and
+returns the model to train (quantizers in the wrapper slots, gradient hooks, ...),
 ``method.before_step(model, epoch, step)`` switches things on a schedule (activation
-quantization after N steps, BN statistics frozen from an epoch). ``None`` trains the float model.
+quantization after N steps, BN statistics frozen from an epoch) and ``method.after_step(model)``
+acts after each update (clipping latent weights, re-centring codebooks); see
+:class:`lowbit.methods.base.TrainingMethod`. ``None`` trains the float model.
 
 Reproducibility and resume. Everything random is drawn from generators seeded by
 ``(seed, epoch)``: the data order and the augmentation of epoch ``e`` do not depend on how the
@@ -197,6 +199,8 @@ def _train_epoch(net, model, teacher, data, config, method, epoch, steps, local_
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if method is not None:
+            method.after_step(model)
         scheduler.step()
         distributed.average_buffers(model)
         loss_sum += loss.item() * len(y)

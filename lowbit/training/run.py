@@ -47,9 +47,8 @@ def run_training(*, model_spec: str, checkpoint: str | None, data_spec: str, met
               "train": config.to_dict(), "train_images": len(train_split),
               "test_images": len(data.test), "fp_top1": fp_top1,
               "top1": result.metrics[-1]["test_top1"], "epochs": result.metrics}
-    trained = result.model
+    trained = trainer.finalize(result.model) if trainer is not None else result.model
     if isinstance(trainer, PSGMethod):
-        trained = trainer.unwrap(trained)
         calib = Batches(train_split.subset(min(256, len(train_split)), 0), norm, 256)
         if trainer.config.sparse:
             report["pruned"] = pruned_accuracy(trained, test, SPARSITY_THRESHOLDS)
