@@ -73,6 +73,10 @@ class LSQQuantizer(nn.Module):
         step = broadcast_along(self.step, x, self.axis)
         return LSQFakeQuantize.apply(x, step, q_n, q_p, lsq_grad_scale(n, q_p))
 
+    def storage_bits(self, weight: torch.Tensor) -> int:
+        """b bits per weight and a float32 step per tensor (or channel)."""
+        return self.bits * weight.numel() + 32 * self.step.numel()
+
     def extra_repr(self) -> str:
         per = "per-channel" if self.axis is not None else "per-tensor"
         return f"bits={self.bits}, {per}, signed={bool(self.signed)}"

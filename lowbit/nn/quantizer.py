@@ -61,6 +61,18 @@ class AffineQuantizer(nn.Module):
         return fake_quantize(x, self.scale, self.zero_point, self.quant_min, self.quant_max,
                              self.axis if self.scale.dim() else None)
 
+    def storage_bits(self, weight: torch.Tensor) -> int:
+        """Bits to store ``weight`` quantized: its codes (per-channel widths included) plus a
+        float32 scale and a 32-bit zero point per channel."""
+        if not self.calibrated:
+            return 32 * weight.numel()
+        bits = self.bits
+        if bits.dim():
+            total = int(bits.sum()) * (weight.numel() // weight.shape[self.axis])
+        else:
+            total = int(bits) * weight.numel()
+        return total + 64 * self.scale.numel()
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Buffers are empty until calibration; adopt the saved shapes so a quantized checkpoint
         # loads into a freshly prepared (uncalibrated) model.
@@ -88,6 +100,9 @@ class CorrectedQuantizer(nn.Module):
 
     def set_correction(self, gain: torch.Tensor, shift: torch.Tensor) -> None:
         self.gain, self.shift = gain.detach().float(), shift.detach().float()
+
+    def storage_bits(self, weight: torch.Tensor) -> int:
+        return self.quantizer.storage_bits(weight) + 32 * (self.gain.numel() + self.shift.numel())
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         w_q = self.quantizer(w)

@@ -13,6 +13,8 @@ Two ways to fine-tune:
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -61,6 +63,13 @@ class KMeansQuantizer(nn.Module):
         sums = torch.zeros_like(self.codebook).scatter_add_(1, slot, torch.where(valid, w, 0))
         counts = torch.zeros_like(self.codebook).scatter_add_(1, slot, valid.to(w.dtype))
         self.codebook.copy_(torch.where(counts > 0, sums / counts.clamp(min=1), self.codebook))
+
+    def storage_bits(self, weight: torch.Tensor) -> int:
+        """ceil(log2 k) bits per index (one more code when weights are pruned: the zero) plus
+        the float32 codebook; Huffman coding of the indices is reported separately."""
+        symbols = self.codebook.shape[-1] + int(bool((self.indices < 0).any()))
+        return max(1, math.ceil(math.log2(symbols))) * self.indices.numel() + \
+            32 * self.codebook.numel()
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if self.indices.numel() == 0:

@@ -1,0 +1,105 @@
+"""Binary and ternary quantizers for the wrapper slots, and the XNOR-Net convolution
+(see :mod:`lowbit.quant.binary` for the formulas and papers).
+
+Weight slot: :class:`BinaryWeight` (BinaryConnect deterministic / stochastic, BNN),
+:class:`ScaledBinaryWeight` (BWN, XNOR-Net), :class:`TernaryWeight` (TWN), :class:`TTQWeight`.
+Input slot: :class:`SignActivation` (BNN, XNOR-Net). :class:`XNORConv2d` multiplies the binary
+convolution by the K map of its real input (XNOR-Net's beta per output position), treated as a
+constant in the backward pass. Each weight quantizer reports ``storage_bits`` for size reports.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lowbit.nn.layers import QuantConv2d
+from lowbit.quant.binary import (IdentitySTE, SignSTE, TTQTernarize, binarize, bwn_alpha,
+                                 stochastic_binarize, twn_ternarize, xnor_input_scale)
+
+
+class BinaryWeight(nn.Module):
+    """BinaryConnect: sign(w) (0 -> +1), or in training with ``stochastic`` +1 with probability
+    hard_sigmoid(w); the gradient passes straight to the latent weights, which the method clips
+    to [-1, 1] after every update. Evaluation is deterministic (the deployable network)."""
+
+    def __init__(self, stochastic: bool = False):
+        super().__init__()
+        self.stochastic = stochastic
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if self.stochastic and self.training:
+            return IdentitySTE.apply(w, stochastic_binarize(w.detach()))
+        return IdentitySTE.apply(w, binarize(w.detach()))
+
+    def storage_bits(self, weight: torch.Tensor) -> int:
+        return weight.numel()
+
+
+class ScaledBinaryWeight(nn.Module):
+    """BWN: alpha sign(W), alpha = mean|W| per output filter. alpha is not detached, so autograd
+    gives the exact chain rule (1/n) sign(W_i) sum_j g_j sign(W_j) + alpha 1[|W_i| <= 1] g_i."""
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return bwn_alpha(w) * SignSTE.apply(w)
+
+    def storage_bits(self, weight: torch.Tensor) -> int:
+        return weight.numel() + 32 * weight.shape[0]  # one float32 alpha per filter
+
+
+class TernaryWeight(nn.Module):
+    """TWN: alpha sign(W) 1[|W| > 0.7 mean|W|], recomputed every step, straight-through."""
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return IdentitySTE.apply(w, twn_ternarize(w.detach()))
+
+    def storage_bits(self, weight: torch.Tensor) -> int:
+        return 2 * weight.numel() + 32  # 2-bit codes and alpha
+
+
+class TTQWeight(nn.Module):
+    """TTQ with trainable positive scales W^p, W^n (one pair per layer) and threshold t max|W|.
+
+    The scales start at the mean |W| of the weights above / below the threshold (the TWN-optimal
+    values), so fine-tuning starts close to the float layer; the official code starts them at
+    1.0 and relies on the following BatchNorm to absorb the scale.
+    """
+
+    def __init__(self, threshold: float = 0.05):
+        super().__init__()
+        self.threshold = threshold
+        self.w_p = nn.Parameter(torch.tensor(1.0))
+        self.w_n = nn.Parameter(torch.tensor(1.0))
+        self.register_buffer("initialized", torch.tensor(False))
+
+    @torch.no_grad()
+    def initialize(self, w: torch.Tensor) -> None:
+        delta = self.threshold * w.abs().max()
+        for scale, part in ((self.w_p, w[w > delta]), (self.w_n, -w[w < -delta])):
+            scale.fill_(part.mean().item() if part.numel() else 1.0)
+        self.initialized.fill_(True)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if not self.initialized:
+            self.initialize(w)
+        return TTQTernarize.apply(w, self.w_p, self.w_n, self.threshold)
+
+    def storage_bits(self, weight: torch.Tensor) -> int:
+        return 2 * weight.numel() + 64  # 2-bit codes, W^p and W^n
+
+
+class SignActivation(nn.Module):
+    """Binary input: sign(x) (0 -> +1) with the hardtanh STE 1[|x| <= 1]."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return SignSTE.apply(x)
+
+
+class XNORConv2d(QuantConv2d):
+    """XNOR-Net convolution: ``conv(sign(I), alpha sign(W)) * K(I)``, K the box-filtered channel
+    mean of |I| (one beta per output position) computed from the real input."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = xnor_input_scale(x.detach(), self.kernel_size, self.stride, self.padding)
+        out = self._conv_forward(self.input_quantizer(x), self.quantized_weight(), None)
+        out = out * k
+        return out if self.bias is None else out + self.bias.reshape(1, -1, 1, 1)
