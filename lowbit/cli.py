@@ -76,12 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--skip", action="append", help="layer name or regex left in float (repeatable)")
     q.add_argument("--seed", type=int)
 
-    t = sub.add_parser("train", help="train or fine-tune: float, STE QAT, LSQ or PSG (resumable; "
-                                     "run under torchrun for data parallelism)")
+    t = sub.add_parser("train", help="train or fine-tune: float, STE QAT, LSQ, PSG, k-means, "
+                                     "binary / ternary (resumable; torchrun for data parallelism)")
     _add_data_args(t)
     t.add_argument("--out", required=True, help="run folder: checkpoint.pt, metrics, report.json, "
                                                 "model.pt")
-    t.add_argument("--method", default="fp", help="fp, qat, lsq or psg")
+    t.add_argument("--method", default="fp", help="fp, qat, lsq, psg, kmeans, bc, bc-stochastic, "
+                                                   "bnn, bwn, xnor, twn or ttq")
     t.add_argument("--recipe", help="YAML with 'method', method keys and a 'train' mapping; "
                                     "flags override it")
     t.add_argument("--resume", action="store_true", help="continue the run in --out")

@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from typing import Callable
 
 from lowbit.errors import ConfigError
-from lowbit.methods import psg, ptq, qat
+from lowbit.methods import binary, kmeans, psg, ptq, qat
 
 
 @dataclass(frozen=True)
-class TrainingMethod:
+class MethodEntry:
     config: type
     defaults: dict
     build: Callable
@@ -28,10 +28,13 @@ class TrainingMethod:
 
 METHODS = {"ptq": ptq}
 TRAINING_METHODS = {
-    "qat": TrainingMethod(qat.QATConfig, {"quantizer": "ste"}, qat.QATMethod),
-    "lsq": TrainingMethod(qat.QATConfig, {"quantizer": "lsq", "w_per_channel": False},
+    "qat": MethodEntry(qat.QATConfig, {"quantizer": "ste"}, qat.QATMethod),
+    "lsq": MethodEntry(qat.QATConfig, {"quantizer": "lsq", "w_per_channel": False},
                           qat.QATMethod),
-    "psg": TrainingMethod(psg.PSGConfig, {}, psg.PSGMethod),
+    "psg": MethodEntry(psg.PSGConfig, {}, psg.PSGMethod),
+    "kmeans": MethodEntry(kmeans.KMeansConfig, {}, kmeans.KMeansMethod),
+    **{kind: MethodEntry(binary.BinaryConfig, {"kind": kind}, binary.BinaryMethod)
+       for kind in binary.KINDS},
 }
 
 
@@ -47,4 +50,5 @@ def training_method(name: str, values: dict | None = None):
     return TRAINING_METHODS[name].make(values or {})
 
 
-__all__ = ["METHODS", "TRAINING_METHODS", "training_method", "psg", "ptq", "qat"]
+__all__ = ["METHODS", "TRAINING_METHODS", "training_method", "binary", "kmeans", "psg", "ptq",
+           "qat"]
