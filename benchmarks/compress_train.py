@@ -1,0 +1,104 @@
+"""K-means weight sharing and binary / ternary networks fine-tuned from the float checkpoints:
+ResNet-20 on the CIFAR-10 training batch in ../shared, the PSG ResNet-32 on CIFAR-100. First and
+last layer at 8 bits (k-means: clustered at 8 bits). Accuracy on the full 10k test set and the
+real model size (codes + codebooks / scales; k-means also with Huffman-coded indices).
+
+    python benchmarks/compress_train.py [--models resnet20,psg_resnet32] [--threads 1]
+
+Every method gets the same compressed budget per model (epochs below): Adam with cosine
+decay, batch 128, crop and flip; lr 1e-3 for binary / ternary (latent weights), 1e-4 for
+k-means centroids (their gradient is the sum over every weight sharing them). Each run trains in
+``benchmarks/runs/compress-...`` (resumable) and is added to
+``benchmarks/results/compress_train.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+import lowbit
+from lowbit.data import load_dataset
+from lowbit.methods import training_method
+from lowbit.models import MODELS
+from lowbit.nn.shared_weights import KMeansQuantizer
+from lowbit.quant.kmeans import huffman_bits
+from lowbit.report import float_size_bytes, quantized_size_bytes
+from lowbit.training import TrainConfig, train
+
+from ptq_ablation import DATA, MODELS_TO_RUN, load_benchmark  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "compress_train.json"
+RUNS = ROOT / "benchmarks" / "runs"
+EPOCHS = {"resnet20": 5, "psg_resnet32": 1}
+RUNS_TO_DO = [("kmeans", {"w_bits": b}, f"k-means {b}-bit") for b in (4, 3, 2)] + [
+    (kind, {}, kind) for kind in ("bwn", "twn", "ttq", "bc", "xnor", "bnn")]
+
+
+def huffman_size_bytes(model) -> int:
+    """quantized_size_bytes with every k-means index stream Huffman-coded instead of fixed."""
+    saved = 0
+    for m in model.modules():
+        q = getattr(m, "weight_quantizer", None)
+        if isinstance(q, KMeansQuantizer):
+            fixed = q.storage_bits(m.weight) - 32 * q.codebook.numel()
+            saved += fixed - huffman_bits(q.indices)
+    return quantized_size_bytes(model) - saved // 8
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default=",".join(EPOCHS))
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.simplefilter("ignore", UserWarning)
+    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    for name in args.models.split(","):
+        model, _, test = load_benchmark(name)
+        data = load_dataset(DATA[MODELS_TO_RUN[name][0]])
+        norm = MODELS[name].normalization
+        done = results.setdefault(name, {})
+        done.setdefault("FP32", {"top1": lowbit.evaluate(model, test),
+                                 "bytes": float_size_bytes(model)})
+        example = next(iter(test))[0][:8]
+        for method_name, values, label in RUNS_TO_DO:
+            if method_name == "kmeans" and f"{label}, no fine-tuning" not in done:
+                method = training_method(method_name, values)
+                shared = method.prepare(copy.deepcopy(model).eval(), example)
+                done[f"{label}, no fine-tuning"] = {
+                    "top1": lowbit.evaluate(shared, test), "bytes": quantized_size_bytes(shared),
+                    "huffman_bytes": huffman_size_bytes(shared)}
+                RESULTS.write_text(json.dumps(results, indent=1))
+            if label in done:
+                continue
+            config = TrainConfig(epochs=EPOCHS[name], batch_size=128, optimizer="adam",
+                                 lr=1e-4 if method_name == "kmeans" else 1e-3,
+                                 weight_decay=0.0, schedule="cosine", seed=0,
+                                 eval_every=EPOCHS[name])
+            out = RUNS / f"compress-{name}-{label.replace(' ', '')}"
+            t = time.perf_counter()
+            result = train(model, data, norm, config, method=training_method(method_name, values),
+                           out=out, resume=(out / "checkpoint.pt").is_file())
+            row = {"top1": result.metrics[-1]["test_top1"], "bytes": quantized_size_bytes(
+                result.model), "epochs": result.metrics, "train": config.to_dict(),
+                "seconds_this_call": time.perf_counter() - t}
+            if method_name == "kmeans":
+                row["huffman_bytes"] = huffman_size_bytes(result.model)
+            done[label] = row
+            RESULTS.write_text(json.dumps(results, indent=1))
+            print(name, label, row["top1"], row["bytes"], flush=True)
+    results["meta"] = {"machine": platform.processor() or platform.machine(),
+                       "threads": args.threads, "command": "python benchmarks/compress_train.py"}
+    RESULTS.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
