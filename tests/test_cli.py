@@ -187,12 +187,15 @@ def test_plot_weights_writes_a_png_per_layer_and_a_page(capsys, tmp_path, digits
     assert code == 2 and "1 bit" in err
 
 
-def test_trained_lsq_model_reloads_with_the_same_accuracy(capsys, tmp_path, digits_ckpt):
-    out = tmp_path / "lsq"
+@pytest.mark.filterwarnings("ignore:.*distinct weights")  # k-means' 8-bit first layer says so
+@pytest.mark.parametrize("method", [["lsq", "--w-bits", "3", "--a-bits", "3"], ["xnor"],
+                                    ["kmeans", "--w-bits", "3"]])
+def test_trained_models_reload_with_the_same_accuracy(capsys, tmp_path, digits_ckpt, method):
+    out = tmp_path / method[0]
     code, _, err = run(capsys, "train", "--model", "digits_cnn", "--checkpoint", str(digits_ckpt),
-                       "--data", "digits", "--method", "lsq", "--w-bits", "3", "--a-bits", "3",
-                       "--epochs", "1", "--train-batch-size", "64", "--no-augment",
-                       "--out", str(out))
+                       "--data", "digits", "--method", *method, "--optimizer", "adam",
+                       "--lr", "1e-3", "--epochs", "1", "--train-batch-size", "64",
+                       "--no-augment", "--out", str(out))
     assert code == 0, err
     top1 = json.loads((out / "report.json").read_text())["top1"]
     code, stdout, _ = run(capsys, "eval", "--checkpoint", str(out / "model.pt"), "--data", "digits")

@@ -12,6 +12,7 @@ import torch
 from lowbit.data.core import Dataset
 from lowbit.data.digits import load_digits
 from lowbit.errors import CheckpointError, ConfigError, NumericalError
+from lowbit.methods import training_method
 from lowbit.models import build_model
 from lowbit.training import TrainConfig, train
 from lowbit.training.augment import pad_crop_flip
@@ -84,27 +85,33 @@ def test_cosine_and_multistep_schedules(digits):
     assert rows[0]["lr"] == pytest.approx(0.05) and rows[1]["lr"] == pytest.approx(0.025)
 
 
-def test_killed_run_resumes_to_identical_weights(tmp_path, digits):
+@pytest.mark.parametrize("method", [None, ("qat", {"w_bits": 3, "a_bits": 3}),
+                                    ("psg", {"w_bits": 3, "ema_momentum": 0.1}),
+                                    ("bc-stochastic", {})])
+def test_killed_run_resumes_to_identical_weights(tmp_path, digits, method):
+    """Killed mid-epoch and resumed from the last epoch's checkpoint: the same final state as
+    a run never interrupted (float with distillation; QAT and PSG state; a sampling method)."""
     data, norm = digits
     torch.manual_seed(0)
     init = build_model("digits_cnn").state_dict()
 
-    def fresh():
+    def run(out, **kw):
         model = build_model("digits_cnn")
         model.load_state_dict(init)
-        return model
+        trainer = training_method(*method) if method else None
+        return train(model, data, norm, small_config(distill=method is None, augment=True),
+                     method=trainer, out=out, **kw)
 
-    full = train(fresh(), data, norm, small_config(distill=True, augment=True), out=tmp_path / "a").model
+    full = run(tmp_path / "a").model
 
     def kill(epoch, step, loss):
         if epoch == 1 and step == 4:
             raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):
-        train(fresh(), data, norm, small_config(distill=True, augment=True), out=tmp_path / "b",
-              callbacks=[kill])
+        run(tmp_path / "b", callbacks=[kill])
     assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["epoch"] == 1
-    resumed = train(fresh(), data, norm, small_config(distill=True, augment=True), out=tmp_path / "b",
-                    resume=True).model
+    resumed = run(tmp_path / "b", resume=True).model
+    assert full.state_dict().keys() == resumed.state_dict().keys()
     for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), k
     rows = json.loads((tmp_path / "b" / "metrics.json").read_text())

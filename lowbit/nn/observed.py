@@ -26,6 +26,8 @@ OBSERVERS = ("minmax", "ema")
 
 
 class ObservedQuantizer(AffineQuantizer):
+    lazy_buffers = AffineQuantizer.lazy_buffers + ("running_min", "running_max")
+
     def __init__(self, scheme: QScheme, axis: int | None = None, name: str = "",
                  observer: str = "minmax", momentum: float = 0.01, enabled: bool = True):
         if observer not in OBSERVERS:

@@ -11,13 +11,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lowbit.nn.quantizer import LazyBuffers
 from lowbit.quant.affine import broadcast_along
 from lowbit.quant.psg import PositionScaledGradient, check_psg_bits, psg_grid_step, \
     psg_quantize
 from lowbit.quant.ranges import ema_update, minmax_range
 
 
-class PSGGradientScaler(nn.Module):
+class PSGGradientScaler(LazyBuffers, nn.Module):
+    lazy_buffers = ("running_min", "running_max")
+
     def __init__(self, bits: int, lambda_s: float, per_channel: bool = False,
                  ema_momentum: float | None = None, sparse: bool = False, name: str = ""):
         super().__init__()

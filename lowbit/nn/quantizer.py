@@ -10,7 +10,20 @@ from lowbit.quant.affine import QScheme, affine_qparams, fake_quantize, integer_
 _STATE = ("scale", "zero_point", "quant_min", "quant_max")
 
 
-class AffineQuantizer(nn.Module):
+class LazyBuffers:
+    """Mixin for modules whose buffers are sized when first calibrated (they start empty):
+    loading a state_dict adopts the saved shapes, so a checkpoint loads into a fresh model."""
+
+    lazy_buffers: tuple[str, ...] = ()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for key in self.lazy_buffers:
+            if prefix + key in state_dict:
+                setattr(self, key, torch.empty_like(state_dict[prefix + key]))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class AffineQuantizer(LazyBuffers, nn.Module):
     """Fake-quantizes a tensor with per-tensor or per-channel affine qparams.
 
     The scheme (bits, signed, symmetric, narrow) and ``axis`` are fixed at construction; the range
@@ -19,6 +32,8 @@ class AffineQuantizer(nn.Module):
     ``quant_min`` / ``quant_max``. A quantizer used before it has a range raises
     :class:`CalibrationError` naming its layer.
     """
+
+    lazy_buffers = _STATE
 
     def __init__(self, scheme: QScheme, axis: int | None = None, name: str = ""):
         super().__init__()
@@ -73,24 +88,18 @@ class AffineQuantizer(nn.Module):
             total = int(bits) * weight.numel()
         return total + 64 * self.scale.numel()
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # Buffers are empty until calibration; adopt the saved shapes so a quantized checkpoint
-        # loads into a freshly prepared (uncalibrated) model.
-        for key in _STATE:
-            if prefix + key in state_dict:
-                setattr(self, key, torch.empty_like(state_dict[prefix + key]))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
     def extra_repr(self) -> str:
         s = self.scheme
         kind = "symmetric" if s.symmetric else "asymmetric"
         return f"bits={s.bits}, {kind}, axis={self.axis}, calibrated={self.calibrated}"
 
 
-class CorrectedQuantizer(nn.Module):
+class CorrectedQuantizer(LazyBuffers, nn.Module):
     """A weight quantizer followed by a per-output-channel affine correction
     ``W_q' = gain * Q(W) + shift`` (Banner et al. 2019 bias correction, see
     :func:`lowbit.quant.correct_weight_bias`)."""
+
+    lazy_buffers = ("gain", "shift")
 
     def __init__(self, quantizer: nn.Module):
         super().__init__()
@@ -111,8 +120,3 @@ class CorrectedQuantizer(nn.Module):
         shape = (-1,) + (1,) * (w.dim() - 1)
         return w_q * self.gain.reshape(shape) + self.shift.reshape(shape)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        for key in ("gain", "shift"):
-            if prefix + key in state_dict:
-                setattr(self, key, torch.empty_like(state_dict[prefix + key]))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -19,13 +19,16 @@ import torch
 from torch import nn
 
 from lowbit.errors import ConfigError
+from lowbit.nn.quantizer import LazyBuffers
 from lowbit.quant.binary import IdentitySTE
 from lowbit.quant.kmeans import INITS, cluster_weights
 
 UPDATES = ("centroid", "recentre")
 
 
-class KMeansQuantizer(nn.Module):
+class KMeansQuantizer(LazyBuffers, nn.Module):
+    lazy_buffers = ("indices",)
+
     def __init__(self, bits: int, per_channel: bool = False, init: str = "linear",
                  update: str = "centroid", name: str = ""):
         super().__init__()
@@ -79,9 +82,7 @@ class KMeansQuantizer(nn.Module):
         return self.shared()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # sized at clustering time: adopt the saved shapes when loading into a fresh model
-        if prefix + "indices" in state_dict:
-            self.indices = torch.empty_like(state_dict[prefix + "indices"])
+        # the codebook parameter is sized at clustering time too
         if prefix + "codebook" in state_dict:
             self.codebook = nn.Parameter(torch.empty_like(state_dict[prefix + "codebook"]),
                                          requires_grad=self.update == "centroid")
