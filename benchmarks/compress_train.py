@@ -27,9 +27,7 @@ import lowbit
 from lowbit.data import load_dataset
 from lowbit.methods import training_method
 from lowbit.models import MODELS
-from lowbit.nn.shared_weights import KMeansQuantizer
-from lowbit.quant.kmeans import huffman_bits
-from lowbit.report import float_size_bytes, quantized_size_bytes
+from lowbit.report import float_size_bytes, huffman_size_bytes, quantized_size_bytes
 from lowbit.training import TrainConfig, train
 
 from ptq_ablation import DATA, MODELS_TO_RUN, load_benchmark  # noqa: E402
@@ -40,17 +38,6 @@ RUNS = ROOT / "benchmarks" / "runs"
 EPOCHS = {"resnet20": 5, "psg_resnet32": 1}
 RUNS_TO_DO = [("kmeans", {"w_bits": b}, f"k-means {b}-bit") for b in (4, 3, 2)] + [
     (kind, {}, kind) for kind in ("bwn", "twn", "ttq", "bc", "xnor", "bnn")]
-
-
-def huffman_size_bytes(model) -> int:
-    """quantized_size_bytes with every k-means index stream Huffman-coded instead of fixed."""
-    saved = 0
-    for m in model.modules():
-        q = getattr(m, "weight_quantizer", None)
-        if isinstance(q, KMeansQuantizer):
-            fixed = q.storage_bits(m.weight) - 32 * q.codebook.numel()
-            saved += fixed - huffman_bits(q.indices)
-    return quantized_size_bytes(model) - saved // 8
 
 
 def main():

@@ -287,8 +287,11 @@ def cmd_train(args) -> int:
                           method=method, method_values=values, config=config, out=out,
                           resume=args.resume, train_limit=args.train_limit, test_limit=args.limit)
     extra = "".join(f", {k} {v:.2f}%" for k, v in report.items() if k.startswith("ptq_"))
+    size = f"{report['bytes'] / 1024:.1f} KiB (float {report['fp_bytes'] / 1024:.1f} KiB" + (
+        f", Huffman-coded {report['huffman_bytes'] / 1024:.1f} KiB" if "huffman_bytes" in report
+        else "") + ")"
     print(f"{method}: top-1 {report['top1']:.2f}% after {len(report['epochs'])} epochs "
-          f"(float {report['fp_top1']:.2f}%{extra}); wrote {out}")
+          f"(float {report['fp_top1']:.2f}%{extra}), {size}; wrote {out}")
     return 0
 
 

@@ -15,7 +15,7 @@ from lowbit.models import build_model
 from lowbit.nn import QuantConv2d
 from lowbit.nn.binary import ScaledBinaryWeight, SignActivation, XNORConv2d
 from lowbit.quant.binary import binarize, bwn_alpha, xnor_input_scale
-from lowbit.report import float_size_bytes, quantized_size_bytes
+from lowbit.report import float_size_bytes, huffman_size_bytes, quantized_size_bytes
 from lowbit.training import TrainConfig, train
 
 
@@ -45,6 +45,8 @@ def test_kmeans_fine_tuning_keeps_indices_and_trains_centroids(digits_fp):
             w = m.quantized_weight()
             assert torch.unique(w).numel() <= 5            # 4 centroids and the pruned zero
             assert (w[m.weight_quantizer.indices < 0] == 0).all()
+    # linear init on bell-shaped weights: the middle clusters are crowded, Huffman codes them short
+    assert huffman_size_bytes(model) < quantized_size_bytes(model)
     test = Batches(d.test, d.normalization(), 500)
     ptq_top1 = lowbit.evaluate(model, test)
     _, result = _finetune(d, fp, "kmeans", {"w_bits": 2, "first_last_bits": None, "prune": 0.3})

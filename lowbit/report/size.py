@@ -40,3 +40,18 @@ def quantized_size_bytes(model: nn.Module) -> int:
                 counted.update(id(t) for t in [*sub.buffers(), *sub.parameters()])
     rest = [t for t in [*model.parameters(), *model.buffers()] if id(t) not in counted]
     return (bits + _float_bits(rest)) // 8
+
+
+def huffman_size_bytes(model: nn.Module) -> int:
+    """:func:`quantized_size_bytes` with every k-means index stream Huffman-coded (Deep
+    Compression's last stage) instead of stored at a fixed width."""
+    from lowbit.nn.shared_weights import KMeansQuantizer
+    from lowbit.quant.kmeans import huffman_bits
+
+    saved = 0
+    for layer in model.modules():
+        q = getattr(layer, "weight_quantizer", None)
+        if isinstance(q, KMeansQuantizer):
+            fixed = q.storage_bits(layer.weight) - 32 * q.codebook.numel()
+            saved += fixed - huffman_bits(q.indices)
+    return quantized_size_bytes(model) - saved // 8

@@ -17,9 +17,11 @@ from lowbit.data import Batches, Dataset, load_dataset
 from lowbit.evaluate import evaluate
 from lowbit.io import load_weights, save_torch, write_json
 from lowbit.methods import training_method
+from lowbit.methods.kmeans import KMeansMethod
 from lowbit.methods.psg import PSGMethod, ptq_config, sparsity
 from lowbit.methods.ptq import quantize
 from lowbit.models import build_model, model_info
+from lowbit.report import float_size_bytes, huffman_size_bytes, quantized_size_bytes
 from lowbit.training.config import TrainConfig
 from lowbit.training.distributed import world
 from lowbit.training.engine import train
@@ -48,6 +50,10 @@ def run_training(*, model_spec: str, checkpoint: str | None, data_spec: str, met
               "test_images": len(data.test), "fp_top1": fp_top1,
               "top1": result.metrics[-1]["test_top1"], "epochs": result.metrics}
     trained = trainer.finalize(result.model) if trainer is not None else result.model
+    report["fp_bytes"] = float_size_bytes(model)
+    report["bytes"] = quantized_size_bytes(trained)
+    if isinstance(trainer, KMeansMethod):
+        report["huffman_bytes"] = huffman_size_bytes(trained)
     if isinstance(trainer, PSGMethod):
         calib = Batches(train_split.subset(min(256, len(train_split)), 0), norm, 256)
         if trainer.config.sparse:
