@@ -8,6 +8,7 @@
 """
 from lowbit import errors
 from lowbit.checkpoint import load_quantized, save_quantized
+from lowbit.deploy import export_packed, load_packed
 from lowbit.evaluate import evaluate
 from lowbit.methods.ptq import PTQConfig, quantize
 from lowbit.recipes import load_recipe
@@ -16,4 +17,4 @@ from lowbit.training import TrainConfig, train
 __version__ = "0.1.0"
 __all__ = ["errors", "evaluate", "PTQConfig", "quantize", "TrainConfig", "train",
            "load_recipe", "save_quantized",
-           "load_quantized", "__version__"]
+           "load_quantized", "export_packed", "load_packed", "__version__"]

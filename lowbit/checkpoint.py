@@ -16,22 +16,38 @@ from lowbit.policy import LayerBits
 FORMAT, VERSION = "lowbit-quantized", 1
 
 
-def save_quantized(path, qmodel, model_spec: str, num_classes: int | None = None):
-    """Write ``qmodel`` (made by a lowbit method) atomically to ``path``."""
+def quantized_header(qmodel, model_spec: str, num_classes: int | None = None) -> dict:
+    """Everything but the tensors: what rebuilds the quantized structure."""
     info = getattr(qmodel, "lowbit", None)
     if info is None:
         raise CheckpointError("this model was not made by lowbit.quantize: nothing to save")
-    payload = {
-        "format": FORMAT, "version": VERSION, "model": model_spec, "num_classes": num_classes,
-        "method": info.method, "config": info.config, "folded": info.folded, "notes": info.notes,
-        "plan": {name: [b.w_bits, b.a_bits] for name, b in info.plan.items()},
-        "state_dict": qmodel.state_dict(),
-    }
+    return {"format": FORMAT, "version": VERSION, "model": model_spec, "num_classes": num_classes,
+            "method": info.method, "config": info.config, "folded": info.folded,
+            "notes": info.notes, "plan": {name: [b.w_bits, b.a_bits]
+                                          for name, b in info.plan.items()}}
+
+
+def save_quantized(path, qmodel, model_spec: str, num_classes: int | None = None):
+    """Write ``qmodel`` (made by a lowbit method) atomically to ``path``."""
+    payload = {**quantized_header(qmodel, model_spec, num_classes),
+               "state_dict": qmodel.state_dict()}
     return save_torch(path, payload)
 
 
 def is_quantized_checkpoint(obj) -> bool:
     return isinstance(obj, dict) and obj.get("format") == FORMAT
+
+
+def rebuild_quantized(header: dict, path):
+    """The uncalibrated quantized structure a header describes (weights not loaded)."""
+    method = METHODS.get(header["method"])
+    if method is None:
+        raise CheckpointError(f"{path} was made by unknown method {header['method']!r}")
+    model = build_model(header["model"], num_classes=header.get("num_classes"))
+    info = method.QuantInfo(header["method"], header["config"],
+                            {k: LayerBits(*v) for k, v in header["plan"].items()},
+                            header["folded"], list(header.get("notes", [])))
+    return method.restore(model, info)
 
 
 def load_quantized(path):
@@ -42,13 +58,6 @@ def load_quantized(path):
     if payload.get("version", 0) > VERSION:
         raise CheckpointError(f"{path} has format version {payload['version']}; this lowbit "
                               f"reads up to {VERSION}: upgrade lowbit")
-    method = METHODS.get(payload["method"])
-    if method is None:
-        raise CheckpointError(f"{path} was made by unknown method {payload['method']!r}")
-    model = build_model(payload["model"], num_classes=payload.get("num_classes"))
-    info = method.QuantInfo(payload["method"], payload["config"],
-                            {k: LayerBits(*v) for k, v in payload["plan"].items()},
-                            payload["folded"], list(payload.get("notes", [])))
-    qmodel = method.restore(model, info)
+    qmodel = rebuild_quantized(payload, path)
     load_weights(qmodel, payload["state_dict"], path)
     return qmodel.eval(), payload

@@ -1,4 +1,4 @@
-"""Command line: ``lowbit demo | eval | quantize | train | plot-weights | recipes``.
+"""Command line: ``lowbit demo | eval | quantize | train | export | plot-weights | recipes``.
 
 User mistakes (``LowbitError``) print one line on stderr and exit 2; nothing already written is
 touched, because every output is written to a temporary name and renamed at the end.
@@ -107,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", help="cpu or cuda")
     t.add_argument("--threads", type=int, help="torch CPU threads")
 
+    ex = sub.add_parser("export", help="write a quantized checkpoint as a packed file (codes at "
+                                       "their real width; lowbit.load_packed reads it)")
+    ex.add_argument("--checkpoint", required=True, help="quantized.pt from lowbit quantize")
+    ex.add_argument("--format", default="lowbit", choices=["lowbit"])
+    ex.add_argument("--out", required=True, help="the file to write, e.g. model.lowbit")
+
     pw = sub.add_parser("plot-weights", help="per-layer weight histograms of models on the "
                                              "quantization grid (PNG + HTML)")
     pw.add_argument("--model", required=True)
@@ -166,13 +172,18 @@ def cmd_eval(args) -> int:
     from lowbit.evaluate import evaluate
     from lowbit.io import load_torch
     from lowbit.models import build_model
+    from lowbit.deploy.packed import is_packed_file, load_packed
     from lowbit.training.run import is_trained_checkpoint, load_trained
 
     if not args.checkpoint and not args.model:
         raise ConfigError("eval needs --model (with an optional --checkpoint) or a lowbit checkpoint")
     dataset = load_dataset(args.data)
-    payload = load_torch(args.checkpoint) if args.checkpoint else None
-    if is_quantized_checkpoint(payload):
+    packed = args.checkpoint and is_packed_file(args.checkpoint)
+    payload = load_torch(args.checkpoint) if args.checkpoint and not packed else None
+    if packed:
+        model, payload = load_packed(args.checkpoint)
+        spec = payload["model"]
+    elif is_quantized_checkpoint(payload):
         model, payload = load_quantized(args.checkpoint)
         spec = payload["model"]
     elif is_trained_checkpoint(payload):
@@ -295,6 +306,19 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from lowbit.checkpoint import load_quantized
+    from lowbit.deploy.packed import export_packed
+    from lowbit.report import quantized_size_bytes
+
+    qmodel, payload = load_quantized(args.checkpoint)
+    path = export_packed(qmodel, Path(args.out), payload["model"], payload.get("num_classes"))
+    size, ideal = path.stat().st_size, quantized_size_bytes(qmodel)
+    print(f"wrote {path}: {size / 1024:.1f} KiB (ideal {ideal / 1024:.1f} KiB, "
+          f"{100 * (size - ideal) / ideal:+.1f}%)")
+    return 0
+
+
 def cmd_plot_weights(args) -> int:
     from lowbit.models import build_model
     from lowbit.quant.psg import check_psg_bits
@@ -327,7 +351,7 @@ def cmd_demo(args) -> int:
 
 
 COMMANDS = {"demo": cmd_demo, "eval": cmd_eval, "quantize": cmd_quantize, "train": cmd_train,
-            "plot-weights": cmd_plot_weights, "recipes": cmd_recipes}
+            "export": cmd_export, "plot-weights": cmd_plot_weights, "recipes": cmd_recipes}
 
 
 def main(argv=None) -> int:

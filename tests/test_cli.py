@@ -214,3 +214,21 @@ def test_train_psg_sparse_reports_pruned_accuracy(capsys, tmp_path, digits_ckpt)
     pruned = json.loads((out / "report.json").read_text())["pruned"]
     assert [p["threshold"] for p in pruned] == [1e-3, 1e-2, 3e-2]
     assert pruned[0]["sparsity"] < pruned[-1]["sparsity"] <= 1.0
+
+
+def test_export_packed_and_evaluate_it(capsys, tmp_path, digits_ckpt):
+    out = tmp_path / "q"
+    code, _, err = run(capsys, "quantize", "--model", "digits_cnn", "--checkpoint",
+                       str(digits_ckpt), "--data", "digits", "--w-bits", "4", "--a-bits", "8",
+                       "--bit-alloc", "--out", str(out))
+    assert code == 0, err
+    q_top1 = json.loads((out / "report.json").read_text())["q_top1"]
+    code, stdout, err = run(capsys, "export", "--checkpoint", str(out / "quantized.pt"),
+                            "--out", str(tmp_path / "m.lowbit"))
+    assert code == 0 and "ideal" in stdout, err
+    code, stdout, _ = run(capsys, "eval", "--checkpoint", str(tmp_path / "m.lowbit"),
+                          "--data", "digits")
+    assert code == 0 and f"top-1 {q_top1:.2f}%" in stdout
+    code, _, err = run(capsys, "export", "--checkpoint", str(digits_ckpt), "--out",
+                       str(tmp_path / "x.lowbit"))
+    assert code == 2 and "not a lowbit quantized checkpoint" in err

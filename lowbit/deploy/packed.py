@@ -1,0 +1,166 @@
+"""The packed file: one safetensors file whose size is the quantized model's real size.
+
+Layout. Every quantized weight is stored as its integer codes bit-packed at their real width
+(``<layer>.weight.codes``, uint8; per-channel widths from bit allocation packed row by row), with
+its per-channel float32 scale and int32 zero point; every other tensor (biases, input-quantizer
+parameters, any float layer) is stored as it is. The safetensors metadata holds one JSON header:
+format and version, the model reference and the method's settings and layer plan (what rebuilds
+the structure), each packed weight's shape and widths, and a SHA-256 of every tensor, so a
+truncated or tampered file is detected.
+
+:func:`load_packed` rebuilds the model and sets each weight to ``S * (code + q_min - Z)``; its
+weight quantizer maps that value back to the same code, so the rebuilt model's outputs are
+bit-identical to the fake-quant model it came from. Supported weight quantizers: the affine ones
+(PTQ, STE QAT), with or without bias correction.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from lowbit.checkpoint import quantized_header, rebuild_quantized
+from lowbit.deploy.bitpack import pack_rows, unpack_rows
+from lowbit.errors import CheckpointError, ConfigError
+from lowbit.io import atomic_write
+from lowbit.nn.layers import QUANT_LAYERS
+from lowbit.nn.quantizer import AffineQuantizer, CorrectedQuantizer
+from lowbit.quant.affine import integer_range
+
+FORMAT, VERSION = "lowbit-packed", 1
+
+
+def _affine(layer, name: str) -> AffineQuantizer:
+    slot = layer.weight_quantizer
+    q = slot.quantizer if isinstance(slot, CorrectedQuantizer) else slot
+    if not isinstance(q, AffineQuantizer):
+        raise ConfigError(f"{name}: the packed format does not store {type(q).__name__} weights "
+                          "yet (affine quantizers only)")
+    return q
+
+
+def _codes(w: torch.Tensor, q: AffineQuantizer):
+    """([rows, n] codes - q_min as int64, per-row widths) of a weight on its quantizer's grid."""
+    rows = w.detach().reshape(w.shape[0] if q.axis is not None else 1, -1)
+    col = (lambda t: t.reshape(-1, 1)) if q.scale.dim() else (lambda t: t)
+    q_int = torch.clamp(torch.round(rows * (1.0 / col(q.scale))) + col(q.zero_point),
+                        col(q.quant_min), col(q.quant_max))
+    widths = q.bits.reshape(-1) if q.bits.dim() else q.bits.reshape(1)
+    return (q_int - col(q.quant_min)).to(torch.int64), widths
+
+
+def _checksum(tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        digest.update(key.encode())
+        digest.update(tensors[key].detach().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def export_packed(qmodel, path, model_spec: str, num_classes: int | None = None) -> Path:
+    """Write ``qmodel`` (from :func:`lowbit.quantize`) as a packed file; returns the path."""
+    header = quantized_header(qmodel, model_spec, num_classes)
+    header.update(format=FORMAT, version=VERSION, weights={})
+    tensors: dict[str, torch.Tensor] = {}
+    state = qmodel.state_dict()
+    skip = set()
+    for name, layer in qmodel.named_modules():
+        if not isinstance(layer, QUANT_LAYERS):
+            continue
+        q = _affine(layer, name)
+        if not q.calibrated:
+            raise ConfigError(f"{name}: the weight quantizer was never calibrated; quantize the "
+                              "model before exporting it")
+        codes, widths = _codes(layer.weight, q)
+        packed = pack_rows(codes.numpy(), widths.numpy())
+        key = f"{name}.weight"
+        prefix = f"{key}_quantizer." + ("quantizer." if isinstance(layer.weight_quantizer,
+                                                                   CorrectedQuantizer) else "")
+        tensors[f"{key}.codes"] = torch.from_numpy(packed)
+        tensors[f"{key}.scale"] = q.scale.float()
+        tensors[f"{key}.zero_point"] = q.zero_point.to(torch.int32)
+        varying = bool((widths != widths[0]).any())
+        if varying:
+            tensors[f"{key}.bits"] = widths.to(torch.uint8)
+        header["weights"][key] = {"shape": list(layer.weight.shape), "rows": codes.shape[0],
+                                  "bits": None if varying else int(widths[0]),
+                                  "prefix": prefix}
+        skip.update({key, *(prefix + s for s in ("scale", "zero_point", "quant_min",
+                                                  "quant_max"))})
+    for key, value in state.items():
+        if key not in skip:
+            tensors[key] = value.contiguous()
+    header["sha256"] = _checksum(tensors)
+    data = st_save(tensors, metadata={"lowbit": json.dumps(header)})
+    return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+def is_packed_file(path) -> bool:
+    """True when ``path`` starts like a safetensors file carrying a lowbit header."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    with path.open("rb") as f:
+        head = f.read(8 + 4096)
+    return len(head) > 8 and b'"lowbit"' in head[8:] and b"lowbit-packed" in head[8:]
+
+
+def read_packed(path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(header, tensors) of a packed file, after checking format, version and checksum."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"packed file not found: {path}")
+    raw = path.read_bytes()
+    try:
+        tensors = st_load(raw)
+        length = int.from_bytes(raw[:8], "little")
+        header = json.loads(json.loads(raw[8:8 + length])["__metadata__"]["lowbit"])
+    except (SafetensorError, ValueError, KeyError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is not a readable lowbit packed file (truncated or "
+                              f"corrupt): {str(e).splitlines()[0][:160]}") from None
+    if header.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a lowbit packed file")
+    if header.get("version", 0) > VERSION:
+        raise CheckpointError(f"{path} has packed format version {header['version']}; this "
+                              f"lowbit reads up to {VERSION}: upgrade lowbit")
+    if _checksum(tensors) != header.get("sha256"):
+        raise CheckpointError(f"{path} fails its checksum: the file was modified or damaged")
+    return header, tensors
+
+
+def load_packed(path):
+    """Rebuild the quantized model stored in a packed file (outputs bit-identical to the model
+    that was exported); returns ``(model, header)``."""
+    header, tensors = read_packed(path)
+    qmodel = rebuild_quantized(header, path)
+    modules = dict(qmodel.named_modules())
+    state = {k: v for k, v in tensors.items()
+             if not any(k.startswith(w + ".") for w in header["weights"])}
+    for key, meta in header["weights"].items():
+        q = _affine(modules[key.rsplit(".", 1)[0]], key)
+        widths = tensors[f"{key}.bits"].to(torch.int64) if meta["bits"] is None else \
+            torch.tensor(meta["bits"])
+        qmin, qmax = integer_range(widths, q.scheme.signed, q.scheme.narrow)
+        qmin, qmax = torch.as_tensor(qmin).float(), torch.as_tensor(qmax).float()
+        rows = meta["rows"]
+        codes = unpack_rows(tensors[f"{key}.codes"].numpy(), widths.numpy(), rows,
+                            int(np.prod(meta["shape"])) // rows)
+        scale, zero = tensors[f"{key}.scale"], tensors[f"{key}.zero_point"].float()
+        col = (lambda t: t.reshape(-1, 1)) if scale.dim() else (lambda t: t)
+        weight = (torch.from_numpy(codes).float() + col(qmin) - col(zero)) * col(scale)
+        state[key] = weight.reshape(meta["shape"])
+        per_channel = scale.dim() > 0
+        state[meta["prefix"] + "scale"] = scale
+        state[meta["prefix"] + "zero_point"] = zero
+        state[meta["prefix"] + "quant_min"] = qmin.expand(scale.shape).clone() \
+            if per_channel else qmin.reshape(())
+        state[meta["prefix"] + "quant_max"] = qmax.expand(scale.shape).clone() \
+            if per_channel else qmax.reshape(())
+    qmodel.load_state_dict(state, strict=True)
+    return qmodel.eval(), header

@@ -1,0 +1,82 @@
+"""The packed file: bit-identical reload, real size, and refusal of bad files."""
+import json
+
+import pytest
+import torch
+
+import lowbit
+from lowbit.data.core import Batches
+from lowbit.data.digits import load_digits
+from lowbit.deploy.packed import export_packed, load_packed
+from lowbit.errors import CheckpointError, ConfigError
+from lowbit.models import build_model
+from lowbit.report import quantized_size_bytes
+from lowbit.training import TrainConfig, train
+
+
+@pytest.fixture(scope="module")
+def digits_fp():
+    d = load_digits()
+    torch.manual_seed(0)
+    config = TrainConfig(epochs=4, batch_size=64, optimizer="adam", lr=3e-3, augment=False)
+    return d, train(build_model("digits_cnn"), d, d.normalization(), config).model
+
+
+@pytest.mark.parametrize("cfg", [dict(w_bits=8, a_bits=8), dict(w_bits=4, a_bits=4),
+                                 dict(w_bits=2, a_bits=8, w_bit_alloc=True, a_bit_alloc=True,
+                                      bias_correction="mean_std"),
+                                 dict(w_bits=3, a_bits=None, w_per_channel=False,
+                                      w_symmetric=True)])
+def test_packed_reload_is_bit_identical_and_real_size(tmp_path, digits_fp, cfg):
+    d, fp = digits_fp
+    calib = Batches(d.train, d.normalization(), 256)
+    q = lowbit.quantize(fp, lowbit.PTQConfig(**cfg), calib)
+    path = export_packed(q, tmp_path / "m.lowbit", "digits_cnn")
+    back, header = load_packed(path)
+    x = next(iter(Batches(d.test, d.normalization(), 200)))[0]
+    assert torch.equal(back(x), q(x))
+    ideal = quantized_size_bytes(q)
+    size = path.stat().st_size
+    assert size <= 1.02 * ideal + 16 * 1024, (size, ideal)
+    assert header["model"] == "digits_cnn" and header["version"] == 1
+
+
+def test_tampered_truncated_and_newer_files_are_refused(tmp_path, digits_fp):
+    d, fp = digits_fp
+    q = lowbit.quantize(fp, lowbit.PTQConfig(w_bits=4, a_bits=8),
+                        Batches(d.train, d.normalization(), 256))
+    path = export_packed(q, tmp_path / "m.lowbit", "digits_cnn")
+    raw = bytearray(path.read_bytes())
+    tampered = tmp_path / "tampered.lowbit"
+    raw2 = bytearray(raw)
+    raw2[-5] ^= 0xFF
+    tampered.write_bytes(bytes(raw2))
+    with pytest.raises(CheckpointError, match="checksum"):
+        load_packed(tampered)
+    truncated = tmp_path / "truncated.lowbit"
+    truncated.write_bytes(bytes(raw[: len(raw) // 2]))
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_packed(truncated)
+    length = int.from_bytes(raw[:8], "little")
+    meta = json.loads(raw[8:8 + length])
+    header = json.loads(meta["__metadata__"]["lowbit"])
+    header["version"] = 99
+    meta["__metadata__"]["lowbit"] = json.dumps(header)
+    blob = json.dumps(meta).encode()
+    blob += b" " * ((-len(blob)) % 8)
+    newer = tmp_path / "newer.lowbit"
+    newer.write_bytes(len(blob).to_bytes(8, "little") + blob + bytes(raw[8 + length:]))
+    with pytest.raises(CheckpointError, match="version 99"):
+        load_packed(newer)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_packed(tmp_path / "missing.lowbit")
+
+
+def test_uncalibrated_layer_is_named(tmp_path, digits_fp):
+    d, fp = digits_fp
+    q = lowbit.quantize(fp, lowbit.PTQConfig(w_bits=4, a_bits=8),
+                        Batches(d.train, d.normalization(), 256))
+    q.get_submodule("3").weight_quantizer.scale = torch.empty(0)
+    with pytest.raises(ConfigError, match="3: the weight quantizer was never calibrated"):
+        export_packed(q, tmp_path / "x.lowbit", "digits_cnn")
+    assert not (tmp_path / "x.lowbit").exists()
