@@ -3,9 +3,12 @@
 Layout. Every quantized weight is stored as its integer codes bit-packed at their real width
 (``<layer>.weight.codes``, uint8; per-channel widths from bit allocation packed row by row), with
 its per-channel float32 scale and int32 zero point; every other tensor (biases, input-quantizer
-parameters, any float layer) is stored as it is. The safetensors metadata holds one JSON header:
-format and version, the model reference and the method's settings and layer plan (what rebuilds
-the structure), each packed weight's shape and widths, and a SHA-256 of every tensor, so a
+parameters, any float layer) is stored as it is. To keep the file at the model's size, tensors
+of one dtype are concatenated into a single safetensors tensor (a model has hundreds of small
+ones, whose per-tensor safetensors entries would cost more than 2% at 2 bits), and the JSON
+header (format and version, the model reference, the method's settings and layer plan, each
+packed weight's shape and widths, and where every tensor lies in the concatenations) is stored
+zlib-compressed in the safetensors metadata, beside a SHA-256 of the data and the header, so a
 truncated or tampered file is detected.
 
 :func:`load_packed` rebuilds the model and sets each weight to ``S * (code + q_min - Z)``; its
@@ -15,8 +18,10 @@ bit-identical to the fake-quant model it came from. Supported weight quantizers:
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -55,11 +60,32 @@ def _codes(w: torch.Tensor, q: AffineQuantizer):
     return (q_int - col(q.quant_min)).to(torch.int64), widths
 
 
-def _checksum(tensors: dict[str, torch.Tensor]) -> str:
-    digest = hashlib.sha256()
-    for key in sorted(tensors):
-        digest.update(key.encode())
-        digest.update(tensors[key].detach().cpu().numpy().tobytes())
+def _bundle(tensors: dict[str, torch.Tensor]):
+    """One flat tensor per dtype, and the index [key, dtype, offset, shape] of each tensor."""
+    parts: dict[str, list[torch.Tensor]] = {}
+    sizes: dict[str, int] = {}
+    index = []
+    for key, t in tensors.items():
+        kind = str(t.dtype).removeprefix("torch.")
+        index.append([key, kind, sizes.get(kind, 0), list(t.shape)])
+        parts.setdefault(kind, []).append(t.detach().reshape(-1))
+        sizes[kind] = sizes.get(kind, 0) + t.numel()
+    return {kind: torch.cat(ts) for kind, ts in parts.items()}, index
+
+
+def _unbundle(blobs: dict[str, torch.Tensor], index) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, kind, offset, shape in index:
+        n = int(np.prod(shape)) if shape else 1
+        out[key] = blobs[kind][offset:offset + n].reshape(shape)
+    return out
+
+
+def _checksum(blobs: dict[str, torch.Tensor], header: bytes) -> str:
+    digest = hashlib.sha256(header)
+    for kind in sorted(blobs):
+        digest.update(kind.encode())
+        digest.update(blobs[kind].numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -96,8 +122,12 @@ def export_packed(qmodel, path, model_spec: str, num_classes: int | None = None)
     for key, value in state.items():
         if key not in skip:
             tensors[key] = value.contiguous()
-    header["sha256"] = _checksum(tensors)
-    data = st_save(tensors, metadata={"lowbit": json.dumps(header)})
+    blobs, header["index"] = _bundle(tensors)
+    packed_header = zlib.compress(json.dumps(header, separators=(",", ":")).encode(), 9)
+    metadata = {"format": FORMAT, "version": str(VERSION),
+                "header": base64.b64encode(packed_header).decode(),
+                "sha256": _checksum(blobs, packed_header)}
+    data = st_save(blobs, metadata=metadata)
     return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
@@ -108,7 +138,7 @@ def is_packed_file(path) -> bool:
         return False
     with path.open("rb") as f:
         head = f.read(8 + 4096)
-    return len(head) > 8 and b'"lowbit"' in head[8:] and b"lowbit-packed" in head[8:]
+    return len(head) > 8 and f'"format":"{FORMAT}"'.encode() in head[8:].replace(b" ", b"")
 
 
 def read_packed(path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -118,20 +148,22 @@ def read_packed(path) -> tuple[dict, dict[str, torch.Tensor]]:
         raise CheckpointError(f"packed file not found: {path}")
     raw = path.read_bytes()
     try:
-        tensors = st_load(raw)
+        blobs = st_load(raw)
         length = int.from_bytes(raw[:8], "little")
-        header = json.loads(json.loads(raw[8:8 + length])["__metadata__"]["lowbit"])
+        metadata = json.loads(raw[8:8 + length])["__metadata__"]
     except (SafetensorError, ValueError, KeyError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path} is not a readable lowbit packed file (truncated or "
                               f"corrupt): {str(e).splitlines()[0][:160]}") from None
-    if header.get("format") != FORMAT:
+    if metadata.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a lowbit packed file")
-    if header.get("version", 0) > VERSION:
-        raise CheckpointError(f"{path} has packed format version {header['version']}; this "
+    if int(metadata.get("version", 0)) > VERSION:
+        raise CheckpointError(f"{path} has packed format version {metadata['version']}; this "
                               f"lowbit reads up to {VERSION}: upgrade lowbit")
-    if _checksum(tensors) != header.get("sha256"):
+    packed_header = base64.b64decode(metadata.get("header", ""))
+    if _checksum(blobs, packed_header) != metadata.get("sha256"):
         raise CheckpointError(f"{path} fails its checksum: the file was modified or damaged")
-    return header, tensors
+    header = json.loads(zlib.decompress(packed_header))
+    return header, _unbundle(blobs, header["index"])
 
 
 def load_packed(path):
