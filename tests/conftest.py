@@ -28,3 +28,16 @@ def user_model():
 def calib():
     g = torch.Generator().manual_seed(1)
     return [torch.randn(32, 3, 12, 12, generator=g) for _ in range(4)]
+
+
+@pytest.fixture(scope="session")
+def digits_fp():
+    """(the embedded digits, a small CNN trained on them): a float model for method tests."""
+    from lowbit.data.digits import load_digits
+    from lowbit.models import build_model
+    from lowbit.training import TrainConfig, train
+
+    d = load_digits()
+    torch.manual_seed(0)
+    config = TrainConfig(epochs=10, batch_size=64, optimizer="adam", lr=3e-3, augment=False)
+    return d, train(build_model("digits_cnn"), d, d.normalization(), config).model

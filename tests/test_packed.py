@@ -6,20 +6,9 @@ import torch
 
 import lowbit
 from lowbit.data.core import Batches
-from lowbit.data.digits import load_digits
 from lowbit.deploy.packed import export_packed, load_packed
 from lowbit.errors import CheckpointError, ConfigError
-from lowbit.models import build_model
 from lowbit.report import quantized_size_bytes
-from lowbit.training import TrainConfig, train
-
-
-@pytest.fixture(scope="module")
-def digits_fp():
-    d = load_digits()
-    torch.manual_seed(0)
-    config = TrainConfig(epochs=4, batch_size=64, optimizer="adam", lr=3e-3, augment=False)
-    return d, train(build_model("digits_cnn"), d, d.normalization(), config).model
 
 
 @pytest.mark.parametrize("cfg", [dict(w_bits=8, a_bits=8), dict(w_bits=4, a_bits=4),

@@ -7,7 +7,6 @@ import torch
 
 import lowbit
 from lowbit.data.core import Batches, Dataset
-from lowbit.data.digits import load_digits
 from lowbit.errors import ConfigError
 from lowbit.methods import training_method
 from lowbit.models import build_model
@@ -163,14 +162,6 @@ def test_qat_config_errors():
             training_method("qat", bad)
     with pytest.raises(ConfigError, match="unknown training method"):
         training_method("nope")
-
-
-@pytest.fixture(scope="module")
-def digits_fp():
-    d = load_digits()
-    torch.manual_seed(0)
-    config = TrainConfig(epochs=10, batch_size=64, optimizer="adam", lr=3e-3, augment=False)
-    return d, train(build_model("digits_cnn"), d, d.normalization(), config).model
 
 
 @pytest.mark.parametrize("name", ["qat", "lsq"])

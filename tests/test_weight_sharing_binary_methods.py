@@ -8,23 +8,13 @@ from torch import nn
 
 import lowbit
 from lowbit.data.core import Batches
-from lowbit.data.digits import load_digits
 from lowbit.errors import ConfigError
 from lowbit.methods import training_method
-from lowbit.models import build_model
 from lowbit.nn import QuantConv2d
 from lowbit.nn.binary import ScaledBinaryWeight, SignActivation, XNORConv2d
 from lowbit.quant.binary import binarize, bwn_alpha, xnor_input_scale
 from lowbit.report import float_size_bytes, huffman_size_bytes, quantized_size_bytes
 from lowbit.training import TrainConfig, train
-
-
-@pytest.fixture(scope="module")
-def digits_fp():
-    d = load_digits()
-    torch.manual_seed(0)
-    config = TrainConfig(epochs=10, batch_size=64, optimizer="adam", lr=3e-3, augment=False)
-    return d, train(build_model("digits_cnn"), d, d.normalization(), config).model
 
 
 def _finetune(d, fp, name, values, epochs=2, lr=1e-3):

@@ -16,11 +16,12 @@ quantization of weights (per-channel min-max) and inputs (EMA), or binary too wh
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from lowbit.config import ConfigMixin
 from lowbit.errors import ConfigError
 from lowbit.methods.base import TrainingMethod
 from lowbit.nn.binary import (BinaryWeight, ScaledBinaryWeight, SignActivation, TernaryWeight,
@@ -37,7 +38,9 @@ CLIPPED = ("bc", "bc-stochastic", "bnn")
 
 
 @dataclass
-class BinaryConfig:
+class BinaryConfig(ConfigMixin):
+    label = "binary"
+
     kind: str = "bwn"
     first_last_bits: int | None = 8
     ttq_threshold: float = 0.05
@@ -53,17 +56,6 @@ class BinaryConfig:
         if not 0 < self.ttq_threshold < 1:
             raise ConfigError(f"ttq_threshold must be in (0, 1), got {self.ttq_threshold}")
         return self
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "BinaryConfig":
-        valid = [f.name for f in fields(cls)]
-        unknown = [k for k in values if k not in valid]
-        if unknown:
-            raise ConfigError(f"unknown binary key {unknown[0]!r}; valid keys: {', '.join(valid)}")
-        return cls(**values).validate()
 
 
 class BinaryMethod(TrainingMethod):

@@ -9,11 +9,12 @@ default), or at ``w_bits`` like the rest when None.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from lowbit.config import ConfigMixin
 from lowbit.errors import ConfigError
 from lowbit.methods.base import TrainingMethod
 from lowbit.nn.layers import QUANT_LAYERS, WRAPPERS
@@ -24,7 +25,9 @@ from lowbit.transforms import layer_order, swap_layers
 
 
 @dataclass
-class KMeansConfig:
+class KMeansConfig(ConfigMixin):
+    label = "k-means"
+
     w_bits: int = 4
     per_channel: bool = False
     init: str = "linear"
@@ -45,17 +48,6 @@ class KMeansConfig:
         if self.first_last_bits is not None:
             check_bits(self.first_last_bits, "first_last_bits")
         return self
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "KMeansConfig":
-        valid = [f.name for f in fields(cls)]
-        unknown = [k for k in values if k not in valid]
-        if unknown:
-            raise ConfigError(f"unknown k-means key {unknown[0]!r}; valid keys: {', '.join(valid)}")
-        return cls(**values).validate()
 
 
 def magnitude_mask(w: torch.Tensor, fraction: float) -> torch.Tensor | None:

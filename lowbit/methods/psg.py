@@ -12,11 +12,12 @@ own scaling (exact range). ``first_last=False`` leaves them plain float layers.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from lowbit.config import ConfigMixin
 from lowbit.errors import ConfigError
 from lowbit.methods.base import TrainingMethod
 from lowbit.methods.ptq import PTQConfig
@@ -28,7 +29,9 @@ from lowbit.transforms import layer_order, swap_layers
 
 
 @dataclass
-class PSGConfig:
+class PSGConfig(ConfigMixin):
+    label = "PSG"
+
     w_bits: int = 4
     lambda_s: float = 150.0
     per_channel: bool = False
@@ -52,17 +55,6 @@ class PSGConfig:
 
     def policy(self) -> LayerPolicy:
         return LayerPolicy(self.first_last_bits, list(self.skip))
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "PSGConfig":
-        valid = [f.name for f in fields(cls)]
-        unknown = [k for k in values if k not in valid]
-        if unknown:
-            raise ConfigError(f"unknown PSG key {unknown[0]!r}; valid keys: {', '.join(valid)}")
-        return cls(**values).validate()
 
 
 class PSGMethod(TrainingMethod):

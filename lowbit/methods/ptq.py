@@ -27,11 +27,12 @@ from __future__ import annotations
 import copy
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from lowbit.config import ConfigMixin
 from lowbit.errors import CheckpointError, ConfigError, DataError, NumericalError
 from lowbit.nn.layers import QUANT_LAYERS, WRAPPERS
 from lowbit.nn.quantizer import AffineQuantizer, CorrectedQuantizer
@@ -55,8 +56,10 @@ EMA_CHUNK = 64  # images per EMA step when clip == "ema"
 
 
 @dataclass
-class PTQConfig:
+class PTQConfig(ConfigMixin):
     """Everything that decides a post-training quantization run (YAML recipes use these keys)."""
+
+    label = "PTQ"
 
     w_bits: int = 8
     a_bits: int | None = 8
@@ -111,18 +114,6 @@ class PTQConfig:
 
     def policy(self) -> LayerPolicy:
         return LayerPolicy(self.first_last_bits, list(self.skip), dict(self.overrides))
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "PTQConfig":
-        """Build from a mapping (a YAML recipe); an unknown key names itself and the valid ones."""
-        valid = [f.name for f in fields(cls)]
-        unknown = [k for k in values if k not in valid]
-        if unknown:
-            raise ConfigError(f"unknown PTQ key {unknown[0]!r}; valid keys: {', '.join(valid)}")
-        return cls(**values).validate()
 
 
 @dataclass

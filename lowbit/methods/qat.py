@@ -16,11 +16,12 @@ afterwards is exact: the folded channel keeps its integer codes and its scale is
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from lowbit.config import ConfigMixin
 from lowbit.errors import ConfigError
 from lowbit.methods.base import TrainingMethod
 from lowbit.nn.layers import WRAPPERS
@@ -34,7 +35,9 @@ QUANTIZERS = ("ste", "lsq")
 
 
 @dataclass
-class QATConfig:
+class QATConfig(ConfigMixin):
+    label = "QAT"
+
     quantizer: str = "ste"
     w_bits: int = 4
     a_bits: int | None = 4
@@ -65,17 +68,6 @@ class QATConfig:
 
     def policy(self) -> LayerPolicy:
         return LayerPolicy(self.first_last_bits, list(self.skip), dict(self.overrides))
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "QATConfig":
-        valid = [f.name for f in fields(cls)]
-        unknown = [k for k in values if k not in valid]
-        if unknown:
-            raise ConfigError(f"unknown QAT key {unknown[0]!r}; valid keys: {', '.join(valid)}")
-        return cls(**values).validate()
 
 
 class QATMethod(TrainingMethod):

@@ -1,8 +1,9 @@
 """The settings of one training run (every training method shares them)."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 
+from lowbit.config import ConfigMixin
 from lowbit.errors import ConfigError
 
 OPTIMIZERS = ("sgd", "adam")
@@ -10,7 +11,7 @@ SCHEDULES = ("cosine", "multistep", "constant")
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(ConfigMixin):
     """Optimizer, schedule, data augmentation, distillation and bookkeeping of a run.
 
     ``milestones`` count epochs as PyTorch's MultiStepLR does: after ``m`` completed epochs the
@@ -19,6 +20,8 @@ class TrainConfig:
     knowledge-distillation term from the float model: ``(1 - kd_alpha) * CE + kd_alpha * T^2 *
     KL(softmax(t / T) || softmax(s / T))``.
     """
+
+    label = "training"
 
     epochs: int = 1
     batch_size: int = 128
@@ -60,14 +63,4 @@ class TrainConfig:
             raise ConfigError(f"milestones must be positive epoch numbers, got {self.milestones}")
         return self
 
-    def to_dict(self) -> dict:
-        return asdict(self)
 
-    @classmethod
-    def from_dict(cls, values: dict) -> "TrainConfig":
-        valid = [f.name for f in fields(cls)]
-        unknown = [k for k in values if k not in valid]
-        if unknown:
-            raise ConfigError(f"unknown training key {unknown[0]!r}; valid keys: "
-                              f"{', '.join(valid)}")
-        return cls(**values).validate()
