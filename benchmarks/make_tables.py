@@ -251,7 +251,9 @@ def cost_section(res: dict) -> list[str]:
     lines = ["## Training-step cost", "",
              f"Command: `{res['meta']['command']}`. One SGD step on a batch of 128, methods "
              "interleaved round by round in one process; median step time as a ratio to the "
-             "float step (targets: STE and LSQ <= 1.5, PSG <= 1.1).", "",
+             "float step (targets: STE and LSQ <= 1.5, PSG <= 1.1). The run shared the machine "
+             "with three training / PTQ benchmarks; interleaving exposes every method to the "
+             "same load, but absolute seconds are inflated.", "",
              "| model | threads | FP step s | STE QAT | LSQ | PSG |", "|---|---|---|---|---|---|"]
     for model, rows in res.items():
         if model == "meta":
