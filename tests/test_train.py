@@ -147,6 +147,15 @@ def test_diverging_run_stops_and_keeps_the_last_good_checkpoint(tmp_path, digits
     assert all(torch.isfinite(v).all() for v in ck["state_dict"].values() if v.is_floating_point())
 
 
+def test_nan_weights_name_the_parameter(digits):
+    data, norm = digits
+    model = build_model("digits_cnn")
+    with torch.no_grad():
+        model[3].weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(NumericalError, match="3.weight contains NaN"):
+        train(model, data, norm, small_config(epochs=1))
+
+
 @pytest.mark.parametrize("kw", [dict(epochs=0), dict(optimizer="rmsprop"), dict(lr=0.0),
                                 dict(schedule="step"), dict(kd_alpha=2.0)])
 def test_bad_training_settings(kw):

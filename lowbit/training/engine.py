@@ -27,6 +27,7 @@ from torch.nn import functional as F
 from lowbit.data.core import Batches, Dataset, Split, normalization_tensors
 from lowbit.errors import DataError, NumericalError
 from lowbit.evaluate import evaluate
+from lowbit.methods.ptq import check_finite
 from lowbit.progress import progress
 from lowbit.training import distributed
 from lowbit.training.augment import pad_crop_flip
@@ -94,6 +95,7 @@ def train(model: nn.Module, data: Dataset, normalization, config: TrainConfig | 
     over the processes (DistributedDataParallel).
     """
     config = (config or TrainConfig()).validate()
+    check_finite(model)
     device = config.device
     distributed.init_from_env(device)
     rank, size = distributed.world()
