@@ -232,3 +232,16 @@ def test_export_packed_and_evaluate_it(capsys, tmp_path, digits_ckpt):
     code, _, err = run(capsys, "export", "--checkpoint", str(digits_ckpt), "--out",
                        str(tmp_path / "x.lowbit"))
     assert code == 2 and "not a lowbit quantized checkpoint" in err
+
+
+def test_training_recipes_load_their_method_config(tmp_path):
+    from lowbit.methods.qat import QATConfig
+    from lowbit.recipes import load_recipe
+
+    recipe = tmp_path / "lsq.yaml"
+    recipe.write_text("method: lsq\nw_bits: 2\na_bits: 2\ntrain:\n  epochs: 3\n")
+    config = load_recipe(str(recipe))
+    assert isinstance(config, QATConfig) and config.quantizer == "lsq" and config.w_bits == 2
+    recipe.write_text("method: dorefa\n")
+    with pytest.raises(Exception, match="dorefa"):
+        load_recipe(str(recipe))

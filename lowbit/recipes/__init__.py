@@ -33,11 +33,17 @@ def read_recipe(name_or_path: str) -> dict:
 
 
 def load_recipe(name_or_path: str, **overrides):
-    """The method config a recipe describes, with ``overrides`` applied on top."""
-    from lowbit.methods import METHODS
+    """The method config a recipe describes, with ``overrides`` applied on top (a training
+    recipe's ``train`` mapping is for :class:`lowbit.TrainConfig` and is left out here)."""
+    from lowbit.methods import METHODS, TRAINING_METHODS
 
     values = {**read_recipe(name_or_path), **overrides}
     method = values.pop("method", "ptq")
-    if method not in METHODS:
-        raise ConfigError(f"recipe method {method!r} unknown; methods: {', '.join(METHODS)}")
-    return METHODS[method].PTQConfig.from_dict(values)
+    if method in METHODS:
+        return METHODS[method].PTQConfig.from_dict(values)
+    if method in TRAINING_METHODS:
+        values.pop("train", None)
+        entry = TRAINING_METHODS[method]
+        return entry.config.from_dict({**entry.defaults, **values})
+    raise ConfigError(f"recipe method {method!r} unknown; methods: "
+                      f"{', '.join([*METHODS, *TRAINING_METHODS])}")
