@@ -24,13 +24,11 @@ from pathlib import Path
 import torch
 
 import lowbit
-from lowbit.data import load_dataset
 from lowbit.methods import training_method
-from lowbit.models import MODELS
 from lowbit.report import float_size_bytes, huffman_size_bytes, quantized_size_bytes
 from lowbit.training import TrainConfig, train
 
-from ptq_ablation import DATA, MODELS_TO_RUN, load_benchmark  # noqa: E402
+from ptq_ablation import load_benchmark, training_data  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "compress_train.json"
@@ -50,8 +48,7 @@ def main():
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     for name in args.models.split(","):
         model, _, test = load_benchmark(name)
-        data = load_dataset(DATA[MODELS_TO_RUN[name][0]])
-        norm = MODELS[name].normalization
+        data, norm = training_data(name)
         done = results.setdefault(name, {})
         done.setdefault("FP32", {"top1": lowbit.evaluate(model, test),
                                  "bytes": float_size_bytes(model)})

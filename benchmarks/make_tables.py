@@ -36,6 +36,12 @@ def _header(first: str, columns) -> list[str]:
     return [_row(first, columns), "|---|" + "---|" * len(columns)]
 
 
+def _table(res: dict, models: list[str], cell) -> list[str]:
+    """One row per label, one ``cell(result)`` per model ("-" where a model lacks the row)."""
+    return [_row(label, ("-" if label not in res[m] else cell(res[m][label]) for m in models))
+            for label in _labels(res, models)]
+
+
 def _commits(res: dict, models: list[str]) -> str:
     found = {r.get("commit", res.get("meta", {}).get("commit")) for m in models
              for r in res[m].values()}
@@ -189,14 +195,8 @@ def qat_section(res: dict) -> list[str]:
              "(epochs in the table): SGD momentum 0.9, lr 0.01 cosine, weight decay 1e-4 "
              "(2.5e-5 at 2 bits), batch 128, crop and flip. Top-1 % on the full 10k test set.", "",
              *_header("setting", (MODELS[m] for m in models))]
-    for label in _labels(res, models):
-        cells = []
-        for m in models:
-            r = res[m].get(label)
-            epochs = f" ({len(r['epochs'])} ep)" if r and "epochs" in r else ""
-            cells.append("-" if r is None else f"{r['top1']:.2f}{epochs}")
-        lines.append(_row(label, cells))
-    return lines
+    return lines + _table(res, models, lambda r: f"{r['top1']:.2f}" + (
+        f" ({len(r['epochs'])} ep)" if "epochs" in r else ""))
 
 
 def compress_section(res: dict) -> list[str]:
@@ -208,20 +208,14 @@ def compress_section(res: dict) -> list[str]:
              "first and last layer at 8 bits. Top-1 % on the full 10k test set; size in KiB as "
              "stored (codes, codebooks and scales; k-means also with Huffman-coded indices).", "",
              *_header("method", (MODELS[m] for m in models))]
-    for label in _labels(res, models):
-        cells = []
-        for m in models:
-            r = res[m].get(label)
-            if r is None:
-                cells.append("-")
-                continue
-            size = f"{r['bytes'] / 1024:.0f} KiB"
-            if r.get("huffman_bytes"):
-                size += f", Huffman {r['huffman_bytes'] / 1024:.0f}"
-            epochs = f", {len(r['epochs'])} ep" if "epochs" in r else ""
-            cells.append(f"{r['top1']:.2f} ({size}{epochs})")
-        lines.append(_row(label, cells))
-    return lines
+
+    def cell(r):
+        size = f"{r['bytes'] / 1024:.0f} KiB"
+        if r.get("huffman_bytes"):
+            size += f", Huffman {r['huffman_bytes'] / 1024:.0f}"
+        epochs = f", {len(r['epochs'])} ep" if "epochs" in r else ""
+        return f"{r['top1']:.2f} ({size}{epochs})"
+    return lines + _table(res, models, cell)
 
 
 def packed_section(res: dict) -> list[str]:

@@ -102,6 +102,11 @@ def load_benchmark(name: str):
     return model, Batches(data.train.subset(1024, seed=0), norm, 256), Batches(data.test, norm, 500)
 
 
+def training_data(name: str):
+    """(the whole dataset, the model's input normalization) for fine-tuning a benchmark model."""
+    return load_dataset(DATA[MODELS_TO_RUN[name][0]]), MODELS[name].normalization
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default=",".join(MODELS_TO_RUN))

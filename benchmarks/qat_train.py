@@ -21,12 +21,10 @@ from pathlib import Path
 import torch
 
 import lowbit
-from lowbit.data import load_dataset
 from lowbit.methods import training_method
-from lowbit.models import MODELS
 from lowbit.training import TrainConfig, train
 
-from ptq_ablation import BEST, DATA, MODELS_TO_RUN, SHARED, load_benchmark  # noqa: E402
+from ptq_ablation import BEST, SHARED, load_benchmark, training_data  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "qat_train.json"
@@ -49,8 +47,7 @@ def main():
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     for name in args.models.split(","):
         model, calib, test = load_benchmark(name)
-        data = load_dataset(DATA[MODELS_TO_RUN[name][0]])
-        norm = MODELS[name].normalization
+        data, norm = training_data(name)
         done = results.setdefault(name, {})
         if "FP32" not in done:
             done["FP32"] = {"top1": lowbit.evaluate(model, test)}
