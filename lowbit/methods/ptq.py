@@ -18,7 +18,9 @@ Pipeline of :func:`quantize` (each step optional except 1, 4, 5):
    AdaRound then learns each layer's weight rounding on that quantized input against the float
    layer's output (the weights are rewritten onto the grid points it chose); empirical bias correction (Nagel et al. 2019; Finkelstein et al. 2019) shifts each layer's
    bias so its mean output matches the float model's, in the same pass, so the correction of
-   one layer is seen by the next.
+   one layer is seen by the next;
+6. every bias is rounded to its int32 accumulator grid ``S_W * S_X`` (``int_bias``), as an
+   integer device stores it, so the simulation adds the bias the device adds.
 
 Calibration data is whatever the caller gives; the CLI only ever draws it from training images.
 """
@@ -34,6 +36,7 @@ from torch import nn
 
 from lowbit.config import ConfigMixin
 from lowbit.errors import CheckpointError, ConfigError, DataError, NumericalError
+from lowbit.nn.accumulator import round_biases
 from lowbit.nn.layers import QUANT_LAYERS, WRAPPERS
 from lowbit.nn.quantizer import AffineQuantizer, CorrectedQuantizer
 from lowbit.policy import LayerBits, LayerPolicy
@@ -79,6 +82,7 @@ class PTQConfig(ConfigMixin):
     w_round: str = "nearest"
     round_iters: int = 1000
     equalize: bool = False
+    int_bias: bool = True
     fold_bn: bool = True
     calib: int = 1024
     first_last_bits: int | None = 8
@@ -406,6 +410,8 @@ def quantize(model: nn.Module, config: PTQConfig | None = None, calib_data=None)
     qmodel = prepare(qmodel, config, plan, folded=False)
     calibrate_weights(qmodel, config)
     calibrate_activations(qmodel, x, config, float_out, bns)
+    if config.int_bias:
+        round_biases(qmodel)
     qmodel.lowbit = QuantInfo("ptq", config.to_dict(), plan, folded, notes,
                               time.perf_counter() - start, pairs)
     return qmodel
