@@ -108,10 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int, help="torch CPU threads")
 
     ex = sub.add_parser("export", help="write a quantized checkpoint as a packed file (codes at "
-                                       "their real width; lowbit.load_packed reads it)")
+                                       "their real width; lowbit.load_packed reads it) or as a "
+                                       "QDQ ONNX model checked in onnxruntime")
     ex.add_argument("--checkpoint", required=True, help="quantized.pt from lowbit quantize")
-    ex.add_argument("--format", default="lowbit", choices=["lowbit"])
+    ex.add_argument("--format", default="lowbit", choices=["lowbit", "onnx"])
     ex.add_argument("--out", required=True, help="the file to write, e.g. model.lowbit")
+    ex.add_argument("--input-shape", help="C,H,W of one input for ONNX (default: the model's)")
 
     pw = sub.add_parser("plot-weights", help="per-layer weight histograms of models on the "
                                              "quantization grid (PNG + HTML)")
@@ -178,6 +180,8 @@ def cmd_eval(args) -> int:
     if not args.checkpoint and not args.model:
         raise ConfigError("eval needs --model (with an optional --checkpoint) or a lowbit checkpoint")
     dataset = load_dataset(args.data)
+    if args.checkpoint and str(args.checkpoint).endswith(".onnx"):
+        return _eval_onnx(args, dataset)
     packed = args.checkpoint and is_packed_file(args.checkpoint)
     payload = load_torch(args.checkpoint) if args.checkpoint and not packed else None
     if packed:
@@ -199,6 +203,22 @@ def cmd_eval(args) -> int:
     top1 = evaluate(model, test, args.limit)
     n = min(len(dataset.test), args.limit or len(dataset.test))
     print(f"top-1 {top1:.2f}% on {n} {dataset.name} test images")
+    return 0
+
+
+def _eval_onnx(args, dataset) -> int:
+    from lowbit.data import Batches
+    from lowbit.deploy.onnx_export import OnnxRunner
+    from lowbit.evaluate import evaluate
+
+    if not Path(args.checkpoint).is_file():
+        raise ConfigError(f"ONNX file not found: {args.checkpoint}")
+    if not args.model:
+        raise ConfigError("an ONNX file needs --model for its input normalization")
+    test = Batches(dataset.test, _normalization(args.model, dataset), args.batch_size)
+    top1 = evaluate(OnnxRunner(args.checkpoint), test, args.limit)
+    n = min(len(dataset.test), args.limit or len(dataset.test))
+    print(f"top-1 {top1:.2f}% on {n} {dataset.name} test images (onnxruntime)")
     return 0
 
 
@@ -312,10 +332,37 @@ def cmd_export(args) -> int:
     from lowbit.report import quantized_size_bytes
 
     qmodel, payload = load_quantized(args.checkpoint)
+    if args.format == "onnx":
+        return _export_onnx(qmodel, payload, args)
     path = export_packed(qmodel, Path(args.out), payload["model"], payload.get("num_classes"))
     size, ideal = path.stat().st_size, quantized_size_bytes(qmodel)
     print(f"wrote {path}: {size / 1024:.1f} KiB (ideal {ideal / 1024:.1f} KiB, "
           f"{100 * (size - ideal) / ideal:+.1f}%)")
+    return 0
+
+
+def _export_onnx(qmodel, payload, args) -> int:
+    import torch
+
+    from lowbit.deploy.onnx_export import OnnxRunner, export_onnx
+    from lowbit.models import model_info
+
+    if args.input_shape:
+        try:
+            shape = tuple(int(v) for v in args.input_shape.split(","))
+        except ValueError:
+            raise ConfigError(f"--input-shape must be C,H,W integers, got {args.input_shape!r}") \
+                from None
+    else:
+        shape = model_info(payload["model"]).input_shape
+        if shape is None:
+            raise ConfigError(f"model {payload['model']!r} has no known input shape: give "
+                              "--input-shape C,H,W")
+    path = export_onnx(qmodel, Path(args.out), (1, *shape))
+    x = torch.randn(4, *shape, generator=torch.Generator().manual_seed(0))
+    same = (OnnxRunner(path)(x).argmax(1) == qmodel(x).argmax(1)).float().mean().item()
+    print(f"wrote {path}: {path.stat().st_size / 1024:.1f} KiB, runs in onnxruntime "
+          f"(top-1 agrees with the simulation on {100 * same:.0f}% of 4 random inputs)")
     return 0
 
 

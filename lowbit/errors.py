@@ -32,3 +32,7 @@ class NumericalError(LowbitError):
 
 class CalibrationError(LowbitError):
     """A quantizer was used before it was calibrated, or calibration could not run."""
+
+
+class ExportError(LowbitError):
+    """A model cannot be exported to a format (the message names the layer and the reason)."""

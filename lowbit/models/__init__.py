@@ -22,6 +22,7 @@ class ModelInfo:
     factory: object
     num_classes: int
     normalization: tuple | None  # (mean, std) per channel for inputs scaled to [0, 1]
+    input_shape: tuple | None = (3, 32, 32)  # (C, H, W) of one input, for exporters
 
 
 MODELS = {
@@ -31,7 +32,7 @@ MODELS = {
     "resnet56": ModelInfo(resnet56, 10, CIFAR10_NORM),
     "psg_resnet32": ModelInfo(psg_resnet32, 100, PSG_NORM),
     "vgg16_bn": ModelInfo(vgg16_bn, 10, CIFAR10_NORM),
-    "digits_cnn": ModelInfo(digits_cnn, 10, None),
+    "digits_cnn": ModelInfo(digits_cnn, 10, None, (1, 8, 8)),
 }
 
 
@@ -47,7 +48,7 @@ def model_info(spec: str) -> ModelInfo:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as e:
         raise ModelError(f"cannot import model factory {spec!r}: {e}") from None
-    return ModelInfo(factory, 0, None)
+    return ModelInfo(factory, 0, None, None)
 
 
 def build_model(spec: str, checkpoint=None, num_classes: int | None = None) -> nn.Module:

@@ -1,0 +1,83 @@
+"""QDQ ONNX export: onnxruntime reproduces the simulation; integer types at the real width;
+refusals name the layer."""
+import onnx
+import pytest
+import torch
+from onnx import TensorProto
+from torch import nn
+
+import lowbit
+from lowbit.cli import main
+from lowbit.data.core import Batches
+from lowbit.deploy.onnx_export import OnnxRunner, export_onnx, to_onnx
+from lowbit.errors import ExportError
+from lowbit.evaluate import agreement
+from tests.user_models import UserNet, trained_like
+
+
+def _digits(digits_fp, **cfg):
+    d, fp = digits_fp
+    q = lowbit.quantize(fp, lowbit.PTQConfig(**cfg), Batches(d.train, d.normalization(), 256))
+    return q, Batches(d.test, d.normalization(), 250)
+
+
+@pytest.mark.parametrize("cfg", [dict(w_bits=8, a_bits=8),
+                                 dict(w_bits=4, a_bits=4, w_clip="mse", clip="mse"),
+                                 dict(w_bits=3, a_bits=3, w_symmetric=True, a_symmetric=True),
+                                 dict(w_bits=4, a_bits=8, w_bit_alloc=True,
+                                      bias_correction="mean_std")])
+def test_onnxruntime_reproduces_the_simulation(digits_fp, cfg):
+    q, test = _digits(digits_fp, **cfg)
+    result = agreement(q, OnnxRunner(to_onnx(q, (1, 1, 8, 8))), test)
+    assert result["top1_agreement"] >= 99.5
+    assert abs(result["top1"] - result["top1_reference"]) <= 0.3
+
+
+def test_weights_are_stored_at_their_width(digits_fp):
+    q, _ = _digits(digits_fp, w_bits=4, a_bits=4)
+    model = to_onnx(q, (1, 1, 8, 8))
+    kinds = {t.name.rsplit("_", 1)[0]: t.data_type for t in model.graph.initializer}
+    assert kinds["3.weight_codes"] == TensorProto.UINT4      # a 4-bit inner layer
+    assert kinds["0.weight_codes"] in (TensorProto.UINT8, TensorProto.INT8)  # first: 8 bits
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("QuantizeLinear") == 4 and ops.count("Conv") == 3 and "Gemm" in ops
+
+
+def test_residual_grouped_and_mean_pooled_model_exports(tmp_path, calib):
+    q = lowbit.quantize(trained_like(UserNet()), lowbit.PTQConfig(w_bits=8, a_bits=8), calib)
+    path = export_onnx(q, tmp_path / "user.onnx", (1, 3, 12, 12))
+    onnx.checker.check_model(onnx.load(str(path)))
+    x = torch.randn(32, 3, 12, 12, generator=torch.Generator().manual_seed(2))
+    a, b = q(x), OnnxRunner(path)(x)
+    assert (a.argmax(1) == b.argmax(1)).float().mean() >= 0.95
+    assert (a - b).abs().max() <= 0.05 * (a.max() - a.min())
+
+
+def test_export_failures_name_the_layer(digits_fp, calib):
+    q, _ = _digits(digits_fp, w_bits=8, a_bits=8, a_per_channel=True)
+    with pytest.raises(ExportError, match="per-channel activation"):
+        to_onnx(q, (1, 1, 8, 8))
+
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            return torch.sigmoid(self.conv(x)).mean((2, 3))
+
+    q = lowbit.quantize(Odd().eval(), lowbit.PTQConfig(w_bits=8, a_bits=8), calib)
+    with pytest.raises(ExportError, match="sigmoid"):
+        to_onnx(q, (1, 3, 12, 12))
+
+
+def test_cli_exports_and_evaluates_onnx(tmp_path, capsys):
+    out = tmp_path / "q"
+    assert main(["quantize", "--model", "digits_cnn", "--data", "digits", "--w-bits", "4",
+                 "--a-bits", "8", "--out", str(out)]) == 0
+    assert main(["export", "--checkpoint", str(out / "quantized.pt"), "--format", "onnx",
+                 "--out", str(tmp_path / "m.onnx")]) == 0
+    assert "runs in onnxruntime" in capsys.readouterr().out
+    assert main(["eval", "--model", "digits_cnn", "--checkpoint", str(tmp_path / "m.onnx"),
+                 "--data", "digits"]) == 0
+    assert "onnxruntime" in capsys.readouterr().out
