@@ -110,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("export", help="write a quantized checkpoint as a packed file (codes at "
                                        "their real width; lowbit.load_packed reads it) or as a "
                                        "QDQ ONNX model checked in onnxruntime")
-    ex.add_argument("--checkpoint", required=True, help="quantized.pt from lowbit quantize")
+    ex.add_argument("--checkpoint", required=True, help="quantized.pt from lowbit quantize, or "
+                                                        "model.pt from lowbit train")
     ex.add_argument("--format", default="lowbit", choices=["lowbit", "onnx"])
     ex.add_argument("--out", required=True, help="the file to write, e.g. model.lowbit")
     ex.add_argument("--input-shape", help="C,H,W of one input for ONNX (default: the model's)")
@@ -326,15 +327,49 @@ def cmd_train(args) -> int:
     return 0
 
 
-def cmd_export(args) -> int:
-    from lowbit.checkpoint import load_quantized
-    from lowbit.deploy.packed import export_packed
-    from lowbit.report import quantized_size_bytes
+def _input_shape(args, spec: str) -> tuple:
+    from lowbit.models import model_info
 
-    qmodel, payload = load_quantized(args.checkpoint)
+    if args.input_shape:
+        try:
+            return tuple(int(v) for v in args.input_shape.split(","))
+        except ValueError:
+            raise ConfigError(f"--input-shape must be C,H,W integers, got {args.input_shape!r}") \
+                from None
+    shape = model_info(spec).input_shape
+    if shape is None:
+        raise ConfigError(f"model {spec!r} has no known input shape: give --input-shape C,H,W")
+    return shape
+
+
+def cmd_export(args) -> int:
+    import torch
+
+    from lowbit.checkpoint import is_quantized_checkpoint, load_quantized
+    from lowbit.deploy.packed import export_packed
+    from lowbit.io import load_torch
+    from lowbit.report import quantized_size_bytes
+    from lowbit.training.run import is_trained_checkpoint, load_trained
+
+    payload = load_torch(args.checkpoint)
+    trained = None
+    if is_quantized_checkpoint(payload):
+        qmodel, payload = load_quantized(args.checkpoint)
+    elif is_trained_checkpoint(payload):
+        if payload["method"] == "fp":
+            raise ConfigError(f"{args.checkpoint} is a float model: quantize it first "
+                              "(lowbit quantize), then export the quantized checkpoint")
+        shape = _input_shape(args, payload["model"])
+        qmodel = load_trained(payload, torch.zeros(1, *shape))
+        trained = {"method": payload["method"], "method_config": payload["method_config"],
+                   "input_shape": list(shape)}
+    else:
+        raise ConfigError(f"{args.checkpoint} is neither a quantized checkpoint (lowbit quantize) "
+                          "nor a trained model (lowbit train's model.pt)")
     if args.format == "onnx":
         return _export_onnx(qmodel, payload, args)
-    path = export_packed(qmodel, Path(args.out), payload["model"], payload.get("num_classes"))
+    path = export_packed(qmodel, Path(args.out), payload["model"], payload.get("num_classes"),
+                         trained=trained)
     size, ideal = path.stat().st_size, quantized_size_bytes(qmodel)
     print(f"wrote {path}: {size / 1024:.1f} KiB (ideal {ideal / 1024:.1f} KiB, "
           f"{100 * (size - ideal) / ideal:+.1f}%)")
@@ -345,19 +380,8 @@ def _export_onnx(qmodel, payload, args) -> int:
     import torch
 
     from lowbit.deploy.onnx_export import OnnxRunner, export_onnx
-    from lowbit.models import model_info
 
-    if args.input_shape:
-        try:
-            shape = tuple(int(v) for v in args.input_shape.split(","))
-        except ValueError:
-            raise ConfigError(f"--input-shape must be C,H,W integers, got {args.input_shape!r}") \
-                from None
-    else:
-        shape = model_info(payload["model"]).input_shape
-        if shape is None:
-            raise ConfigError(f"model {payload['model']!r} has no known input shape: give "
-                              "--input-shape C,H,W")
+    shape = _input_shape(args, payload["model"])
     path = export_onnx(qmodel, Path(args.out), (1, *shape))
     x = torch.randn(4, *shape, generator=torch.Generator().manual_seed(0))
     same = (OnnxRunner(path)(x).argmax(1) == qmodel(x).argmax(1)).float().mean().item()

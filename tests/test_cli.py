@@ -231,7 +231,22 @@ def test_export_packed_and_evaluate_it(capsys, tmp_path, digits_ckpt):
     assert code == 0 and f"top-1 {q_top1:.2f}%" in stdout
     code, _, err = run(capsys, "export", "--checkpoint", str(digits_ckpt), "--out",
                        str(tmp_path / "x.lowbit"))
-    assert code == 2 and "not a lowbit quantized checkpoint" in err
+    assert code == 2 and "neither a quantized checkpoint" in err
+
+
+def test_export_a_trained_binary_model_packed(capsys, tmp_path, digits_ckpt):
+    run_dir = tmp_path / "twn"
+    code, _, err = run(capsys, "train", "--model", "digits_cnn", "--checkpoint", str(digits_ckpt),
+                       "--data", "digits", "--method", "twn", "--epochs", "1",
+                       "--train-limit", "256", "--out", str(run_dir))
+    assert code == 0, err
+    top1 = json.loads((run_dir / "report.json").read_text())["top1"]
+    code, stdout, err = run(capsys, "export", "--checkpoint", str(run_dir / "model.pt"),
+                            "--out", str(tmp_path / "twn.lowbit"))
+    assert code == 0 and "ideal" in stdout, err
+    code, stdout, _ = run(capsys, "eval", "--checkpoint", str(tmp_path / "twn.lowbit"),
+                          "--data", "digits")
+    assert code == 0 and f"top-1 {top1:.2f}%" in stdout
 
 
 def test_training_recipes_load_their_method_config(tmp_path):

@@ -1,4 +1,5 @@
 """The packed file: bit-identical reload, real size, and refusal of bad files."""
+import copy
 import json
 
 import pytest
@@ -67,3 +68,29 @@ def test_uncalibrated_layer_is_named(tmp_path, digits_fp):
     with pytest.raises(ConfigError, match="3: the weight quantizer was never calibrated"):
         export_packed(q, tmp_path / "x.lowbit", "digits_cnn")
     assert not (tmp_path / "x.lowbit").exists()
+
+
+@pytest.mark.filterwarnings("ignore:.*distinct weights")
+@pytest.mark.parametrize("method, values", [
+    ("kmeans", {"w_bits": 3, "prune": 0.3}), ("kmeans", {"w_bits": 2, "per_channel": True}),
+    ("bc", {}), ("bwn", {}), ("twn", {}), ("ttq", {}), ("xnor", {}), ("bnn", {}),
+    ("lsq", {"w_bits": 4, "a_bits": 4}), ("lsq", {"w_bits": 2, "a_bits": 2,
+                                                  "w_per_channel": True}),
+    ("qat", {"w_bits": 4, "a_bits": 8})])
+def test_trained_models_pack_bit_identically(tmp_path, digits_fp, method, values):
+    from lowbit.methods import training_method
+
+    d, fp = digits_fp
+    trainer = training_method(method, values)
+    x = next(iter(Batches(d.test, d.normalization(), 200)))[0]
+    model = trainer.prepare(copy.deepcopy(fp).eval(), x[:8])
+    model.train()
+    model(x)  # let data-initialised quantizers (LSQ steps, EMA ranges, TTQ scales) settle
+    model.eval()
+    trained = {"method": method, "method_config": trainer.config.to_dict(),
+               "input_shape": [1, 8, 8]}
+    path = export_packed(model, tmp_path / "m.lowbit", "digits_cnn", 10, trained=trained)
+    back, header = load_packed(path)
+    assert torch.equal(back(x), model(x))
+    ideal = quantized_size_bytes(model)
+    assert path.stat().st_size <= 1.02 * ideal + 16 * 1024, (path.stat().st_size, ideal)

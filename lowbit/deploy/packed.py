@@ -11,10 +11,15 @@ packed weight's shape and widths, and where every tensor lies in the concatenati
 zlib-compressed in the safetensors metadata, beside a SHA-256 of the data and the header, so a
 truncated or tampered file is detected.
 
-:func:`load_packed` rebuilds the model and sets each weight to ``S * (code + q_min - Z)``; its
-weight quantizer maps that value back to the same code, so the rebuilt model's outputs are
-bit-identical to the fake-quant model it came from. Supported weight quantizers: the affine ones
-(PTQ, STE QAT), with or without bias correction.
+:func:`load_packed` rebuilds the model. An affine weight (PTQ, STE QAT) is set to
+``S * (code + q_min - Z)``, which its restored quantizer maps back to the same code. Every other
+kind (k-means, binary, BWN, TWN, TTQ, LSQ; :mod:`lowbit.deploy.codes`) is decoded to the exact
+quantized tensor the network computed with, and its weight slot becomes an ``nn.Identity``. Either
+way the rebuilt model's outputs are bit-identical to the fake-quant model it came from.
+
+Two origins are stored: a PTQ model (rebuilt by its method from the header, as a quantized
+checkpoint is) and a model trained by ``lowbit train`` (rebuilt by the training method's
+``prepare`` on a zero input of the recorded shape).
 """
 from __future__ import annotations
 
@@ -30,8 +35,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from torch import nn
+
 from lowbit.checkpoint import quantized_header, rebuild_quantized
 from lowbit.deploy.bitpack import pack_rows, unpack_rows
+from lowbit.deploy.codes import decode, encode
 from lowbit.errors import CheckpointError, ConfigError
 from lowbit.io import atomic_write
 from lowbit.nn.layers import QUANT_LAYERS
@@ -41,13 +49,10 @@ from lowbit.quant.affine import integer_range
 FORMAT, VERSION = "lowbit-packed", 1
 
 
-def _affine(layer, name: str) -> AffineQuantizer:
+def _affine(layer) -> AffineQuantizer | None:
     slot = layer.weight_quantizer
     q = slot.quantizer if isinstance(slot, CorrectedQuantizer) else slot
-    if not isinstance(q, AffineQuantizer):
-        raise ConfigError(f"{name}: the packed format does not store {type(q).__name__} weights "
-                          "yet (affine quantizers only)")
-    return q
+    return q if isinstance(q, AffineQuantizer) else None
 
 
 def _codes(w: torch.Tensor, q: AffineQuantizer):
@@ -89,36 +94,54 @@ def _checksum(blobs: dict[str, torch.Tensor], header: bytes) -> str:
     return digest.hexdigest()
 
 
-def export_packed(qmodel, path, model_spec: str, num_classes: int | None = None) -> Path:
-    """Write ``qmodel`` (from :func:`lowbit.quantize`) as a packed file; returns the path."""
-    header = quantized_header(qmodel, model_spec, num_classes)
+def export_packed(qmodel, path, model_spec: str, num_classes: int | None = None,
+                  trained: dict | None = None) -> Path:
+    """Write a quantized model as a packed file; returns the path.
+
+    ``qmodel`` comes from :func:`lowbit.quantize`, or, with ``trained`` = ``{"method",
+    "method_config", "input_shape"}``, from a ``lowbit train`` run (its ``model.pt``)."""
+    if trained is not None:
+        header = {"model": model_spec, "num_classes": num_classes, "trained": trained}
+    else:
+        header = quantized_header(qmodel, model_spec, num_classes)
     header.update(format=FORMAT, version=VERSION, weights={})
     tensors: dict[str, torch.Tensor] = {}
     state = qmodel.state_dict()
     skip = set()
     for name, layer in qmodel.named_modules():
-        if not isinstance(layer, QUANT_LAYERS):
+        if not isinstance(layer, QUANT_LAYERS) or isinstance(layer.weight_quantizer, nn.Identity):
             continue
-        q = _affine(layer, name)
-        if not q.calibrated:
-            raise ConfigError(f"{name}: the weight quantizer was never calibrated; quantize the "
-                              "model before exporting it")
-        codes, widths = _codes(layer.weight, q)
-        packed = pack_rows(codes.numpy(), widths.numpy())
         key = f"{name}.weight"
-        prefix = f"{key}_quantizer." + ("quantizer." if isinstance(layer.weight_quantizer,
-                                                                   CorrectedQuantizer) else "")
+        slot_prefix = f"{key}_quantizer."
+        q = _affine(layer)
+        if q is not None:
+            if not q.calibrated:
+                raise ConfigError(f"{name}: the weight quantizer was never calibrated; quantize "
+                                  "the model before exporting it")
+            codes, widths = _codes(layer.weight, q)
+            prefix = slot_prefix + ("quantizer." if isinstance(layer.weight_quantizer,
+                                                               CorrectedQuantizer) else "")
+            params = {"scale": q.scale.float(), "zero_point": q.zero_point.to(torch.int32)}
+            skip.update(prefix + field for field in ("scale", "zero_point", "quant_min",
+                                                       "quant_max"))
+            entry = {"kind": "affine", "prefix": prefix}
+        else:
+            encoded = encode(layer.weight_quantizer, layer.weight, name)
+            codes, widths = encoded.codes, torch.tensor([encoded.bits])
+            params = encoded.params
+            skip.update(k for k in state if k.startswith(slot_prefix))
+            entry = {"kind": encoded.kind}
+        packed = pack_rows(codes.numpy(), widths.numpy())
         tensors[f"{key}.codes"] = torch.from_numpy(packed)
-        tensors[f"{key}.scale"] = q.scale.float()
-        tensors[f"{key}.zero_point"] = q.zero_point.to(torch.int32)
+        for param, value in params.items():
+            tensors[f"{key}.{param}"] = value
         varying = bool((widths != widths[0]).any())
         if varying:
             tensors[f"{key}.bits"] = widths.to(torch.uint8)
-        header["weights"][key] = {"shape": list(layer.weight.shape), "rows": codes.shape[0],
-                                  "bits": None if varying else int(widths[0]),
-                                  "prefix": prefix}
-        skip.update({key, *(prefix + s for s in ("scale", "zero_point", "quant_min",
-                                                  "quant_max"))})
+        header["weights"][key] = {**entry, "shape": list(layer.weight.shape),
+                                  "rows": codes.shape[0], "params": list(params),
+                                  "bits": None if varying else int(widths[0])}
+        skip.add(key)
     for key, value in state.items():
         if key not in skip:
             tensors[key] = value.contiguous()
@@ -166,26 +189,51 @@ def read_packed(path) -> tuple[dict, dict[str, torch.Tensor]]:
     return header, _unbundle(blobs, header["index"])
 
 
+def _rebuild(header: dict, path):
+    """The (unloaded) model structure a header describes."""
+    trained = header.get("trained")
+    if trained is None:
+        return rebuild_quantized(header, path)
+    from lowbit.methods import training_method
+    from lowbit.models import build_model
+
+    model = build_model(header["model"], num_classes=header.get("num_classes"))
+    method = training_method(trained["method"], trained["method_config"])
+    if method is not None:
+        model = method.prepare(model, torch.zeros(1, *trained["input_shape"]))
+    return model
+
+
 def load_packed(path):
     """Rebuild the quantized model stored in a packed file (outputs bit-identical to the model
     that was exported); returns ``(model, header)``."""
     header, tensors = read_packed(path)
-    qmodel = rebuild_quantized(header, path)
+    qmodel = _rebuild(header, path)
     modules = dict(qmodel.named_modules())
     state = {k: v for k, v in tensors.items()
              if not any(k.startswith(w + ".") for w in header["weights"])}
     for key, meta in header["weights"].items():
-        q = _affine(modules[key.rsplit(".", 1)[0]], key)
-        widths = tensors[f"{key}.bits"].to(torch.int64) if meta["bits"] is None else \
-            torch.tensor(meta["bits"])
-        qmin, qmax = integer_range(widths, q.scheme.signed, q.scheme.narrow)
-        qmin, qmax = torch.as_tensor(qmin).float(), torch.as_tensor(qmax).float()
+        layer = modules[key.rsplit(".", 1)[0]]
+        kind = meta.get("kind", "affine")
+        if kind == "affine":
+            q = _affine(layer)
+            widths = tensors[f"{key}.bits"].to(torch.int64) if meta["bits"] is None else \
+                torch.tensor(meta["bits"])
+            qmin, qmax = integer_range(widths, q.scheme.signed, q.scheme.narrow)
+            qmin, qmax = torch.as_tensor(qmin).float(), torch.as_tensor(qmax).float()
+        else:
+            widths = torch.tensor(meta["bits"])
         rows = meta["rows"]
-        codes = unpack_rows(tensors[f"{key}.codes"].numpy(), widths.numpy(), rows,
-                            int(np.prod(meta["shape"])) // rows)
+        codes = torch.from_numpy(unpack_rows(tensors[f"{key}.codes"].numpy(), widths.numpy(),
+                                             rows, int(np.prod(meta["shape"])) // rows))
+        if kind != "affine":
+            params = {p: tensors[f"{key}.{p}"] for p in meta["params"]}
+            layer.weight_quantizer = nn.Identity()
+            state[key] = decode(kind, codes, params).reshape(meta["shape"])
+            continue
         scale, zero = tensors[f"{key}.scale"], tensors[f"{key}.zero_point"].float()
         col = (lambda t: t.reshape(-1, 1)) if scale.dim() else (lambda t: t)
-        weight = (torch.from_numpy(codes).float() + col(qmin) - col(zero)) * col(scale)
+        weight = (codes.float() + col(qmin) - col(zero)) * col(scale)
         state[key] = weight.reshape(meta["shape"])
         per_channel = scale.dim() > 0
         state[meta["prefix"] + "scale"] = scale
