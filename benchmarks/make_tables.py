@@ -224,8 +224,9 @@ def packed_section(res: dict) -> list[str]:
              "(min-max, per-channel weights, first / last layer at 8 bits), exported with "
              "`lowbit export`; ideal = code bits + qparams + every float tensor at 32 bits "
              "(target: file within 2% + 16 KiB of it); reloaded with `lowbit.load_packed` and "
-             "compared with the fake-quant model on 64 test images. k-means, binary and "
-             "ternary weights are not in the packed format yet.", "",
+             "compared with the fake-quant model on 64 test images. k-means, ternary, binary "
+             "and LSQ rows are the methods' quantizers prepared on the float weights (the size "
+             "does not depend on fine-tuning).", "",
              "| model | setting | FP32 KiB | ideal KiB | file KiB | file / ideal | bit-identical |",
              "|---|---|---|---|---|---|---|"]
     for model, rows in res.items():
