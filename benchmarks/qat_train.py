@@ -42,6 +42,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default=",".join(EPOCHS))
     ap.add_argument("--methods", default=",".join(VARIANTS))
+    ap.add_argument("--bits", default=",".join(str(w) for w, _ in BITS),
+                    help="weight = activation widths to run, e.g. 4 or 4,2")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -54,6 +56,8 @@ def main():
         if "FP32" not in done:
             done["FP32"] = {"top1": lowbit.evaluate(model, test)}
         for w, a in BITS:
+            if str(w) not in args.bits.split(","):
+                continue
             label = f"W{w}A{a} PTQ lowbit best"
             if label not in done:
                 cfg = lowbit.PTQConfig(w_bits=w, a_bits=a, **{**BEST, **(

@@ -124,6 +124,16 @@ def build_parser() -> argparse.ArgumentParser:
     pw.add_argument("--w-bits", type=int, default=4)
     pw.add_argument("--out", required=True)
 
+    bi = sub.add_parser("bench-infer", help="images/s of lowbit's int8 model (onnxruntime) against "
+                                            "FP32 eager and the int8 peers (PyTorch FX, "
+                                            "onnxruntime quantize_static), in one run")
+    _add_data_args(bi)
+    bi.add_argument("--recipe", default="ptq-int8-deploy", help="lowbit's PTQ recipe")
+    bi.add_argument("--threads", default="1", help="comma-separated thread counts, e.g. 1,2")
+    bi.add_argument("--batch-sizes", default="1,128")
+    bi.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
+    bi.add_argument("--out", help="also write the results as JSON here")
+
     sub.add_parser("recipes", help="list the packaged recipes")
     return parser
 
@@ -421,8 +431,69 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_bench_infer(args) -> int:
+    import platform
+
+    import torch
+
+    from lowbit.data import Batches, load_dataset
+    from lowbit.deploy.bench import images_per_second, runners
+    from lowbit.evaluate import evaluate
+    from lowbit.io import write_json
+    from lowbit.methods.ptq import quantize
+    from lowbit.models import build_model
+    from lowbit.recipes import load_recipe
+
+    def integers(text, what):
+        try:
+            values = [int(v) for v in text.split(",")]
+        except ValueError:
+            values = []
+        if not values or min(values) < 1:
+            raise ConfigError(f"--{what} must be positive integers separated by commas, got "
+                              f"{text!r}")
+        return values
+
+    threads, sizes = integers(args.threads, "threads"), integers(args.batch_sizes, "batch-sizes")
+    config = load_recipe(args.recipe)
+    dataset = load_dataset(args.data)
+    model = build_model(args.model, args.checkpoint).eval()
+    norm = _normalization(args.model, dataset)
+    calib = Batches(dataset.train.subset(min(config.calib, len(dataset.train)), config.seed),
+                    norm, 256)
+    test = Batches(dataset.test, norm, args.batch_size)
+    qmodel = quantize(model, config, calib)
+    example = next(iter(test))[0]
+    if len(example) < max(sizes):
+        raise ConfigError(f"--batch-size {args.batch_size} is smaller than the largest batch "
+                          f"size to time ({max(sizes)})")
+    result = {"model": args.model, "recipe": args.recipe, "machine": platform.processor()
+              or platform.machine(), "timing": {}, "top1": {}}
+    for t in threads:
+        torch.set_num_threads(t)
+        runs = runners(model, qmodel, calib, (1, *example.shape[1:]), t)
+        if not result["top1"]:
+            result["top1"] = {name: evaluate(run, test, args.limit, desc=name)
+                              for name, run in runs.items()}
+            result["top1"]["lowbit simulation"] = evaluate(qmodel, test, args.limit)
+        for size in sizes:
+            speed = images_per_second(runs, example[:size], args.rounds)
+            result["timing"][f"threads={t} batch={size}"] = speed
+            base = speed["fp32 eager"]
+            print(f"threads {t}, batch {size}:")
+            for name, value in speed.items():
+                print(f"  {name:22s} {value:8.0f} img/s  {value / base:5.2f}x fp32 eager   "
+                      f"top-1 {result['top1'][name]:.2f}%")
+    n = min(len(dataset.test), args.limit or len(dataset.test))
+    print(f"top-1 on {n} test images; lowbit's simulation {result['top1']['lowbit simulation']:.2f}%")
+    if args.out:
+        write_json(Path(args.out), result)
+    return 0
+
+
 COMMANDS = {"demo": cmd_demo, "eval": cmd_eval, "quantize": cmd_quantize, "train": cmd_train,
-            "export": cmd_export, "plot-weights": cmd_plot_weights, "recipes": cmd_recipes}
+            "export": cmd_export, "plot-weights": cmd_plot_weights, "recipes": cmd_recipes,
+            "bench-infer": cmd_bench_infer}
 
 
 def main(argv=None) -> int:

@@ -81,3 +81,36 @@ def test_cli_exports_and_evaluates_onnx(tmp_path, capsys):
     assert main(["eval", "--model", "digits_cnn", "--checkpoint", str(tmp_path / "m.onnx"),
                  "--data", "digits"]) == 0
     assert "onnxruntime" in capsys.readouterr().out
+
+
+def test_fully_quantized_graph_runs_integer_kernels_and_keeps_accuracy(tmp_path, calib):
+    import onnxruntime as ort
+
+    q = lowbit.quantize(trained_like(UserNet()),
+                        lowbit.PTQConfig(w_bits=7, a_bits=8, w_symmetric=True,
+                                         first_last_bits=None), calib)
+    model = to_onnx(q, (1, 3, 12, 12), residual_calib=calib)
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    assert ops.count("QLinearAdd") == 3 and "Add" not in ops       # the residual adds
+    assert ops.count("QLinearConv") == 8 and "Conv" not in ops
+    x = torch.randn(64, 3, 12, 12, generator=torch.Generator().manual_seed(3))
+    a, b = q(x), OnnxRunner(model)(x)
+    assert (a.argmax(1) == b.argmax(1)).float().mean() >= 0.9
+    assert (a - b).abs().max() <= 0.1 * (a.max() - a.min())
+
+
+def test_bench_infer_reports_every_runner(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench-infer", "--model", "digits_cnn", "--data", "digits", "--batch-sizes",
+                 "1,8", "--rounds", "1", "--limit", "64", "--out", str(out)]) == 0
+    import json
+    result = json.loads(out.read_text())
+    assert set(result["timing"]["threads=1 batch=8"]) == {
+        "fp32 eager", "lowbit int8", "pytorch fx int8", "onnxruntime qdq int8"}
+    assert all(v > 0 for v in result["timing"]["threads=1 batch=1"].values())
+    assert main(["bench-infer", "--model", "digits_cnn", "--data", "digits",
+                 "--threads", "0"]) == 2

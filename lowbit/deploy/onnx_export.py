@@ -195,14 +195,31 @@ def _pad(b: _Builder, x: str, pad, rank: int, name: str) -> str:
                 mode="constant")
 
 
-def to_onnx(qmodel: nn.Module, input_shape) -> onnx.ModelProto:
-    """The QDQ ONNX model of ``qmodel`` for inputs of ``input_shape`` (any batch size)."""
+def to_onnx(qmodel: nn.Module, input_shape, residual_calib=None) -> onnx.ModelProto:
+    """The QDQ ONNX model of ``qmodel`` for inputs of ``input_shape`` (any batch size).
+
+    By default the graph is the simulation exactly: residual adds in float. With
+    ``residual_calib`` (input batches) it is *fully quantized*, as integer runtimes need to run
+    every op in int8: the output of each residual add (after its ReLU) and each layer output that
+    feeds an add get a uint8 ``QuantizeLinear -> DequantizeLinear``, with the qparams of the
+    8-bit layer input it feeds if there is one (then the pair is the simulation's own rounding),
+    else a min-max range over ``residual_calib``. That rounding of the residual path is the one
+    place this graph departs from the simulation; benchmarks report its accuracy.
+    """
     traced, reason = trace(qmodel)
     if traced is None:
         raise ExportError(f"the model cannot be traced, so it cannot be exported: {reason}")
     modules = dict(traced.named_modules())
     with torch.no_grad():
-        shapes = _shapes(traced, torch.zeros(1, *input_shape[1:]))
+        shapes = _observe(traced, [torch.zeros(1, *input_shape[1:])])[0]
+    requantize = {}
+    if residual_calib is not None:
+        points = _residual_points(traced.graph, modules)
+        roots = set(points.values())
+        with torch.no_grad():
+            _, ranges = _observe(traced, residual_calib, roots)
+        params = {root: _residual_qparams(root, modules, *ranges[root]) for root in roots}
+        requantize = {node: params[root] for node, root in points.items()}
     b, env = _Builder(), {}
     graph_input = helper.make_tensor_value_info("input", TensorProto.FLOAT,
                                                 ["batch", *input_shape[1:]])
@@ -218,12 +235,88 @@ def to_onnx(qmodel: nn.Module, input_shape) -> onnx.ModelProto:
             env[node] = _layer(b, module, args[0], node.target)
         else:
             env[node] = _other(b, node, module, args, shapes)
+        if node in requantize:
+            env[node] = _qdq(b, env[node], *requantize[node], f"{node.name}.residual")
     out_info = helper.make_tensor_value_info(output, TensorProto.FLOAT, out_shape)
     graph = helper.make_graph(b.nodes, "lowbit", [graph_input], [out_info], b.initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
                               producer_name="lowbit", ir_version=IR_VERSION)
     onnx.checker.check_model(model)
     return model
+
+
+def _is_relu(node, modules) -> bool:
+    return (node.op == "call_function" and node.target in _RELU) or \
+        (node.op == "call_method" and node.target in ("relu", "relu_")) or \
+        (node.op == "call_module" and isinstance(modules[node.target], nn.ReLU))
+
+
+def _residual_points(graph, modules) -> dict:
+    """The float tensors of residual paths, each mapped to the tensor whose qparams it takes:
+    each add's output (its ReLU's, if that is its only user) and, followed back through slicing,
+    padding and identities, what each add adds. Slices and pads of a quantized tensor take its
+    qparams (zero padding is exact: 0 is on every grid), so the runtime adds integers. Global
+    average pooling outputs too (with the classifier's input qparams they cost nothing)."""
+    points = {}
+    for node in graph.nodes:
+        if not (node.op == "call_function" and node.target in _ADD):
+            continue
+        users = list(node.users)
+        out = users[0] if len(users) == 1 and _is_relu(users[0], modules) else node
+        points[out] = out
+        for operand in node.args[:2]:
+            chain = []
+            while isinstance(operand, torch.fx.Node) and (
+                    (operand.op == "call_function" and operand.target in (operator.getitem, F.pad))
+                    or (operand.op == "call_module"
+                        and isinstance(modules[operand.target], nn.Identity))):
+                chain.append(operand)
+                operand = operand.args[0]
+            if isinstance(operand, torch.fx.Node) and operand.op != "placeholder":
+                points[operand] = operand
+                points.update((link, operand) for link in chain
+                              if link.op == "call_function" and link.target is F.pad)
+    for node in graph.nodes:  # pooled features, so the runtime pools integers
+        module = modules.get(node.target) if node.op == "call_module" else None
+        if (node.op == "call_function" and node.target is F.adaptive_avg_pool2d) or \
+                isinstance(module, nn.AdaptiveAvgPool2d) or \
+                (node.op == "call_method" and node.target == "mean"):
+            points[node] = node
+            pooled = node.args[0]  # and what is pooled: a ReLU of a layer, say
+            if isinstance(pooled, torch.fx.Node) and pooled.op != "placeholder":
+                points.setdefault(pooled, pooled)
+    return points
+
+
+def _consumers(node, modules):
+    """``node``'s users, looking through flatten / view / reshape."""
+    for user in node.users:
+        if (user.op == "call_method" and user.target in ("flatten", "view", "reshape")) or \
+                (user.op == "call_function" and user.target is torch.flatten) or \
+                (user.op == "call_module" and isinstance(modules[user.target], nn.Flatten)):
+            yield from _consumers(user, modules)
+        else:
+            yield user
+
+
+def _residual_qparams(node, modules, lo: float, hi: float):
+    """(scale, zero point) of uint8 for a residual tensor: an 8-bit consumer's, else min-max."""
+    for user in _consumers(node, modules):
+        q = getattr(modules.get(user.target), "input_quantizer", None) \
+            if user.op == "call_module" else None
+        if isinstance(q, AffineQuantizer) and q.calibrated and q.scale.dim() == 0 and \
+                (int(q.quant_min), int(q.quant_max)) == (0, 255):
+            return float(q.scale), int(q.zero_point)
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    scale = (hi - lo) / 255 or 1.0
+    return scale, int(np.clip(round(-lo / scale), 0, 255))
+
+
+def _qdq(b: _Builder, x: str, scale: float, zero: int, name: str) -> str:
+    scale_name = b.const(f"{name}_scale", np.float32(scale))
+    zp = b.const(f"{name}_zero_point", np.array(zero, dtype=np.uint8))
+    return b.op("DequantizeLinear", [b.op("QuantizeLinear", [x, scale_name, zp], f"{name}_q"),
+                                     scale_name, zp], f"{name}_dq")
 
 
 def _other(b: _Builder, node, module, args, shapes) -> str:
@@ -243,9 +336,13 @@ def _other(b: _Builder, node, module, args, shapes) -> str:
              and tuple(np.atleast_1d(module.output_size)) in ((1,), (1, 1))):
         return b.op("GlobalAveragePool", [x], node.name)
     if node.op == "call_method" and node.target == "mean":
-        dims = args[1] if len(args) > 1 else node.kwargs.get("dim")
+        dims = tuple(args[1] if len(args) > 1 else node.kwargs.get("dim"))
+        keep = bool(node.kwargs.get("keepdim", False))
+        if dims in ((2, 3), (-2, -1)) and len(shapes[node.args[0]].shape) == 4:
+            pooled = b.op("GlobalAveragePool", [x], node.name)  # integer runtimes have this one
+            return pooled if keep else b.op("Flatten", [pooled], f"{node.name}_flat", axis=1)
         return b.op("ReduceMean", [x, b.const("axes", np.array(dims, dtype=np.int64))],
-                    node.name, keepdims=int(node.kwargs.get("keepdim", False)))
+                    node.name, keepdims=int(keep))
     if isinstance(module, nn.MaxPool2d) and not module.ceil_mode and module.dilation in (1, (1, 1)):
         k, s, p = (np.broadcast_to(v, 2).tolist() for v in
                    (module.kernel_size, module.stride, module.padding))
@@ -270,24 +367,29 @@ def _other(b: _Builder, node, module, args, shapes) -> str:
     raise ExportError(f"{node.name}: {what} has no ONNX export in lowbit")
 
 
-def _shapes(traced, example) -> dict:
-    """The output of every node on one example (for shapes of reshapes and pads)."""
-    out = {}
+def _observe(traced, inputs, nodes=()) -> tuple[dict, dict]:
+    """Run ``traced`` on each input batch: (every node's output on the last batch, the running
+    (min, max) of each of ``nodes``)."""
+    outputs, ranges = {}, {}
     interpreter = torch.fx.Interpreter(traced)
     original = interpreter.run_node
 
     def record(node):
-        out[node] = original(node)
-        return out[node]
+        outputs[node] = value = original(node)
+        if node in nodes:
+            lo, hi = ranges.get(node, (float("inf"), float("-inf")))
+            ranges[node] = (min(lo, value.min().item()), max(hi, value.max().item()))
+        return value
 
     interpreter.run_node = record
-    interpreter.run(example)
-    return out
+    for batch in inputs:
+        interpreter.run(batch[0] if isinstance(batch, (tuple, list)) else batch)
+    return outputs, ranges
 
 
-def export_onnx(qmodel: nn.Module, path, input_shape) -> Path:
-    """Write ``qmodel`` as a QDQ ONNX file (atomically); returns the path."""
-    model = to_onnx(qmodel, input_shape)
+def export_onnx(qmodel: nn.Module, path, input_shape, residual_calib=None) -> Path:
+    """Write ``qmodel`` as a QDQ ONNX file (atomically; see :func:`to_onnx`); returns the path."""
+    model = to_onnx(qmodel, input_shape, residual_calib)
     return atomic_write(path, lambda tmp: onnx.save(model, tmp))
 
 
