@@ -15,14 +15,15 @@ and the accumulator is brought to its consumer's scale by a fixed-point multipli
 Where an output goes only (through a ReLU) into quantized Conv / Linear inputs with one set of
 qparams, it is requantized straight to them and the ReLU is a clamp at ``Z_out``. Where it also
 feeds a residual add (the simulation keeps that path in float), it becomes an int32 "residual
-stream" with zero point 0 whose scale is fixed ahead of time from a worst-case bound, as a
-compiler would: ``S = R / 2^29`` with ``R`` the largest real value the tensor can hold
-(``max_c S_acc[c] * (sum |q_W - Z_W| * max |q_X - Z_X| + |q_b|)`` for a layer, ``R_a + R_b`` for
-an add), so no stream can overflow int32 while its step stays far below any activation step.
-Adds rescale both operands to the sum's scale by fixed-point multipliers; global average pooling
-sums (in int64: a 2^29 bound times H*W pixels) and multiplies by ``1 / (H*W)`` the same way;
-slicing and padding act on the integers (padding with ``Z``). The last layer's accumulator is
-the output, dequantized once.
+stream" with zero point 0 whose scale is fixed ahead of time, as a compiler would:
+``S = S_next / 2^STREAM_FRACTION_BITS``, ``S_next`` the finest input scale among the quantized
+layers the stream reaches, so the stream is ``2^16`` times finer than any rounding made from it
+and holds values up to ``2^15`` of those steps (an overflow is reported, never wrapped). A stream
+that reaches no quantized layer takes its scale from a worst-case bound instead, ``S = R / 2^29``
+with ``R`` the largest real value it can hold. Adds rescale both operands to the sum's scale by
+fixed-point multipliers; global average pooling sums (in int64: up to 2^31 times H*W pixels) and
+multiplies by ``1 / (H*W)`` the same way; slicing and padding act on the integers (padding with
+``Z``). The last layer's accumulator is the output, dequantized once.
 
 Where simulation and engine can differ (``docs``: every one is below half an output step):
 
@@ -33,8 +34,8 @@ Where simulation and engine can differ (``docs``: every one is below half an out
   round the other way.
 * The bias is rounded to the accumulator grid; ``lowbit.quantize`` does the same in the
   simulation (``int_bias``), otherwise the two differ by up to half a step of ``S_W * S_X``.
-* The residual stream has a finite step (``R / 2^29``), where the simulation's float path has
-  none.
+* The residual stream has a finite step (``2^-16`` of the next rounding step), where the
+  simulation's float path has none.
 * Zero points are subtracted before the products (the device's offset trick gives the same
   integers), and zero padding pads with ``Z_X``, which is real zero, as in the simulation.
 
@@ -58,7 +59,8 @@ from lowbit.nn.layers import QUANT_LAYERS, QuantConv2d
 from lowbit.nn.quantizer import AffineQuantizer, CorrectedQuantizer
 from lowbit.transforms.fold import trace
 
-STREAM_BITS = 29  # |stream| < 2^29, so the sum of two streams still fits in int32
+STREAM_BITS = 29  # a bound-scaled stream stays below 2^29: the sum of two still fits in int32
+STREAM_FRACTION_BITS = 16
 INT32 = 2 ** 31
 
 _RELU_FUNCTIONS = {F.relu, torch.relu}
@@ -190,6 +192,22 @@ class IntegerEngine:
             raise ModelError("the model has no quantized Conv / Linear layer")
         self.targets = {node: self._direct_target(node) for node in self.graph.nodes
                         if node.op == "call_module" and node.target in self.layers}
+        self.stream_scales = {node: self._stream_scale(node) for node in self.graph.nodes}
+
+    def _stream_scale(self, node) -> float | None:
+        """``min S_next / 2^16`` over the quantized layers ``node``'s value reaches (None if it
+        reaches none)."""
+        seen, frontier, scales = set(), list(node.users), []
+        while frontier:
+            user = frontier.pop()
+            if user in seen:
+                continue
+            seen.add(user)
+            if user.op == "call_module" and user.target in self.layers:
+                scales.append(self.layers[user.target][1].scale)
+            else:
+                frontier.extend(user.users)
+        return min(scales) / 2 ** STREAM_FRACTION_BITS if scales else None
 
     def _consumer_qparams(self, node) -> _Quant | None:
         """The one input qparams shared by all of ``node``'s users, if all are quantized layers."""
@@ -257,12 +275,14 @@ class IntegerEngine:
             acc = acc + bias.reshape(col)
         acc = _check_int32(acc, node.target)
         target = self.targets[node]
-        if target is None:  # an int32 stream; its scale from the accumulator's worst case
-            worst = w.abs().reshape(len(w), -1).sum(1) * qx.bound + bias.abs()
-            scale = float((worst.double() * s_acc).max()) / 2 ** STREAM_BITS
+        if target is None:  # an int32 stream
+            scale = self.stream_scales[node]
+            if scale is None:  # reaches no quantized layer: from the accumulator's worst case
+                worst = w.abs().reshape(len(w), -1).sum(1) * qx.bound + bias.abs()
+                scale = float((worst.double() * s_acc).max()) / 2 ** STREAM_BITS
             m0, shift = fixed_point(s_acc / scale)
             data = multiply_by_fixed_point(acc, m0.reshape(col), shift.reshape(col))
-            return QTensor(data, scale, 0, 2 ** STREAM_BITS)
+            return QTensor(_check_int32(data, node.target), scale, 0, INT32)
         q, relu = target
         m0, shift = fixed_point(s_acc / q.scale)
         data = multiply_by_fixed_point(acc, m0.reshape(col), shift.reshape(col)) + q.zero_point
@@ -284,7 +304,7 @@ class IntegerEngine:
         if self._is_relu(node):
             return args[0].like(args[0].data.clamp(min=args[0].zero_point))
         if node.op == "call_function" and node.target in _ADD_FUNCTIONS:
-            return _add(*args[:2], node.name)
+            return _add(*args[:2], node.name, self.stream_scales[node])
         if _is_global_pool(node, module, args):
             v = args[0]
             h, w = v.data.shape[-2:]
@@ -343,13 +363,16 @@ def _requantize_to(v: QTensor, q: _Quant) -> torch.Tensor:
     return data.clamp(q.qmin, q.qmax)
 
 
-def _add(a: QTensor, b: QTensor, name: str) -> QTensor:
-    """``a + b`` as a stream: scale ``(R_a + R_b) / 2^29`` with ``R = S * bound`` (zero point 0)."""
+def _add(a: QTensor, b: QTensor, name: str, scale: float | None) -> QTensor:
+    """``a + b`` as a stream at ``scale``, or, if None, at ``(R_a + R_b) / 2^29`` with
+    ``R = S * bound`` (zero point 0)."""
     if not (isinstance(a, QTensor) and isinstance(b, QTensor)):
         raise ModelError(f"{name}: the integer engine adds two quantized tensors only")
-    scale = (a.scale * a.bound + b.scale * b.bound) / 2 ** STREAM_BITS
+    bound = INT32
+    if scale is None:
+        scale, bound = (a.scale * a.bound + b.scale * b.bound) / 2 ** STREAM_BITS, 2 ** STREAM_BITS
     total = 0
     for v in (a, b):
         m0, shift = fixed_point(v.scale / scale)
         total = total + multiply_by_fixed_point(v.data - v.zero_point, m0, shift)
-    return QTensor(_check_int32(total, name), scale, 0, 2 ** STREAM_BITS)
+    return QTensor(_check_int32(total, name), scale, 0, bound)
