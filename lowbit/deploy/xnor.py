@@ -1,0 +1,142 @@
+"""XNOR-popcount inference for XNOR-Net layers (Rastegari et al. 2016).
+
+A trained XNOR-Net convolution computes ``conv(sign(I), alpha * sign(W)) * K + b`` (K: the box
+filtered channel mean of ``|I|``, :func:`lowbit.quant.binary.xnor_input_scale`). Deployed, the
+signs are bits: each output pixel's receptive field is one packed row of ``K = KH*KW*C`` bits
+with a mask that is 0 on taps outside the image (zero padding adds 0), and
+
+    dot = 2 * popcount(XNOR(A, W) & mask) - popcount(mask)        (sum a*w = -n + 2 popcount)
+    out = dot * alpha[o] * K[n, y, x] + b[o]
+
+``xnor_kernel.cpp`` holds the compiled kernel (packing, im2col of bits, and the popcount GEMM,
+vectorised across 8 output pixels with AVX-512BW's byte-lookup popcount; scalar popcount
+elsewhere), built on first use with PyTorch's extension tools; where it cannot build, the same
+numbers come from a pure-torch path (a float convolution of the +-1 signs, exact for these
+integer sums) with a warning. Both compute ``dot * alpha * K + b`` in that order in float32, so
+their outputs are identical.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from lowbit.nn.binary import XNORConv2d
+from lowbit.quant.binary import binarize, bwn_alpha, xnor_input_scale
+
+SOURCE = Path(__file__).with_name("xnor_kernel.cpp")
+
+
+@lru_cache(maxsize=1)
+def extension():
+    """The compiled kernel module, or None (with a warning) when it cannot be built;
+    ``LOWBIT_XNOR_KERNEL=torch`` forces the pure-torch path."""
+    if os.environ.get("LOWBIT_XNOR_KERNEL") == "torch":
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        build = Path(os.environ.get("LOWBIT_CACHE", Path.home() / ".cache" / "lowbit")) / "xnor"
+        build.mkdir(parents=True, exist_ok=True)
+        return load(name="lowbit_xnor", sources=[str(SOURCE)], build_directory=str(build),
+                     extra_cflags=["-O3", "-march=native", "-ffp-contract=off"], verbose=False)
+    except Exception as e:  # a missing compiler or ninja, a failed build: fall back
+        warnings.warn(f"XNOR kernel not built ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                      "using the pure-torch path (same results, slower)", stacklevel=2)
+        return None
+
+
+def pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    """Bool ``[..., C]`` -> int64 ``[..., ceil(C / 64)]``, channel c at bit c % 64 of word c // 64."""
+    c = bits.shape[-1]
+    words = -(-c // 64)
+    padded = F.pad(bits.to(torch.int64), (0, words * 64 - c)).reshape(*bits.shape[:-1], words, 64)
+    # distinct bits: their sum is their OR, and bit 63 wraps to the sign bit as int64 does
+    return (padded << torch.arange(64)).sum(-1)
+
+
+def pack_signs(x: torch.Tensor) -> torch.Tensor:
+    """Float ``[N, C, H, W]`` -> int64 ``[N, H, W, CW]`` sign bits (1 where x >= 0, binarize's +1)."""
+    ext = extension()
+    if ext is not None:
+        return ext.pack_signs(x.float())
+    return pack_bits(x.permute(0, 2, 3, 1) >= 0)
+
+
+def pack_weights(w: torch.Tensor) -> torch.Tensor:
+    """Weight signs ``[O, C, KH, KW]`` -> int64 ``[O, KWp]`` rows, tap-major and channel-minor
+    (bit ``(ky * KW + kx) * C + c``), the layout of the kernel's im2col rows."""
+    return pack_bits(w.permute(0, 2, 3, 1).reshape(len(w), -1) >= 0)
+
+
+def gemm_operands(a: torch.Tensor, k: int):
+    """``(rows, masks, valid)`` for :func:`popcount_gemm` from packed rows ``a`` int64 ``[M, KWp]``
+    of ``k`` bits each (the kernel reads 8 rows' word w as one load, so rows go word-major)."""
+    words = a.shape[1]
+    mask = pack_bits(torch.ones(1, k, dtype=torch.bool)).expand(len(a), words)
+    return a.t().contiguous(), mask.t().contiguous(), torch.full((len(a),), k, dtype=torch.int64)
+
+
+def popcount_gemm(rows, masks, valid, b: torch.Tensor) -> torch.Tensor:
+    """The binary GEMM: ``sum a * w`` over the valid bits of each +-1 row pair -> int32
+    ``[M, O]`` (``b``: packed weight rows ``[O, KWp]``; operands from :func:`gemm_operands`)."""
+    o, m = len(b), rows.shape[1]
+    ext = extension()
+    if ext is not None:
+        ones, zeros = torch.ones(o), torch.zeros(o)
+        out = ext.popcount_gemm(rows, masks, valid, b, ones, torch.ones(m), zeros, m)
+        return out.reshape(o, m).t().to(torch.int32)
+    same = ~(rows.t().unsqueeze(1) ^ b.unsqueeze(0)) & masks.t().unsqueeze(1)   # [M, O, KWp]
+    counts = ((same.unsqueeze(-1) >> torch.arange(64)) & 1).sum((-1, -2))
+    return (2 * counts - valid.unsqueeze(1)).to(torch.int32)
+
+
+class XNORPopcountConv2d(nn.Module):
+    """An :class:`~lowbit.nn.binary.XNORConv2d` deployed: packed weight signs, per-filter alpha,
+    and the XNOR-popcount kernel."""
+
+    def __init__(self, layer: XNORConv2d):
+        super().__init__()
+        w = layer.weight.detach()
+        if layer.groups != 1 or layer.dilation != (1, 1) or isinstance(layer.padding, str) \
+                or layer.stride[0] != layer.stride[1] or layer.padding[0] != layer.padding[1]:
+            raise ValueError("the XNOR kernel takes square stride / padding, groups 1, "
+                             "dilation 1")
+        self.in_channels = w.shape[1]
+        self.kernel_size, self.stride, self.padding = layer.kernel_size, layer.stride, \
+            layer.padding
+        self.register_buffer("packed", pack_weights(w))
+        self.register_buffer("signs", binarize(w))
+        self.register_buffer("alpha", bwn_alpha(w).reshape(-1).float())
+        bias = layer.bias.detach() if layer.bias is not None else torch.zeros(len(w))
+        self.register_buffer("bias", bias.float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = xnor_input_scale(x, self.kernel_size, self.stride, self.padding)
+        ext = extension()
+        if ext is not None:
+            rows, masks, valid = ext.im2col(pack_signs(x), self.in_channels, *self.kernel_size,
+                                            self.stride[0], self.padding[0])
+            out = ext.popcount_gemm(rows, masks, valid, self.packed, self.alpha,
+                                    k.reshape(-1), self.bias, k.shape[2] * k.shape[3])
+            return out.reshape(len(x), -1, *k.shape[2:])
+        dot = F.conv2d(binarize(x), self.signs, None, self.stride, self.padding)
+        return dot * self.alpha.reshape(1, -1, 1, 1) * k + self.bias.reshape(1, -1, 1, 1)
+
+
+def deploy_xnor(model: nn.Module) -> nn.Module:
+    """A copy of an XNOR-Net model (``lowbit train --method xnor``) whose XNOR convolutions run
+    the popcount kernel; every other layer is unchanged."""
+    model = copy.deepcopy(model).eval()
+    for name, module in list(model.named_modules()):
+        if isinstance(module, XNORConv2d):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child,
+                    XNORPopcountConv2d(module))
+    return model
