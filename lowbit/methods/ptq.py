@@ -20,7 +20,8 @@ Pipeline of :func:`quantize` (each step optional except 1, 4, 5):
    bias so its mean output matches the float model's, in the same pass, so the correction of
    one layer is seen by the next;
 6. every bias is rounded to its int32 accumulator grid ``S_W * S_X`` (``int_bias``), as an
-   integer device stores it, so the simulation adds the bias the device adds.
+   integer device stores it, so the simulation adds the bias the device adds; in the same pass,
+   right after the layer's own correction, so later layers' corrections absorb the rounding.
 
 Calibration data is whatever the caller gives; the CLI only ever draws it from training images.
 """
@@ -36,7 +37,7 @@ from torch import nn
 
 from lowbit.config import ConfigMixin
 from lowbit.errors import CheckpointError, ConfigError, DataError, NumericalError
-from lowbit.nn.accumulator import round_biases
+from lowbit.nn.accumulator import round_bias, round_biases
 from lowbit.nn.layers import QUANT_LAYERS, WRAPPERS
 from lowbit.nn.quantizer import AffineQuantizer, CorrectedQuantizer
 from lowbit.policy import LayerBits, LayerPolicy
@@ -346,18 +347,25 @@ def calibrate_activations(model: nn.Module, x: torch.Tensor, config: PTQConfig,
                 _adaround(layer, args[0], float_out[name][1], config, generator)
         return hook
 
-    def correct_bias(name):
+    def finish_bias(name):
+        """Empirical bias correction, then the bias onto its accumulator grid: both before any
+        later layer is calibrated, so each later correction also absorbs this rounding."""
         def hook(layer, _args, y):
-            delta = float_out[name][0] - _output_means(y)
-            layer.bias.add_(delta)
-            return y + delta.reshape(1, -1, *([1] * (y.dim() - 2)))
+            if layer.bias is None:
+                return y
+            before = layer.bias.clone()
+            if config.empirical_bias_correction:
+                layer.bias.add_(float_out[name][0] - _output_means(y))
+            if config.int_bias:
+                round_bias(layer)
+            return y + (layer.bias - before).reshape(1, -1, *([1] * (y.dim() - 2)))
         return hook
 
     for name, layer in model.named_modules():
         if isinstance(layer, QUANT_LAYERS):
             handles.append(layer.register_forward_pre_hook(fit_input(name)))
-            if config.empirical_bias_correction:
-                handles.append(layer.register_forward_hook(correct_bias(name)))
+            if config.empirical_bias_correction or config.int_bias:
+                handles.append(layer.register_forward_hook(finish_bias(name)))
     try:
         model(x)
     finally:
@@ -410,7 +418,7 @@ def quantize(model: nn.Module, config: PTQConfig | None = None, calib_data=None)
     qmodel = prepare(qmodel, config, plan, folded=False)
     calibrate_weights(qmodel, config)
     calibrate_activations(qmodel, x, config, float_out, bns)
-    if config.int_bias:
+    if config.int_bias:  # layers the calibration pass did not reach
         round_biases(qmodel)
     qmodel.lowbit = QuantInfo("ptq", config.to_dict(), plan, folded, notes,
                               time.perf_counter() - start, pairs)

@@ -35,15 +35,17 @@ def accumulator_scale(layer) -> torch.Tensor | None:
 
 
 @torch.no_grad()
+def round_bias(layer) -> bool:
+    """Round ``layer``'s bias to its accumulator grid in place: ``b <- S_acc * round(b / S_acc)``.
+    Returns False (nothing done) for a layer without bias or integer accumulator."""
+    scale = accumulator_scale(layer) if layer.bias is not None else None
+    if scale is None:
+        return False
+    b = layer.bias.double()
+    layer.bias.copy_((torch.round(b / scale) * scale).to(layer.bias.dtype))
+    return True
+
+
 def round_biases(model: nn.Module) -> int:
-    """Round every quantized layer's bias to its accumulator grid, in place: ``b <- S_acc *
-    round(b / S_acc)``. Returns how many biases were rounded."""
-    count = 0
-    for layer in model.modules():
-        if isinstance(layer, QUANT_LAYERS) and layer.bias is not None:
-            scale = accumulator_scale(layer)
-            if scale is not None:
-                b = layer.bias.double()
-                layer.bias.copy_((torch.round(b / scale) * scale).to(layer.bias.dtype))
-                count += 1
-    return count
+    """:func:`round_bias` on every quantized layer; returns how many biases were rounded."""
+    return sum(round_bias(layer) for layer in model.modules() if isinstance(layer, QUANT_LAYERS))
