@@ -56,7 +56,8 @@ from torch.nn import functional as F
 
 from lowbit.errors import ConfigError, ModelError, NumericalError
 from lowbit.nn.layers import QUANT_LAYERS, QuantConv2d
-from lowbit.nn.quantizer import AffineQuantizer, CorrectedQuantizer
+from lowbit.nn.quantizer import AffineQuantizer, CorrectedQuantizer, affine_part
+from lowbit.quant.affine import broadcast_along
 from lowbit.transforms.fold import trace
 
 STREAM_BITS = 29  # a bound-scaled stream stays below 2^29: the sum of two still fits in int32
@@ -144,19 +145,15 @@ def integer_weight(layer, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``(q_W - Z_W as int64, per-output-channel scale as float64)`` of a quantized layer; a
     bias-correction gain is a per-channel factor, folded into the scale."""
     slot = layer.weight_quantizer
-    q = slot.quantizer if isinstance(slot, CorrectedQuantizer) else slot
-    if not isinstance(q, AffineQuantizer):
-        raise ConfigError(f"{name}: {type(q).__name__} weights are not affine integer codes")
+    q = affine_part(slot)
+    if q is None:
+        raise ConfigError(f"{name}: {type(slot).__name__} weights are not affine integer codes")
     if not q.calibrated:
         raise ConfigError(f"{name}: the weight quantizer was never calibrated")
     w = layer.weight.detach()
-    rows = w.shape[0]
-    per_row = (lambda t: t.reshape((-1,) + (1,) * (w.dim() - 1))) if q.scale.dim() else \
-        (lambda t: t)
-    codes = torch.clamp(torch.round(w * (1.0 / per_row(q.scale))) + per_row(q.zero_point),
-                        per_row(q.quant_min), per_row(q.quant_max))
-    integers = (codes - per_row(q.zero_point)).to(torch.int64)
-    scale = q.scale.double().expand(rows).clone() if q.scale.dim() == 0 else q.scale.double()
+    integers = (q.codes(w) - broadcast_along(q.zero_point, w, q.axis if q.scale.dim() else None)
+                ).to(torch.int64)
+    scale = q.scale.double().expand(len(w)).clone() if q.scale.dim() == 0 else q.scale.double()
     if isinstance(slot, CorrectedQuantizer) and slot.gain.numel():
         if bool((slot.shift != 0).any()):
             raise ConfigError(f"{name}: mean+std bias correction shifts every weight of a channel "

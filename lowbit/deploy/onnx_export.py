@@ -31,7 +31,7 @@ from lowbit.errors import ExportError
 from lowbit.io import atomic_write
 from lowbit.nn.accumulator import accumulator_scale
 from lowbit.nn.layers import QUANT_LAYERS, QuantConv2d
-from lowbit.nn.quantizer import AffineQuantizer, CorrectedQuantizer
+from lowbit.nn.quantizer import AffineQuantizer, CorrectedQuantizer, affine_part
 from lowbit.transforms.fold import trace
 
 OPSET = 21  # INT4 / UINT4 QuantizeLinear and DequantizeLinear
@@ -99,17 +99,15 @@ def _qdq_input(b: _Builder, x: str, q: AffineQuantizer, name: str) -> str:
 
 def _qdq_weight(b: _Builder, layer, name: str) -> str:
     slot = layer.weight_quantizer
-    q = slot.quantizer if isinstance(slot, CorrectedQuantizer) else slot
-    if not isinstance(q, AffineQuantizer):
-        raise ExportError(f"{name}: {type(q).__name__} weights have no QDQ form (affine integer "
-                          "codes only)")
+    q = affine_part(slot)
+    if q is None:
+        raise ExportError(f"{name}: {type(slot).__name__} weights have no QDQ form (affine "
+                          "integer codes only)")
     if not q.calibrated:
         raise ExportError(f"{name}: the weight quantizer was never calibrated")
     w = layer.weight.detach()
     rows = w.shape[0]
-    per_row = lambda t: t.reshape((-1,) + (1,) * (w.dim() - 1)) if t.dim() else t  # noqa: E731
-    codes = torch.clamp(torch.round(w * (1.0 / per_row(q.scale))) + per_row(q.zero_point),
-                        per_row(q.quant_min), per_row(q.quant_max)).to(torch.int64).numpy()
+    codes = q.codes(w).to(torch.int64).numpy()
     qmin, qmax = int(q.quant_min.min()), int(q.quant_max.max())
     onnx_type, dtype, _, _ = _integer_type(qmin, qmax)
     scale = q.scale.float().expand(rows) if q.scale.dim() == 0 else q.scale.float()

@@ -43,26 +43,18 @@ from lowbit.deploy.codes import decode, encode
 from lowbit.errors import CheckpointError, ConfigError
 from lowbit.io import atomic_write
 from lowbit.nn.layers import QUANT_LAYERS
-from lowbit.nn.quantizer import AffineQuantizer, CorrectedQuantizer
+from lowbit.nn.quantizer import AffineQuantizer, CorrectedQuantizer, affine_part
 from lowbit.quant.affine import integer_range
 
 FORMAT, VERSION = "lowbit-packed", 1
 
 
-def _affine(layer) -> AffineQuantizer | None:
-    slot = layer.weight_quantizer
-    q = slot.quantizer if isinstance(slot, CorrectedQuantizer) else slot
-    return q if isinstance(q, AffineQuantizer) else None
-
-
 def _codes(w: torch.Tensor, q: AffineQuantizer):
     """([rows, n] codes - q_min as int64, per-row widths) of a weight on its quantizer's grid."""
-    rows = w.detach().reshape(w.shape[0] if q.axis is not None else 1, -1)
+    rows = q.codes(w.detach()).reshape(w.shape[0] if q.axis is not None else 1, -1)
     col = (lambda t: t.reshape(-1, 1)) if q.scale.dim() else (lambda t: t)
-    q_int = torch.clamp(torch.round(rows * (1.0 / col(q.scale))) + col(q.zero_point),
-                        col(q.quant_min), col(q.quant_max))
     widths = q.bits.reshape(-1) if q.bits.dim() else q.bits.reshape(1)
-    return (q_int - col(q.quant_min)).to(torch.int64), widths
+    return (rows - col(q.quant_min)).to(torch.int64), widths
 
 
 def _bundle(tensors: dict[str, torch.Tensor]):
@@ -113,7 +105,7 @@ def export_packed(qmodel, path, model_spec: str, num_classes: int | None = None,
             continue
         key = f"{name}.weight"
         slot_prefix = f"{key}_quantizer."
-        q = _affine(layer)
+        q = affine_part(layer.weight_quantizer)
         if q is not None:
             if not q.calibrated:
                 raise ConfigError(f"{name}: the weight quantizer was never calibrated; quantize "
@@ -216,7 +208,7 @@ def load_packed(path):
         layer = modules[key.rsplit(".", 1)[0]]
         kind = meta.get("kind", "affine")
         if kind == "affine":
-            q = _affine(layer)
+            q = affine_part(layer.weight_quantizer)
             widths = tensors[f"{key}.bits"].to(torch.int64) if meta["bits"] is None else \
                 torch.tensor(meta["bits"])
             qmin, qmax = integer_range(widths, q.scheme.signed, q.scheme.narrow)

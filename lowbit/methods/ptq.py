@@ -39,7 +39,7 @@ from lowbit.config import ConfigMixin
 from lowbit.errors import CheckpointError, ConfigError, DataError, NumericalError
 from lowbit.nn.accumulator import round_bias, round_biases
 from lowbit.nn.layers import QUANT_LAYERS, WRAPPERS
-from lowbit.nn.quantizer import AffineQuantizer, CorrectedQuantizer
+from lowbit.nn.quantizer import AffineQuantizer, CorrectedQuantizer, affine_part
 from lowbit.policy import LayerBits, LayerPolicy
 from lowbit.quant.aciq import aciq_range
 from lowbit.quant.adaround import AdaRoundSchedule, learn_rounding
@@ -245,7 +245,7 @@ def calibrate_weights(model: nn.Module, config: PTQConfig) -> None:
         if not isinstance(layer, QUANT_LAYERS):
             continue
         slot = layer.weight_quantizer
-        quantizer = slot.quantizer if isinstance(slot, CorrectedQuantizer) else slot
+        quantizer = affine_part(slot)
         w = layer.weight.detach()
         per_channel = quantizer.axis is not None
         exact = minmax_range(w, 0 if per_channel else None)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from lowbit.nn.layers import QUANT_LAYERS
-from lowbit.nn.quantizer import AffineQuantizer, CorrectedQuantizer
+from lowbit.nn.quantizer import AffineQuantizer, CorrectedQuantizer, affine_part
 
 
 def accumulator_scale(layer) -> torch.Tensor | None:
@@ -21,8 +21,8 @@ def accumulator_scale(layer) -> torch.Tensor | None:
     the layer has no integer accumulator (an input or weight that is not affine per-tensor /
     per-channel integer codes, or a mean/std weight shift)."""
     qx, slot = layer.input_quantizer, layer.weight_quantizer
-    qw = slot.quantizer if isinstance(slot, CorrectedQuantizer) else slot
-    if not (isinstance(qx, AffineQuantizer) and isinstance(qw, AffineQuantizer)
+    qw = affine_part(slot)
+    if not (isinstance(qx, AffineQuantizer) and qw is not None
             and qx.calibrated and qw.calibrated and qx.scale.dim() == 0):
         return None
     rows = layer.weight.shape[0]

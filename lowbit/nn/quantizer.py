@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from lowbit.errors import CalibrationError
-from lowbit.quant.affine import QScheme, affine_qparams, fake_quantize, integer_range
+from lowbit.quant.affine import QScheme, affine_qparams, fake_quantize, integer_range, quantize
 
 _STATE = ("scale", "zero_point", "quant_min", "quant_max")
 
@@ -76,6 +76,12 @@ class AffineQuantizer(LazyBuffers, nn.Module):
         return fake_quantize(x, self.scale, self.zero_point, self.quant_min, self.quant_max,
                              self.axis if self.scale.dim() else None)
 
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        """The integer codes ``clamp(round(x / S) + Z, q_min, q_max)`` of ``x`` (a float tensor),
+        exactly those the fake quantization rounds ``x`` to."""
+        return quantize(x, self.scale, self.zero_point, self.quant_min, self.quant_max,
+                        self.axis if self.scale.dim() else None)
+
     def storage_bits(self, weight: torch.Tensor) -> int:
         """Bits to store ``weight`` quantized: its codes (per-channel widths included) plus a
         float32 scale and a 32-bit zero point per channel."""
@@ -120,3 +126,8 @@ class CorrectedQuantizer(LazyBuffers, nn.Module):
         shape = (-1,) + (1,) * (w.dim() - 1)
         return w_q * self.gain.reshape(shape) + self.shift.reshape(shape)
 
+
+def affine_part(slot: nn.Module) -> AffineQuantizer | None:
+    """The affine quantizer of a weight slot (inside a bias correction), or None."""
+    q = slot.quantizer if isinstance(slot, CorrectedQuantizer) else slot
+    return q if isinstance(q, AffineQuantizer) else None

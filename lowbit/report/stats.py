@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from lowbit.nn.layers import QUANT_LAYERS
-from lowbit.nn.quantizer import AffineQuantizer, CorrectedQuantizer
+from lowbit.nn.quantizer import AffineQuantizer, affine_part
 
 
 @torch.no_grad()
@@ -24,12 +24,11 @@ def layer_stats(model: nn.Module) -> list[dict]:
         w_q = layer.quantized_weight().detach()
         noise = (w - w_q).pow(2).sum().item()
         signal = w.pow(2).sum().item()
-        slot = layer.weight_quantizer
-        q = slot.quantizer if isinstance(slot, CorrectedQuantizer) else slot
+        q = affine_part(layer.weight_quantizer)
         a = layer.input_quantizer
         rows.append({
             "layer": name,
-            "w_bits": float(q.bits.float().mean()) if isinstance(q, AffineQuantizer) else 32.0,
+            "w_bits": float(q.bits.float().mean()) if q is not None else 32.0,
             "a_bits": float(a.bits.float().mean()) if isinstance(a, AffineQuantizer) else None,
             "weight_mse": noise / w.numel(),
             "weight_sqnr_db": 10 * math.log10(signal / noise) if noise > 0 else math.inf,
