@@ -407,8 +407,9 @@ class OnnxRunner:
                                                 providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own Fail / NotImplemented types
             message = " ".join(str(e).split())
-            raise ExportError(f"onnxruntime cannot run the exported model: "
-                              f"{message[-300:]}") from None
+            what = "the exported model" if isinstance(path_or_model, onnx.ModelProto) \
+                else str(path_or_model)
+            raise ExportError(f"onnxruntime cannot run {what}: {message[-300:]}") from None
         self.input = self.session.get_inputs()[0].name
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
