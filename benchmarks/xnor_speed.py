@@ -50,8 +50,8 @@ def main():
                     "compiled_kernel": xnor.extension() is not None}, "gemm": {}}
     for m, k, o in GEMMS:
         a, b = torch.randn(m, k), torch.randn(k, o)
-        operands = xnor.gemm_operands(xnor.pack_bits(a >= 0), k)
-        packed_b = xnor.pack_bits(b.t() >= 0)
+        operands = xnor.gemm_operands(xnor.pack_words(a >= 0), k)
+        packed_b = xnor.pack_words(b.t() >= 0)
         fp, binary = [], []
         for _ in range(5):  # interleaved
             fp.append(best_time(lambda: a @ b, 3))

@@ -26,8 +26,8 @@ def kernel(request, monkeypatch):
 def test_binary_gemm_is_the_signed_dot_product(kernel, k):
     g = torch.Generator().manual_seed(k)
     a, b = torch.randn(37, k, generator=g), torch.randn(24, k, generator=g)
-    got = xnor.popcount_gemm(*xnor.gemm_operands(xnor.pack_bits(a >= 0), k),
-                             xnor.pack_bits(b >= 0))
+    got = xnor.popcount_gemm(*xnor.gemm_operands(xnor.pack_words(a >= 0), k),
+                             xnor.pack_words(b >= 0))
     signs = lambda t: torch.where(t >= 0, 1.0, -1.0)  # noqa: E731
     assert torch.equal(got, (signs(a) @ signs(b).t()).to(torch.int32))
 

@@ -52,7 +52,7 @@ def extension():
         return None
 
 
-def pack_bits(bits: torch.Tensor) -> torch.Tensor:
+def pack_words(bits: torch.Tensor) -> torch.Tensor:
     """Bool ``[..., C]`` -> int64 ``[..., ceil(C / 64)]``, channel c at bit c % 64 of word c // 64."""
     c = bits.shape[-1]
     words = -(-c // 64)
@@ -66,20 +66,20 @@ def pack_signs(x: torch.Tensor) -> torch.Tensor:
     ext = extension()
     if ext is not None:
         return ext.pack_signs(x.float())
-    return pack_bits(x.permute(0, 2, 3, 1) >= 0)
+    return pack_words(x.permute(0, 2, 3, 1) >= 0)
 
 
 def pack_weights(w: torch.Tensor) -> torch.Tensor:
     """Weight signs ``[O, C, KH, KW]`` -> int64 ``[O, KWp]`` rows, tap-major and channel-minor
     (bit ``(ky * KW + kx) * C + c``), the layout of the kernel's im2col rows."""
-    return pack_bits(w.permute(0, 2, 3, 1).reshape(len(w), -1) >= 0)
+    return pack_words(w.permute(0, 2, 3, 1).reshape(len(w), -1) >= 0)
 
 
 def gemm_operands(a: torch.Tensor, k: int):
     """``(rows, masks, valid)`` for :func:`popcount_gemm` from packed rows ``a`` int64 ``[M, KWp]``
     of ``k`` bits each (the kernel reads 8 rows' word w as one load, so rows go word-major)."""
     words = a.shape[1]
-    mask = pack_bits(torch.ones(1, k, dtype=torch.bool)).expand(len(a), words)
+    mask = pack_words(torch.ones(1, k, dtype=torch.bool)).expand(len(a), words)
     return a.t().contiguous(), mask.t().contiguous(), torch.full((len(a),), k, dtype=torch.int64)
 
 
