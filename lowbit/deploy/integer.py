@@ -56,7 +56,8 @@ from torch.nn import functional as F
 
 from lowbit.errors import ConfigError, ModelError, NumericalError
 from lowbit.nn.layers import QUANT_LAYERS, QuantConv2d
-from lowbit.nn.quantizer import AffineQuantizer, CorrectedQuantizer, affine_part
+from lowbit.nn.accumulator import weight_scale
+from lowbit.nn.quantizer import AffineQuantizer, affine_part
 from lowbit.quant.affine import broadcast_along
 from lowbit.transforms.fold import trace
 
@@ -153,13 +154,11 @@ def integer_weight(layer, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     w = layer.weight.detach()
     integers = (q.codes(w) - broadcast_along(q.zero_point, w, q.axis if q.scale.dim() else None)
                 ).to(torch.int64)
-    scale = q.scale.double().expand(len(w)).clone() if q.scale.dim() == 0 else q.scale.double()
-    if isinstance(slot, CorrectedQuantizer) and slot.gain.numel():
-        if bool((slot.shift != 0).any()):
-            raise ConfigError(f"{name}: mean+std bias correction shifts every weight of a channel "
-                              "by a float; an integer engine cannot store that. Use "
-                              "bias_correction: mean or empirical_bias_correction")
-        scale = scale * slot.gain.double()
+    scale = weight_scale(layer)
+    if scale is None:  # calibrated affine codes, so: a per-channel shift
+        raise ConfigError(f"{name}: Banner's weight bias correction (mean or mean_std) shifts "
+                          "every weight of a channel by a float; an integer engine cannot store "
+                          "that. Use empirical_bias_correction (it moves only the bias)")
     return integers, scale
 
 

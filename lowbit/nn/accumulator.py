@@ -16,21 +16,31 @@ from lowbit.nn.layers import QUANT_LAYERS
 from lowbit.nn.quantizer import AffineQuantizer, CorrectedQuantizer, affine_part
 
 
-def accumulator_scale(layer) -> torch.Tensor | None:
-    """``S_W * S_X`` per output channel (float64, a bias-correction gain included), or None when
-    the layer has no integer accumulator (an input or weight that is not affine per-tensor /
-    per-channel integer codes, or a mean/std weight shift)."""
-    qx, slot = layer.input_quantizer, layer.weight_quantizer
+def weight_scale(layer) -> torch.Tensor | None:
+    """``S_W`` per output channel (float64, a bias-correction gain folded in), or None when the
+    weight is not calibrated affine integer codes or carries a mean/std shift (a float added to
+    every weight of a channel, which no integer kernel stores)."""
+    slot = layer.weight_quantizer
     qw = affine_part(slot)
-    if not (isinstance(qx, AffineQuantizer) and qw is not None
-            and qx.calibrated and qw.calibrated and qx.scale.dim() == 0):
+    if qw is None or not qw.calibrated:
         return None
     rows = layer.weight.shape[0]
-    scale = qw.scale.double().expand(rows) if qw.scale.dim() == 0 else qw.scale.double()
+    scale = qw.scale.double().expand(rows).clone() if qw.scale.dim() == 0 else qw.scale.double()
     if isinstance(slot, CorrectedQuantizer) and slot.gain.numel():
         if bool((slot.shift != 0).any()):
             return None
         scale = scale * slot.gain.double()
+    return scale
+
+
+def accumulator_scale(layer) -> torch.Tensor | None:
+    """``S_W * S_X`` per output channel (float64, a bias-correction gain included), or None when
+    the layer has no integer accumulator (an input or weight that is not affine per-tensor /
+    per-channel integer codes, or a mean/std weight shift)."""
+    qx, scale = layer.input_quantizer, weight_scale(layer)
+    if scale is None or not (isinstance(qx, AffineQuantizer) and qx.calibrated
+                             and qx.scale.dim() == 0):
+        return None
     return scale * float(qx.scale)
 
 
