@@ -16,7 +16,7 @@ from lowbit.methods import training_method
 from lowbit.models import build_model
 from lowbit.training import TrainConfig, train
 from lowbit.training.augment import pad_crop_flip
-from lowbit.training.engine import distillation_loss
+from lowbit.training.engine import calibrate, distillation_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,6 +74,28 @@ def test_training_learns_and_writes_metrics(tmp_path, digits):
     assert (tmp_path / "metrics.csv").read_text().count("\n") == 5
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     assert result.checkpoint.is_file()
+
+
+def test_calibration_pass_normalises_like_training_and_keeps_running_statistics():
+    """BinaryConnect's +-1 weights make the float BN running statistics wrong; the pass that
+    initialises the last layer's input range must see what the training steps will see."""
+    torch.manual_seed(0)
+    fp = build_model("digits_cnn").eval()
+    model = training_method("bc", {}).prepare(fp, torch.randn(8, 1, 8, 8))
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    before = [{k: v.clone() for k, v in m.state_dict().items()} for m in norms]
+    x = torch.randn(64, 1, 8, 8)
+    calibrate(model, x)
+    assert not model.training
+    for m, saved in zip(norms, before):
+        assert all(torch.equal(v, m.state_dict()[k]) for k, v in saved.items())
+    last = [m for m in model.modules() if hasattr(m, "input_quantizer")][-1].input_quantizer
+    seen = {}
+    last.register_forward_hook(lambda mod, inp, out: seen.setdefault("x", inp[0]))
+    with torch.no_grad():
+        model.train()(x)
+    assert torch.isclose(last.running_max, seen["x"].max(), rtol=1e-4)
+    assert torch.isclose(last.running_min, seen["x"].min(), rtol=1e-4)
 
 
 def test_cosine_and_multistep_schedules(digits):

@@ -57,6 +57,34 @@ def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
                            nesterov=config.nesterov, weight_decay=config.weight_decay)
 
 
+@torch.no_grad()
+def calibrate(model: nn.Module, x: torch.Tensor) -> None:
+    """One forward pass for the quantizers that initialise on the first tensor they see, with
+    BatchNorm normalising by the batch's statistics as in the training steps that follow, and
+    its running statistics left as they were.
+
+    The float running statistics are wrong once a method rescales the weights: BinaryConnect's
+    +-1 weights are ~20x the float ones per layer, so through eval-mode BatchNorm the last
+    layer's input range came out ~1e10 too wide and every feature quantized to 0 (chance
+    accuracy that training could not leave).
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None
+              else None) for m in norms]
+    model.eval()
+    for m in norms:
+        m.train()
+        m.momentum = 0.0  # running <- (1 - 0) running + 0 batch: unchanged
+    try:
+        model(x)
+    finally:
+        for m, (momentum, tracked) in zip(norms, saved):
+            m.momentum = momentum
+            if tracked is not None:
+                m.num_batches_tracked.copy_(tracked)
+        model.eval()
+
+
 def _lr_factor(config: TrainConfig, steps_per_epoch: int):
     total = config.epochs * steps_per_epoch
 
@@ -122,8 +150,7 @@ def train(model: nn.Module, data: Dataset, normalization, config: TrainConfig | 
     else:
         # Quantizers that calibrate on the first tensor they see do so here, on the same
         # images in every process, before DDP copies rank 0's state to the others.
-        with torch.no_grad():
-            model.eval()(first)
+        calibrate(model, first)
     optimizer = _optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(config, steps_per_epoch))
     start_epoch, rows = 0, []
