@@ -35,7 +35,9 @@ RESULTS = ROOT / "benchmarks" / "results" / "compress_train.json"
 RUNS = ROOT / "benchmarks" / "runs"
 EPOCHS = {"resnet20": 5, "psg_resnet32": 1}
 RUNS_TO_DO = [("kmeans", {"w_bits": b}, f"k-means {b}-bit") for b in (4, 3, 2)] + [
-    (kind, {}, kind) for kind in ("bwn", "twn", "ttq", "bc", "xnor", "bnn")]
+    (kind, {}, kind) for kind in ("bwn", "twn", "ttq", "bc", "xnor", "bnn")] + [
+    # diagnostic: TTQ at the threshold whose zero share (47%) and weight error match TWN's
+    ("ttq", {"ttq_threshold": 0.1}, "ttq t=0.1")]
 
 
 def main():
@@ -67,7 +69,7 @@ def main():
                                  lr=1e-4 if method_name == "kmeans" else 1e-3,
                                  weight_decay=0.0, schedule="cosine", seed=0,
                                  eval_every=EPOCHS[name])
-            out = RUNS / f"compress-{name}-{label.replace(' ', '')}"
+            out = RUNS / f"compress-{name}-{label.replace(' ', '').replace('=', '')}"
             t = time.perf_counter()
             result = train(model, data, norm, config, method=training_method(method_name, values),
                            out=out, resume=(out / "checkpoint.pt").is_file())

@@ -12,7 +12,7 @@ from lowbit.methods import training_method
 from lowbit.models import build_model
 from lowbit.nn import LSQQuantizer, ObservedQuantizer
 from lowbit.quant.affine import QScheme
-from lowbit.quant.lsq import LSQFakeQuantize, lsq_bounds, lsq_grad_scale
+from lowbit.quant.lsq import LSQFakeQuantize, lsq_bounds, lsq_grad_scale, lsq_mse_step
 from lowbit.training import TrainConfig, train
 
 
@@ -113,6 +113,37 @@ def test_lsq_quantizer_initialisation_and_gradient_scale():
     assert image.signed and image.bounds == (128, 127)
 
 
+def _lsq_mse(v, step, q_n, q_p):
+    return (torch.clamp(torch.round(v / step), -q_n, q_p) * step - v).pow(2).mean().item()
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_lsq_mse_initialisation_is_the_least_error_step(signed):
+    torch.manual_seed(0)
+    v = torch.distributions.Laplace(0.0, 1.0).sample((4000,))
+    v = v if signed else v.abs()
+    q_n, q_p = lsq_bounds(4, signed)
+    step = lsq_mse_step(v, q_n, q_p).item()
+    best = _lsq_mse(v, step, q_n, q_p)
+    top = v.abs().max().item() / q_p
+    for other in torch.linspace(0.05 * top, top, 333):
+        assert best <= _lsq_mse(v, other.item(), q_n, q_p) * 1.01
+    # clipping the Laplace tail: well inside the min-max step
+    assert step < 0.8 * top
+    q = LSQQuantizer(4, signed=None, is_weight=False, init="mse")
+    q(v.reshape(40, 100))
+    assert q.step.item() == pytest.approx(step, rel=1e-6)
+
+
+def test_lsq_mse_initialisation_per_channel():
+    w = torch.randn(6, 50) * torch.arange(1, 7).float()[:, None]
+    q = LSQQuantizer(3, signed=True, channels=6, init="mse")
+    q(w)
+    for c in range(6):
+        assert q.step[c].item() == pytest.approx(lsq_mse_step(w[c], 4, 3).item(), rel=1e-6)
+    assert (q.step[1:] > q.step[:-1]).all()  # wider channels, wider steps
+
+
 def test_lsq_step_driven_negative_is_floored_with_a_warning():
     q = LSQQuantizer(4, signed=True, name="conv.weight")
     w = torch.randn(10, 10)
@@ -157,7 +188,8 @@ def test_activation_delay_and_bn_freeze_follow_the_schedule():
 
 
 def test_qat_config_errors():
-    for bad in (dict(quantizer="dorefa"), dict(w_bits=1), dict(a_bits=0), dict(act_momentum=0)):
+    for bad in (dict(quantizer="dorefa"), dict(w_bits=1), dict(a_bits=0), dict(act_momentum=0),
+                dict(quantizer="lsq", lsq_init="max")):
         with pytest.raises(ConfigError):
             training_method("qat", bad)
     with pytest.raises(ConfigError, match="unknown training method"):

@@ -8,7 +8,8 @@ Two quantizers fill the wrapper slots:
   estimator. Activation quantization can start after ``act_quant_delay`` steps and BN
   statistics can be frozen from ``freeze_bn_epoch`` (Jacob et al.'s schedule).
 * ``quantizer="lsq"`` (Esser et al. 2020): learned step sizes, per tensor as in the paper (per
-  channel with ``w_per_channel``), see :mod:`lowbit.nn.lsq`.
+  channel with ``w_per_channel``), started at the paper's 2 mean|v| / sqrt(Q_P) or, with
+  ``lsq_init="mse"``, at the step of least quantization error; see :mod:`lowbit.nn.lsq`.
 
 BN stays a separate layer during training. With symmetric per-channel weights folding it
 afterwards is exact: the folded channel keeps its integer codes and its scale is multiplied by
@@ -25,6 +26,7 @@ from lowbit.config import ConfigMixin
 from lowbit.errors import ConfigError
 from lowbit.methods.base import TrainingMethod
 from lowbit.nn.layers import WRAPPERS
+from lowbit.nn.lsq import INITS as LSQ_INITS
 from lowbit.nn.lsq import LSQQuantizer
 from lowbit.nn.observed import ObservedQuantizer
 from lowbit.policy import LayerPolicy
@@ -42,6 +44,7 @@ class QATConfig(ConfigMixin):
     w_bits: int = 4
     a_bits: int | None = 4
     w_per_channel: bool = True
+    lsq_init: str = "paper"
     act_momentum: float = 0.01
     act_quant_delay: int = 0
     freeze_bn_epoch: int | None = None
@@ -53,6 +56,9 @@ class QATConfig(ConfigMixin):
         if self.quantizer not in QUANTIZERS:
             raise ConfigError(f"quantizer must be one of {', '.join(QUANTIZERS)}, "
                               f"got {self.quantizer!r}")
+        if self.lsq_init not in LSQ_INITS:
+            raise ConfigError(f"lsq_init must be one of {', '.join(LSQ_INITS)}, "
+                              f"got {self.lsq_init!r}")
         check_bits(self.w_bits, "w_bits")
         if self.a_bits is not None:
             check_bits(self.a_bits, "a_bits")
@@ -82,7 +88,8 @@ class QATMethod(TrainingMethod):
         c = self.config
         if c.quantizer == "lsq":
             channels = layer.weight.shape[0] if c.w_per_channel else None
-            return LSQQuantizer(bits, signed=True, channels=channels, name=f"{name}.weight")
+            return LSQQuantizer(bits, signed=True, channels=channels, name=f"{name}.weight",
+                                init=c.lsq_init)
         scheme = QScheme(bits, signed=True, symmetric=True, narrow=True)
         return ObservedQuantizer(scheme, axis=0 if c.w_per_channel else None,
                                  name=f"{name}.weight", observer="minmax")
@@ -92,7 +99,8 @@ class QATMethod(TrainingMethod):
         if bits is None:
             return None
         if c.quantizer == "lsq":
-            return LSQQuantizer(bits, signed=None, is_weight=False, name=f"{name}.input")
+            return LSQQuantizer(bits, signed=None, is_weight=False, name=f"{name}.input",
+                                init=c.lsq_init)
         return ObservedQuantizer(QScheme(bits), name=f"{name}.input", observer="ema",
                                  momentum=c.act_momentum, enabled=c.act_quant_delay == 0)
 

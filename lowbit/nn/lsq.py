@@ -1,7 +1,8 @@
 """The LSQ quantizer module (Esser et al. 2020): a learnable step per tensor or per channel.
 
 * The step is a parameter, initialised on the first tensor the quantizer sees to
-  s_0 = 2 mean|v| / sqrt(Q_P) (weights: the pretrained weights; activations: the first batch).
+  s_0 = 2 mean|v| / sqrt(Q_P) (weights: the pretrained weights; activations: the first batch),
+  or with ``init="mse"`` to the step of least quantization MSE (:func:`lsq_mse_step`).
 * Signedness: weights are signed; an input is unsigned when the first batch is non-negative
   (after a ReLU) and signed otherwise. The network's normalized image is signed, so the first
   layer's input gets Q_N = 2^(b-1), Q_P = 2^(b-1) - 1 (lsq-net leaves it unquantized instead).
@@ -21,18 +22,23 @@ import torch
 from torch import nn
 
 from lowbit.quant.affine import broadcast_along
-from lowbit.quant.lsq import LSQFakeQuantize, lsq_bounds, lsq_grad_scale, lsq_initial_step
+from lowbit.quant.lsq import (LSQFakeQuantize, lsq_bounds, lsq_grad_scale, lsq_initial_step,
+                              lsq_mse_step)
+
+INITS = ("paper", "mse")
 
 FLOOR = 1e-4
 
 
 class LSQQuantizer(nn.Module):
     def __init__(self, bits: int, signed: bool | None, channels: int | None = None,
-                 axis: int = 0, is_weight: bool = True, name: str = ""):
+                 axis: int = 0, is_weight: bool = True, name: str = "", init: str = "paper"):
         """``signed=None`` decides from the first tensor; ``channels`` gives a per-channel step
-        along ``axis``; ``is_weight=False`` counts N per example (activations)."""
+        along ``axis``; ``is_weight=False`` counts N per example (activations); ``init`` is
+        "paper" or "mse"."""
         super().__init__()
         self.bits, self.axis, self.name = bits, axis if channels else None, name
+        self.init = init
         self.is_weight = is_weight
         self.step = nn.Parameter(torch.ones(channels) if channels else torch.tensor(1.0))
         self.register_buffer("signed", torch.tensor(bool(signed)))
@@ -48,7 +54,10 @@ class LSQQuantizer(nn.Module):
     def initialize(self, x: torch.Tensor) -> None:
         if not self.fixed_sign:
             self.signed.fill_(bool((x < 0).any()))
-        step = lsq_initial_step(x, self.bounds[1], self.axis).clamp(min=1e-8)
+        q_n, q_p = self.bounds
+        step = lsq_mse_step(x, q_n, q_p, self.axis) if self.init == "mse" else \
+            lsq_initial_step(x, q_p, self.axis)
+        step = step.clamp(min=1e-8)
         self.step.copy_(step.reshape(self.step.shape))
         self.floor.copy_(FLOOR * self.step)
         self.initialized.fill_(True)
