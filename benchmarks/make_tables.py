@@ -199,7 +199,11 @@ def qat_section(res: dict) -> list[str]:
         f" ({len(r['epochs'])} ep)" if "epochs" in r else ""))
 
 
-def compress_section(res: dict) -> list[str]:
+def compress_section(res: dict, qat: dict) -> list[str]:
+    """The compression table, with LSQ / STE QAT / PTQ at similar bits from qat_train below."""
+    res = {m: {**rows, **{f"{label} (qat_train)": r for label, r in qat.get(m, {}).items()
+                          if label != "FP32"}}
+           for m, rows in res.items() if m in MODELS}
     models = [m for m in MODELS if m in res]
     lines = ["## Weight sharing and binary / ternary networks", "",
              "Command: `python benchmarks/compress_train.py`. Fine-tuned from the FP checkpoints "
@@ -210,11 +214,12 @@ def compress_section(res: dict) -> list[str]:
              *_header("method", (MODELS[m] for m in models))]
 
     def cell(r):
-        size = f"{r['bytes'] / 1024:.0f} KiB"
+        notes = [f"{r['bytes'] / 1024:.0f} KiB"] if "bytes" in r else []
         if r.get("huffman_bytes"):
-            size += f", Huffman {r['huffman_bytes'] / 1024:.0f}"
-        epochs = f", {len(r['epochs'])} ep" if "epochs" in r else ""
-        return f"{r['top1']:.2f} ({size}{epochs})"
+            notes.append(f"Huffman {r['huffman_bytes'] / 1024:.0f}")
+        if "epochs" in r:
+            notes.append(f"{len(r['epochs'])} ep")
+        return f"{r['top1']:.2f} ({', '.join(notes)})" if notes else f"{r['top1']:.2f}"
     return lines + _table(res, models, cell)
 
 
@@ -341,7 +346,7 @@ def main():
                     (peers_section(peers, ablation) if peers else []),
                     (speed_section(speed) if speed else []),
                     (psg_section(psg) if psg else []), (qat_section(qat) if qat else []),
-                    (compress_section(compress) if compress else []),
+                    (compress_section(compress, qat) if compress else []),
                     (cost_section(cost) if cost else []),
                     (packed_section(packed) if packed else []),
                     (agreement_section(agreement) if agreement.get("resnet20") else []),

@@ -95,7 +95,9 @@ def main():
         RESULTS.write_text(json.dumps(results, indent=1))
     models = {}
     for variant in ("sgd", "psgd"):
-        out = RUNS / f"psg-{variant}-{key.replace(',', '-').replace('=', '')}"
+        # plain SGD does not depend on lambda_s: one run serves every lambda_s
+        run = key if variant == "psgd" else key.rsplit(",lambda=", 1)[0]
+        out = RUNS / f"psg-{variant}-{run.replace(',', '-').replace('=', '')}"
         method = PSGMethod(psg) if variant == "psgd" else None
         t = time.perf_counter()
         result = train(build_model("psg_resnet32", START), data, norm, config, method=method,

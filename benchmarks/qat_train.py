@@ -12,6 +12,7 @@ rerunning resumes) and its result is added to ``benchmarks/results/qat_train.jso
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import time
@@ -22,7 +23,9 @@ import torch
 
 import lowbit
 from lowbit.methods import training_method
+from lowbit.report import quantized_size_bytes
 from lowbit.training import TrainConfig, train
+from lowbit.training.engine import calibrate
 
 from ptq_ablation import BEST, SHARED, load_benchmark, training_data  # noqa: E402
 
@@ -55,6 +58,14 @@ def save(results: dict) -> None:
     RESULTS.write_text(json.dumps(merged, indent=1))
 
 
+def trained_size(model, method: str, settings: dict, example) -> int:
+    """Stored bytes of the model a method trains (codes, steps / qparams, float rest): they do
+    not depend on the trained values, so the untrained prepared model gives them."""
+    prepared = training_method(method, settings).prepare(copy.deepcopy(model).eval(), example)
+    calibrate(prepared, example)
+    return quantized_size_bytes(prepared)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default=",".join(EPOCHS))
@@ -72,20 +83,27 @@ def main():
         done = results.setdefault(name, {})
         if "FP32" not in done:
             done["FP32"] = {"top1": lowbit.evaluate(model, test)}
+        example = next(iter(test))[0][:64]
         for w, a in BITS:
             if str(w) not in args.bits.split(","):
                 continue
             label = f"W{w}A{a} PTQ lowbit best"
-            if label not in done:
+            if label not in done or "bytes" not in done[label]:
                 cfg = lowbit.PTQConfig(w_bits=w, a_bits=a, **{**BEST, **(
                     {"w_clip": "minmax", "bias_correction": "mean"} if w == 2 else {})})
-                done[label] = {"top1": lowbit.evaluate(lowbit.quantize(model, cfg, calib), test)}
+                quantized = lowbit.quantize(model, cfg, calib)
+                done[label] = {"top1": lowbit.evaluate(quantized, test),
+                               "bytes": quantized_size_bytes(quantized)}
                 save(results)
             for variant in args.methods.split(","):
                 label = f"W{w}A{a} {variant}"
-                if label in done:
-                    continue
                 method, method_extra, extra = VARIANTS[variant]
+                settings = {"w_bits": w, "a_bits": a, **method_extra}
+                if label in done:
+                    if "bytes" not in done[label]:
+                        done[label]["bytes"] = trained_size(model, method, settings, example)
+                        save(results)
+                    continue
                 extra = dict(extra)
                 epochs = max(1, round(EPOCHS[name] * extra.pop("epochs_scale", 1)))
                 config = TrainConfig(**{
@@ -95,10 +113,10 @@ def main():
                 out = RUNS / f"qat-{name}-{variant}-w{w}a{a}"
                 t = time.perf_counter()
                 result = train(model, data, norm, config,
-                               method=training_method(method, {"w_bits": w, "a_bits": a,
-                                                               **method_extra}),
+                               method=training_method(method, settings),
                                out=out, resume=(out / "checkpoint.pt").is_file())
                 done[label] = {"top1": result.metrics[-1]["test_top1"],
+                               "bytes": quantized_size_bytes(result.model),
                                "epochs": result.metrics, "train": config.to_dict(),
                                "train_images": len(data.train),
                                "seconds_this_call": time.perf_counter() - t}
