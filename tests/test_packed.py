@@ -92,5 +92,8 @@ def test_trained_models_pack_bit_identically(tmp_path, digits_fp, method, values
     path = export_packed(model, tmp_path / "m.lowbit", "digits_cnn", 10, trained=trained)
     back, header = load_packed(path)
     assert torch.equal(back(x), model(x))
+    if method == "xnor":  # the popcount deployment of the rebuilt model too
+        from lowbit.deploy import deploy_xnor
+        assert torch.equal(deploy_xnor(back)(x), model(x))
     ideal = quantized_size_bytes(model)
     assert path.stat().st_size <= 1.02 * ideal + 16 * 1024, (path.stat().st_size, ideal)

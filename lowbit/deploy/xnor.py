@@ -12,8 +12,10 @@ with a mask that is 0 on taps outside the image (zero padding adds 0), and
 vectorised across 8 output pixels with AVX-512BW's byte-lookup popcount; scalar popcount
 elsewhere), built on first use with PyTorch's extension tools; where it cannot build, the same
 numbers come from a pure-torch path (a float convolution of the +-1 signs, exact for these
-integer sums) with a warning. Both compute ``dot * alpha * K + b`` in that order in float32, so
-their outputs are identical.
+integer sums) with a warning. The kernel sums K's |I| inside its packing and im2col passes (no
+separate passes over the activation) in the order :func:`~lowbit.quant.binary.xnor_input_scale`
+fixes, and both paths compute ``dot * alpha * K + b`` in that order in float32, so their outputs
+are identical to each other and to the simulation.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from lowbit.nn.binary import XNORConv2d
-from lowbit.quant.binary import binarize, bwn_alpha, xnor_input_scale
+from lowbit.quant.binary import binarize, xnor_input_scale
 
 SOURCE = Path(__file__).with_name("xnor_kernel.cpp")
 
@@ -65,7 +67,7 @@ def pack_signs(x: torch.Tensor) -> torch.Tensor:
     """Float ``[N, C, H, W]`` -> int64 ``[N, H, W, CW]`` sign bits (1 where x >= 0, binarize's +1)."""
     ext = extension()
     if ext is not None:
-        return ext.pack_signs(x.float())
+        return ext.pack_signs(x.float())[0]
     return pack_words(x.permute(0, 2, 3, 1) >= 0)
 
 
@@ -111,23 +113,34 @@ class XNORPopcountConv2d(nn.Module):
         self.in_channels = w.shape[1]
         self.kernel_size, self.stride, self.padding = layer.kernel_size, layer.stride, \
             layer.padding
-        self.register_buffer("packed", pack_weights(w))
-        self.register_buffer("signs", binarize(w))
-        self.register_buffer("alpha", bwn_alpha(w).reshape(-1).float())
+        alpha, signs = (t.detach() for t in layer.binary_factors())
+        self.register_buffer("packed", pack_weights(signs))
+        self.register_buffer("signs", signs)
+        self.register_buffer("alpha", alpha.reshape(-1).float())
         bias = layer.bias.detach() if layer.bias is not None else torch.zeros(len(w))
         self.register_buffer("bias", bias.float())
+        self._borders = {}  # input shape -> (masks, valid): they depend only on the geometry
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        k = xnor_input_scale(x, self.kernel_size, self.stride, self.padding)
         ext = extension()
-        if ext is not None:
-            rows, masks, valid = ext.im2col(pack_signs(x), self.in_channels, *self.kernel_size,
-                                            self.stride[0], self.padding[0])
-            out = ext.popcount_gemm(rows, masks, valid, self.packed, self.alpha,
-                                    k.reshape(-1), self.bias, k.shape[2] * k.shape[3])
-            return out.reshape(len(x), -1, *k.shape[2:])
-        dot = F.conv2d(binarize(x), self.signs, None, self.stride, self.padding)
-        return dot * self.alpha.reshape(1, -1, 1, 1) * k + self.bias.reshape(1, -1, 1, 1)
+        if ext is None:
+            k = xnor_input_scale(x, self.kernel_size, self.stride, self.padding)
+            dot = F.conv2d(binarize(x), self.signs, None, self.stride, self.padding)
+            return dot * self.alpha.reshape(1, -1, 1, 1) * k + self.bias.reshape(1, -1, 1, 1)
+        # one pass packs the signs and sums |x| over channels; im2col adds K's box sums
+        bits, magnitude = ext.pack_signs(x.float())
+        shape = tuple(x.shape)
+        known = shape in self._borders
+        rows, k, *borders = ext.im2col(bits, magnitude, self.in_channels, *self.kernel_size,
+                                       self.stride[0], self.padding[0], not known)
+        if not known:
+            self._borders = {shape: tuple(borders)}  # keep one geometry: memory stays bounded
+        masks, valid = self._borders[shape]
+        oh = (x.shape[2] + 2 * self.padding[0] - self.kernel_size[0]) // self.stride[0] + 1
+        ow = (x.shape[3] + 2 * self.padding[1] - self.kernel_size[1]) // self.stride[1] + 1
+        out = ext.popcount_gemm(rows, masks, valid, self.packed, self.alpha, k, self.bias,
+                                oh * ow)
+        return out.reshape(len(x), -1, oh, ow)
 
 
 def deploy_xnor(model: nn.Module) -> nn.Module:

@@ -40,7 +40,12 @@ class ScaledBinaryWeight(nn.Module):
     gives the exact chain rule (1/n) sign(W_i) sum_j g_j sign(W_j) + alpha 1[|W_i| <= 1] g_i."""
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        return bwn_alpha(w) * SignSTE.apply(w)
+        alpha, signs = self.factors(w)
+        return alpha * signs
+
+    def factors(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(alpha [O, 1, ...], sign(W)), both carrying their gradients."""
+        return bwn_alpha(w), SignSTE.apply(w)
 
     def storage_bits(self, weight: torch.Tensor) -> int:
         return weight.numel() + 32 * weight.shape[0]  # one float32 alpha per filter
@@ -95,11 +100,26 @@ class SignActivation(nn.Module):
 
 
 class XNORConv2d(QuantConv2d):
-    """XNOR-Net convolution: ``conv(sign(I), alpha sign(W)) * K(I)``, K the box-filtered channel
-    mean of |I| (one beta per output position) computed from the real input."""
+    """XNOR-Net convolution: ``(conv(sign(I), sign(W)) * alpha) * K(I) + b``, K the box-filtered
+    channel mean of |I| (one beta per output position) computed from the real input.
+
+    alpha is factored out of the convolution (the paper's ``(sign(I) * sign(W)) . K alpha``):
+    the +-1 convolution sums integers, exact in float32 in any order, and the three factors are
+    then applied in the order the deployed popcount kernel uses, so the deployed layer gives
+    this layer's outputs bit for bit. The gradients are those of ``conv(sign(I), alpha sign(W))``.
+    """
+
+    def binary_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(alpha [O, 1, 1, 1], sign(W)) of the weight, with their gradients."""
+        if isinstance(self.weight_quantizer, nn.Identity):
+            # rebuilt from a packed file, the weight is the decoded alpha sign(W): |W| = alpha
+            w = self.weight
+            return w.abs().amax(dim=(1, 2, 3), keepdim=True), binarize(w)
+        return self.weight_quantizer.factors(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k = xnor_input_scale(x.detach(), self.kernel_size, self.stride, self.padding)
-        out = self._conv_forward(self.input_quantizer(x), self.quantized_weight(), None)
-        out = out * k
+        alpha, signs = self.binary_factors()
+        dot = self._conv_forward(self.input_quantizer(x), signs, None)
+        out = dot * alpha.reshape(1, -1, 1, 1) * k
         return out if self.bias is None else out + self.bias.reshape(1, -1, 1, 1)
