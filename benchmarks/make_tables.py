@@ -155,14 +155,28 @@ def speed_section(res: dict) -> list[str]:
     return lines
 
 
-def psg_section(res: dict) -> list[str]:
+def _rate_note(rate: dict) -> str:
+    """'(N steps at lr 0.01 cut the grid SSE by a / b / c % at lambda_s x / y / z, psg_rate.py)'"""
+    if not rate:
+        return ""
+    after = rate["sse4_after"]
+    cuts = " / ".join(f"{100 * (1 - v / rate['start_sse4']):.1f}%" for v in after.values())
+    lambdas = " / ".join(f"{float(k):g}" for k in after)
+    return (f" ({rate['meta']['steps']} steps at lr 0.01 cut the 4-bit grid SSE by {cuts} at "
+            f"lambda_s {lambdas}: `{rate['meta']['command']}`)")
+
+
+def psg_section(res: dict, rate: dict) -> list[str]:
     meta = res.get("meta", {})
     lines = ["## PSG reproduction (CIFAR-100 ResNet-32)", "",
              f"Command: `{meta.get('command', 'python benchmarks/psg_train.py')}`. Both runs "
              "start from the reference's epoch-82 SGD checkpoint and use the same schedule and "
              "seed (SGD, momentum 0.9, lr 0.01 with one x0.1 decay, weight decay 1e-4, batch "
-             "128, reflection-padded crop and flip); PSGD adds lambda_s = 150 towards the 4-bit "
-             "grid. PTQ on the PSG grid (symmetric, restricted range, per tensor, BN unfolded; "
+             "128, reflection-padded crop and flip); PSGD adds the gradient scaling lambda_s "
+             "(in the schedule's key) towards the 4-bit grid. The pull onto the grid grows as "
+             f"(lr lambda_s)^2 per step{_rate_note(rate)}, so the compressed schedule scales "
+             "lambda_s by 4: 2 epochs at lr 0.01 then give about 16 x 2 = 32 of the paper's 41 "
+             "epochs at lr 0.01. PTQ on the PSG grid (symmetric, restricted range, per tensor, BN unfolded; "
              "first and last layer at 8 bits below 4 bits). W4A4: activations at 4 bits from "
              "BN clipping (beta + 6 gamma, signed gamma as the reference; the image in float). "
              "Top-1 % on the full 10k test set. The paper's run (68 epochs) is "
@@ -335,6 +349,7 @@ def xnor_section(res: dict) -> list[str]:
 def main():
     ablation, peers, speed = _load("ptq_ablation"), _load("ptq_peers"), _load("ptq_speed")
     psg, qat, cost = _load("psg_train"), _load("qat_train"), _load("train_cost")
+    psg_rate = _load("psg_rate")
     compress, packed = _load("compress_train"), _load("packed_size")
     agreement, infer = _load("deploy_agreement"), _load("bench_infer")
     xnor = _load("xnor_speed")
@@ -345,7 +360,7 @@ def main():
                     (ablation_section(ablation) if ablation else []),
                     (peers_section(peers, ablation) if peers else []),
                     (speed_section(speed) if speed else []),
-                    (psg_section(psg) if psg else []), (qat_section(qat) if qat else []),
+                    (psg_section(psg, psg_rate) if psg else []), (qat_section(qat) if qat else []),
                     (compress_section(compress, qat) if compress else []),
                     (cost_section(cost) if cost else []),
                     (packed_section(packed) if packed else []),
