@@ -260,3 +260,14 @@ def test_training_recipes_load_their_method_config(tmp_path):
     recipe.write_text("method: dorefa\n")
     with pytest.raises(Exception, match="dorefa"):
         load_recipe(str(recipe))
+
+
+def test_packaged_lsq_recipe_trains(capsys, tmp_path, digits_ckpt):
+    out = tmp_path / "lsq"
+    code, _, err = run(capsys, "train", "--model", "digits_cnn", "--checkpoint", str(digits_ckpt),
+                       "--data", "digits", "--recipe", "lsq-w4a4-finetune", "--epochs", "1",
+                       "--train-batch-size", "64", "--no-augment", "--out", str(out))
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    assert report["method_config"]["lsq_init"] == "mse"
+    assert report["train"]["distill"] and report["train"]["epochs"] == 1
