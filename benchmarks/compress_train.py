@@ -44,6 +44,28 @@ RUNS_TO_DO = [("kmeans", {"w_bits": b}, f"k-means {b}-bit", {}) for b in (4, 3, 
     ("kmeans", {"w_bits": 4}, "k-means 4-bit, distilled", {"distill": True})]
 
 
+def starting_point(model, method_name: str, values: dict, example) -> dict:
+    """How far the compressed weights start from the float ones, over the inner layers (the
+    first / last stay at 8 bits): the share of weights set to 0 and the relative squared error
+    sum (W_q - W)^2 / sum W^2."""
+    method = training_method(method_name, values)
+    prepared = method.prepare(copy.deepcopy(model).eval(), example)
+    inner = values.get("w_bits", 1)  # binary / ternary plans mark their inner layers 1
+    zeros = count = 0
+    error = norm = 0.0
+    for name, bits in method.plan.items():
+        if bits is None or bits.w_bits != inner:
+            continue
+        layer = prepared.get_submodule(name)
+        with torch.no_grad():
+            w, w_q = layer.weight, layer.quantized_weight()
+        zeros += int((w_q == 0).sum())
+        count += w_q.numel()
+        error += float((w_q - w).pow(2).sum())
+        norm += float(w.pow(2).sum())
+    return {"zero_share": zeros / count, "weight_error": error / norm}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default=",".join(EPOCHS))
@@ -68,6 +90,9 @@ def main():
                     "huffman_bytes": huffman_size_bytes(shared)}
                 RESULTS.write_text(json.dumps(results, indent=1))
             if label in done:
+                if "start" not in done[label]:
+                    done[label]["start"] = starting_point(model, method_name, values, example)
+                    RESULTS.write_text(json.dumps(results, indent=1))
                 continue
             config = TrainConfig(epochs=EPOCHS[name], batch_size=128, optimizer="adam",
                                  lr=1e-4 if method_name == "kmeans" else 1e-3,
@@ -77,7 +102,8 @@ def main():
             t = time.perf_counter()
             result = train(model, data, norm, config, method=training_method(method_name, values),
                            out=out, resume=(out / "checkpoint.pt").is_file())
-            row = {"top1": result.metrics[-1]["test_top1"], "bytes": quantized_size_bytes(
+            row = {"start": starting_point(model, method_name, values, example),
+                   "top1": result.metrics[-1]["test_top1"], "bytes": quantized_size_bytes(
                 result.model), "epochs": result.metrics, "train": config.to_dict(),
                 "seconds_this_call": time.perf_counter() - t}
             if method_name == "kmeans":
