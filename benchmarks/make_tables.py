@@ -169,7 +169,7 @@ def _rate_note(rate: dict) -> str:
 def psg_section(res: dict, rate: dict) -> list[str]:
     meta = res.get("meta", {})
     lines = ["## PSG reproduction (CIFAR-100 ResNet-32)", "",
-             f"Command: `{meta.get('command', 'python benchmarks/psg_train.py')}`. Both runs "
+             "Command: `python benchmarks/psg_train.py` (per schedule below). Both runs "
              "start from the reference's epoch-82 SGD checkpoint and use the same schedule and "
              "seed (SGD, momentum 0.9, lr 0.01 with one x0.1 decay, weight decay 1e-4, batch "
              "128, reflection-padded crop and flip); PSGD adds the gradient scaling lambda_s "
@@ -184,7 +184,8 @@ def psg_section(res: dict, rate: dict) -> list[str]:
     for key, runs in res.items():
         if key == "meta":
             continue
-        lines += [f"Schedule `{key}`:", "",
+        command = meta.get("commands", {}).get(key)
+        lines += [f"Schedule `{key}`" + (f" (`{command}`)" if command else "") + ":", "",
                   "| model | FP | W4A32 | W3A32 | W2A32 | W4A4 BN-clip | grid SSE 4/3/2 bit |",
                   "|---|---|---|---|---|---|---|"]
         for name, shown in (("start", "epoch-82 checkpoint"), ("sgd", "SGD"), ("psgd", "PSGD")):

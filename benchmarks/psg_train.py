@@ -110,10 +110,12 @@ def main():
             RESULTS.write_text(json.dumps(results, indent=1))
         print(variant, {k: v for k, v in done[variant].items() if k in
                         ("fp", "w4a32", "w3a32", "w2a32", "w4a4_bn_clip")}, flush=True)
+    command = (f"python benchmarks/psg_train.py --epochs {args.epochs} --milestone {milestone} "
+               f"--lambda-s {args.lambda_s:g}"
+               + (f" --train-limit {args.train_limit}" if args.train_limit else ""))
+    commands = {**results.get("meta", {}).get("commands", {}), key: command}
     results["meta"] = {"machine": platform.processor() or platform.machine(),
-                       "threads": args.threads, "command": "python benchmarks/psg_train.py "
-                       f"--epochs {args.epochs}" + (f" --train-limit {args.train_limit}"
-                                                     if args.train_limit else ""),
+                       "threads": args.threads, "command": command, "commands": commands,
                        "paper_command": PAPER_COMMAND}
     RESULTS.write_text(json.dumps(results, indent=1))
     plot_weights({"SGD": models["sgd"], "PSGD": models["psgd"]}, 4, FIGURE)
