@@ -213,7 +213,13 @@ def qat_section(res: dict) -> list[str]:
              "ResNet-20 on the 10,000-image CIFAR-10 training batch in ../shared, the PSG "
              "ResNet-32 on CIFAR-100. First / last layer at 8 bits. Compressed CPU schedules "
              "(epochs in the table): SGD momentum 0.9, lr 0.01 cosine, weight decay 1e-4 "
-             "(2.5e-5 at 2 bits), batch 128, crop and flip. Top-1 % on the full 10k test set.", "",
+             "(2.5e-5 at 2 bits), batch 128, crop and flip. Top-1 % on the full 10k test set. "
+             "Variants: `lsq` / `qat` the paper settings; `+kd` distillation from the float "
+             "model with lr 0.002 and half the epochs; `+mse` every LSQ step starting at its "
+             "least quantization MSE (`lsq_init: mse`, the recipe `lsq-w4a4-finetune`); `+bn` "
+             "the float BN statistics kept (lr 0.001, a third of the epochs). STE QAT's min-max "
+             "weight range at 2 bits has the levels 0 and +-max|w| per channel, so most weights "
+             "fall on 0.", "",
              *_header("setting", (MODELS[m] for m in models))]
     return lines + _table(res, models, lambda r: f"{r['top1']:.2f}" + (
         f" ({len(r['epochs'])} ep)" if "epochs" in r else ""))
