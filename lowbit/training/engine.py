@@ -64,9 +64,9 @@ def calibrate(model: nn.Module, x: torch.Tensor) -> None:
     its running statistics left as they were.
 
     The float running statistics are wrong once a method rescales the weights: BinaryConnect's
-    +-1 weights are ~20x the float ones per layer, so through eval-mode BatchNorm the last
-    layer's input range came out ~1e10 too wide and every feature quantized to 0 (chance
-    accuracy that training could not leave).
+    +-1 weights are ~20x the float ones per layer, the error compounds through eval-mode
+    BatchNorm, the last layer's input range came out orders of magnitude too wide and every
+    feature quantized to 0 (chance accuracy that training could not leave).
     """
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     saved = [(m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None
