@@ -50,6 +50,8 @@ def lsq_mse_step(v: torch.Tensor, q_n: int, q_p: int, axis: int | None = None,
     quantization would put the grid (the initialisation LSQ+ and later work use) instead of at
     2 mean|v| / sqrt(Q_P), so a short fine-tuning on little data does not spend itself finding
     the range. A large activation is searched on a fixed random sample of its values.
+    (:func:`lowbit.quant.ranges.mse_range` searches affine ranges, whose symmetric step is
+    range / ((Q_P + Q_N) / 2); LSQ's grid is s times the integers -Q_N..Q_P, searched here.)
     """
     rows = channel_sample(v, axis)
     top = rows.abs().amax(1).clamp(min=1e-8) / q_p                         # [C]
