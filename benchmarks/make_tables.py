@@ -13,7 +13,7 @@ from ptq_ablation import ADAROUND_LABEL, BEST_LABEL, DEPLOY_LABEL
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 MODELS = {"resnet20": "ResNet-20 (CIFAR-10)", "resnet32": "ResNet-32 (CIFAR-10)",
-          "psg_resnet32": "PSG ResNet150 (CIFAR-100)"}
+          "psg_resnet32": "ResNet-32 (CIFAR-100, PSG checkpoint)"}
 
 
 def _load(name: str) -> dict:
@@ -246,7 +246,31 @@ def compress_section(res: dict, qat: dict) -> list[str]:
         if "epochs" in r:
             notes.append(f"{len(r['epochs'])} ep")
         return f"{r['top1']:.2f} ({', '.join(notes)})" if notes else f"{r['top1']:.2f}"
-    return lines + _table(res, models, cell) + _compress_notes(res.get("resnet20", {}))
+    return lines + _table(res, models, cell) + _compress_notes(res.get("resnet20", {})) + \
+        _codebook_notes(res, models)
+
+
+def _codebook_notes(res: dict, models: list[str]) -> list[str]:
+    """Per-layer against per-channel k-means codebooks at 4 bits, where both were run."""
+    notes = []
+    for m in models:
+        r = res[m]
+        labels = ("k-means 4-bit", "k-means 4-bit per-channel")
+        if not all(k in r and f"{k}, no fine-tuning" in r for k in labels):
+            continue
+        fp = r["FP32"]["top1"]
+        layer, channel = (r[k] for k in labels)
+        notes.append(
+            f"- {MODELS[m]}, k-means 4-bit: one codebook per layer is "
+            f"{fp - r[labels[0] + ', no fine-tuning']['top1']:.2f} below FP before fine-tuning "
+            f"and {fp - layer['top1']:.2f} after; one codebook per output channel "
+            f"{fp - r[labels[1] + ', no fine-tuning']['top1']:.2f} before and "
+            f"{fp - channel['top1']:.2f} after (target: within 0.5). The channel codebooks "
+            f"cost {(channel['bytes'] - layer['bytes']) / 1024:.0f} KiB more "
+            f"({channel['bytes'] / 1024:.0f} against {layer['bytes'] / 1024:.0f} KiB): 16 "
+            "float32 centroids per channel weigh almost as much as the 4-bit indices of a "
+            "16-channel 3x3 layer.")
+    return ["", *notes] if notes else []
 
 
 def _compress_notes(r: dict) -> list[str]:
