@@ -15,6 +15,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 MODELS = {"resnet20": "ResNet-20 (CIFAR-10)", "resnet32": "ResNet-32 (CIFAR-10)",
           "psg_resnet32": "ResNet-32 (CIFAR-100, PSG checkpoint)"}
 
+CLASSES = {"resnet20": 10, "resnet32": 10, "psg_resnet32": 100}
+
 
 def _load(name: str) -> dict:
     path = RESULTS / f"{name}.json"
@@ -247,7 +249,7 @@ def compress_section(res: dict, qat: dict) -> list[str]:
             notes.append(f"{len(r['epochs'])} ep")
         return f"{r['top1']:.2f} ({', '.join(notes)})" if notes else f"{r['top1']:.2f}"
     return lines + _table(res, models, cell) + _compress_notes(res.get("resnet20", {})) + \
-        _codebook_notes(res, models)
+        _codebook_notes(res, models) + _binary_activation_notes(res, models)
 
 
 def _codebook_notes(res: dict, models: list[str]) -> list[str]:
@@ -303,6 +305,28 @@ def _compress_notes(r: dict) -> list[str]:
             "stays near 36% after 5 epochs: they need far longer training than this budget). "
             "XNOR-Net's K map does not lift it above BNN here; XNOR-Net's reference code drops "
             "K altogether.")
+    return ["", *notes] if notes else []
+
+
+def _binary_activation_notes(res: dict, models: list[str]) -> list[str]:
+    """Where a model's binary-activation runs are still near chance, say how near."""
+    notes = []
+    for m in models:
+        r = res[m]
+        if not {"xnor", "bnn", "bwn"} <= r.keys():
+            continue
+        last = {k: r[k]["epochs"][-1] for k in ("xnor", "bnn")}
+        if max(e["train_top1"] for e in last.values()) > 20:
+            continue
+        notes.append(
+            f"- {MODELS[m]}: after {len(r['xnor']['epochs'])} epoch(s), XNOR-Net "
+            f"({r['xnor']['top1']:.2f}) and BNN ({r['bnn']['top1']:.2f}) are still close to "
+            f"chance, far below BWN ({r['bwn']['top1']:.2f}): binarizing every activation of "
+            "the float network destroys its features, and their mean training loss over the "
+            f"last epoch is "
+            f"{last['xnor']['train_loss']:.2f} / {last['bnn']['train_loss']:.2f} where a uniform "
+            f"guess scores ln {CLASSES[m]} = {math.log(CLASSES[m]):.2f}. "
+            "This budget only shows the ordering.")
     return ["", *notes] if notes else []
 
 
