@@ -102,6 +102,18 @@ def load_benchmark(name: str):
     return model, Batches(data.train.subset(1024, seed=0), norm, 256), Batches(data.test, norm, 500)
 
 
+def record(path: Path, model: str, label: str | None, row: dict) -> None:
+    """Write one result row (``label`` None: ``row`` is the model's whole entry, e.g. "meta")
+    into the JSON file, re-read just before so that rows other runs of a script wrote since
+    this one started are kept."""
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    if label is None:
+        results[model] = row
+    else:
+        results.setdefault(model, {})[label] = row
+    path.write_text(json.dumps(results, indent=1))
+
+
 def training_data(name: str):
     """(the whole dataset, the model's input normalization) for fine-tuning a benchmark model."""
     return load_dataset(DATA[MODELS_TO_RUN[name][0]]), MODELS[name].normalization

@@ -6,7 +6,8 @@ checkpoint) on CIFAR-100, W4A4 and W2A2, first / last layer at 8 bits.
 
 Schedules are compressed for a CPU (stated in the results): SGD, momentum 0.9, lr 0.01 with
 cosine decay, weight decay 1e-4 (W4) / 2.5e-5 (W2, as LSQ lowers it at low precision), batch
-128, crop-and-flip. Each run trains in ``benchmarks/runs/qat-...`` (a checkpoint per epoch;
+128, crop-and-flip (padded as the checkpoint was trained: zeros for ResNet-20, reflection for
+the PSG ResNet-32). Each run trains in ``benchmarks/runs/qat-...`` (a checkpoint per epoch;
 rerunning resumes) and its result is added to ``benchmarks/results/qat_train.json``.
 """
 from __future__ import annotations
@@ -23,11 +24,12 @@ import torch
 
 import lowbit
 from lowbit.methods import training_method
+from lowbit.models import MODELS
 from lowbit.report import quantized_size_bytes
 from lowbit.training import TrainConfig, train
 from lowbit.training.engine import calibrate
 
-from ptq_ablation import BEST, SHARED, load_benchmark, training_data  # noqa: E402
+from ptq_ablation import BEST, SHARED, load_benchmark, record, training_data  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "qat_train.json"
@@ -55,15 +57,6 @@ VARIANTS = {"lsq": ("lsq", {}, {}), "qat": ("qat", {}, {}),
                                       {"distill": True, "lr": 0.01, "epochs_scale": 1.5})}
 
 
-def save(results: dict) -> None:
-    """Merge ``results`` into the file (other runs of this script may have written rows since
-    this one read it), then write it."""
-    merged = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
-    for model, rows in results.items():
-        merged.setdefault(model, {}).update(rows)
-    RESULTS.write_text(json.dumps(merged, indent=1))
-
-
 def trained_size(model, method: str, settings: dict, example) -> int:
     """Stored bytes of the model a method trains (codes, steps / qparams, float rest): they do
     not depend on the trained values, so the untrained prepared model gives them."""
@@ -86,9 +79,9 @@ def main():
     for name in args.models.split(","):
         model, calib, test = load_benchmark(name)
         data, norm = training_data(name)
-        done = results.setdefault(name, {})
+        done = results.get(name, {})
         if "FP32" not in done:
-            done["FP32"] = {"top1": lowbit.evaluate(model, test)}
+            record(RESULTS, name, "FP32", {"top1": lowbit.evaluate(model, test)})
         example = next(iter(test))[0][:64]
         for w, a in BITS:
             if str(w) not in args.bits.split(","):
@@ -98,41 +91,45 @@ def main():
                 cfg = lowbit.PTQConfig(w_bits=w, a_bits=a, **{**BEST, **(
                     {"w_clip": "minmax", "bias_correction": "mean"} if w == 2 else {})})
                 quantized = lowbit.quantize(model, cfg, calib)
-                done[label] = {"top1": lowbit.evaluate(quantized, test),
-                               "bytes": quantized_size_bytes(quantized)}
-                save(results)
+                record(RESULTS, name, label, {"top1": lowbit.evaluate(quantized, test),
+                                              "bytes": quantized_size_bytes(quantized)})
             for variant in args.methods.split(","):
                 label = f"W{w}A{a} {variant}"
                 method, method_extra, extra = VARIANTS[variant]
                 settings = {"w_bits": w, "a_bits": a, **method_extra}
-                if label in done:
-                    if "bytes" not in done[label]:
-                        done[label]["bytes"] = trained_size(model, method, settings, example)
-                        save(results)
-                    continue
                 extra = dict(extra)
                 epochs = max(1, round(EPOCHS[name] * extra.pop("epochs_scale", 1)))
                 config = TrainConfig(**{
                     "epochs": epochs, "batch_size": 128, "lr": 0.01, "schedule": "cosine",
-                    "weight_decay": 1e-4 if w >= 4 else 2.5e-5, "seed": 0, "eval_every": epochs,
+                    "weight_decay": 1e-4 if w >= 4 else 2.5e-5,
+                    "reflect_pad": MODELS[name].reflect_pad, "seed": 0, "eval_every": epochs,
                     **extra})
-                out = RUNS / f"qat-{name}-{variant.replace(' ', '-')}-w{w}a{a}"
+                previous = done.get(label)
+                if previous and previous["train"] == config.to_dict():
+                    if "bytes" not in previous:
+                        record(RESULTS, name, label, {**previous, "bytes": trained_size(
+                            model, method, settings, example)})
+                    continue
+                pad = "-reflect" if config.reflect_pad else ""
+                out = RUNS / f"qat-{name}-{variant.replace(' ', '-')}-w{w}a{a}{pad}"
                 t = time.perf_counter()
                 result = train(model, data, norm, config,
                                method=training_method(method, settings),
                                out=out, resume=(out / "checkpoint.pt").is_file())
-                done[label] = {"top1": result.metrics[-1]["test_top1"],
-                               "bytes": quantized_size_bytes(result.model),
-                               "epochs": result.metrics, "train": config.to_dict(),
-                               "train_images": len(data.train),
-                               "seconds_this_call": time.perf_counter() - t}
-                save(results)
-                print(name, label, done[label]["top1"], flush=True)
-    results["meta"] = {"machine": platform.processor() or platform.machine(),
-                       "threads": args.threads, "command": "python benchmarks/qat_train.py",
-                       "shared": str(SHARED)}
-    save(results)
-
+                row = {"top1": result.metrics[-1]["test_top1"],
+                       "bytes": quantized_size_bytes(result.model),
+                       "epochs": result.metrics, "train": config.to_dict(),
+                       "train_images": len(data.train),
+                       "seconds_this_call": time.perf_counter() - t}
+                if previous:  # the result it replaces, and the settings that differed
+                    row["superseded"] = {"top1": previous["top1"], "train": {
+                        k: v for k, v in previous["train"].items() if row["train"].get(k) != v}}
+                record(RESULTS, name, label, row)
+                print(name, label, row["top1"], flush=True)
+    record(RESULTS, "meta", None, {"machine": platform.processor() or platform.machine(),
+                                   "threads": args.threads,
+                                   "command": "python benchmarks/qat_train.py",
+                                   "shared": str(SHARED)})
 
 if __name__ == "__main__":
     main()

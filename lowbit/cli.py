@@ -100,8 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--weight-decay", type=float)
     t.add_argument("--distill", action="store_true", help="knowledge distillation from the FP model")
     t.add_argument("--no-augment", action="store_true")
-    t.add_argument("--reflect-pad", action="store_true", help="reflection padding for the crop "
-                                                              "(the PSG reference)")
+    pad = t.add_mutually_exclusive_group()
+    pad.add_argument("--reflect-pad", action="store_true", help="reflection padding for the crop "
+                     "(default for models trained that way: psg_resnet32)")
+    pad.add_argument("--zero-pad", action="store_true", help="zero padding for the crop (default "
+                     "for the other models)")
     t.add_argument("--train-limit", type=int, help="train on N seeded training images")
     t.add_argument("--seed", type=int)
     t.add_argument("--device", help="cpu or cuda")
@@ -287,6 +290,7 @@ def cmd_quantize(args) -> int:
 
 
 def _training_from_args(args):
+    from lowbit.models import model_info
     from lowbit.recipes import read_recipe
     from lowbit.training import TrainConfig
 
@@ -306,8 +310,9 @@ def _training_from_args(args):
                    "seed": args.seed, "device": args.device,
                    "distill": True if args.distill else None,
                    "augment": False if args.no_augment else None,
-                   "reflect_pad": True if args.reflect_pad else None}
+                   "reflect_pad": True if args.reflect_pad else False if args.zero_pad else None}
     train_values.update({k: v for k, v in train_flags.items() if v is not None})
+    train_values.setdefault("reflect_pad", model_info(args.model).reflect_pad)
     return method, values, TrainConfig.from_dict(train_values)
 
 

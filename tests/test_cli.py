@@ -271,3 +271,21 @@ def test_packaged_lsq_recipe_trains(capsys, tmp_path, digits_ckpt):
     report = json.loads((out / "report.json").read_text())
     assert report["method_config"]["lsq_init"] == "mse"
     assert report["train"]["distill"] and report["train"]["epochs"] == 1
+
+
+@pytest.mark.parametrize("model, flags, reflect", [
+    ("psg_resnet32", [], True), ("resnet20", [], False),
+    ("psg_resnet32", ["--zero-pad"], False), ("resnet20", ["--reflect-pad"], True)])
+def test_crop_padding_defaults_to_the_one_the_model_was_trained_with(model, flags, reflect):
+    from lowbit.cli import _training_from_args, build_parser
+
+    args = build_parser().parse_args(["train", "--model", model, "--data", "cifar10",
+                                      "--out", "x", *flags])
+    assert _training_from_args(args)[2].reflect_pad is reflect
+
+
+def test_crop_padding_flags_exclude_each_other(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--model", "resnet20", "--data", "cifar10", "--out", "x",
+              "--reflect-pad", "--zero-pad"])
+    assert "not allowed with" in capsys.readouterr().err

@@ -18,7 +18,10 @@ class TrainConfig(ConfigMixin):
     LR is multiplied by ``gamma``; the cosine schedule decays per step to 0 over the whole run
     (Loshchilov & Hutter 2017, without restarts). ``distill`` adds Hinton et al.'s (2015)
     knowledge-distillation term from the float model: ``(1 - kd_alpha) * CE + kd_alpha * T^2 *
-    KL(softmax(t / T) || softmax(s / T))``.
+    KL(softmax(t / T) || softmax(s / T))``. ``reflect_pad`` pads the random crops by reflection
+    instead of zeros; fine-tune a checkpoint with the padding it was trained with (`lowbit
+    train` defaults to the model's own, ``ModelInfo.reflect_pad``): the other one shifts the
+    BatchNorm statistics (``benchmarks/bn_padding.py``).
     """
 
     label = "training"
