@@ -50,6 +50,8 @@ RUNS_TO_DO = [("kmeans", {"w_bits": b}, f"k-means {b}-bit", {}) for b in (4, 3, 
     # one codebook per output channel: on the CIFAR-100 ResNet-32 a layer codebook leaves
     # 4-bit sharing 3.6 below FP before fine-tuning, a channel codebook 0.7
     ("kmeans", {"w_bits": 4, "per_channel": True}, "k-means 4-bit per-channel", {}),
+    ("kmeans", {"w_bits": 4, "per_channel": True}, "k-means 4-bit per-channel, distilled",
+     {"distill": True}),
     # diagnostic: the same budget on the float model itself (no method), what fine-tuning
     # alone does to a converged network. With zero-padded crops it lost 0.84 (69.12), and
     # per-channel k-means lost more at lr 1e-5 (66.60) than at 1e-4 (68.36): the padding, not
