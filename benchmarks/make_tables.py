@@ -32,7 +32,8 @@ def _labels(res: dict, models: list[str]) -> list[str]:
 
 
 OTHER_PAD = ("†: trained on crops padded unlike the checkpoint's own training (zeros where it "
-             "used reflection), the first ResNet-32 runs; see the crop-padding note under weight sharing.")
+             "used reflection), the first ResNet-32 runs; see the crop-padding note under weight "
+             "sharing.")
 
 
 def _pad_legend(res: dict, models: list[str]) -> list[str]:
@@ -332,7 +333,10 @@ def _codebook_notes(res: dict, models: list[str]) -> list[str]:
         fp = r["FP32"]["top1"]
         layer, channel = (r[k] for k in labels)
         gaps = {k: fp - r[k]["top1"] for k in r if k.startswith("k-means 4-bit")}
-        best = min((k for k in gaps if not k.endswith("no fine-tuning")), key=gaps.get)
+        tuned = [k for k in gaps if not k.endswith("no fine-tuning")]
+        best = min(tuned, key=gaps.get)
+        apart = abs(min(gaps[k] for k in tuned if "per-channel" in k)
+                    - min(gaps[k] for k in tuned if "per-channel" not in k))
         notes.append(
             f"- {MODELS[m]}, k-means 4-bit: one codebook per layer is "
             f"{gaps[labels[0] + ', no fine-tuning']:.2f} below FP before fine-tuning "
@@ -343,8 +347,9 @@ def _codebook_notes(res: dict, models: list[str]) -> list[str]:
             "recovers "
             f"{gaps[labels[0] + ', no fine-tuning'] - gaps[labels[0]]:.2f} points from layer "
             "codebooks and "
-            f"{gaps[labels[1] + ', no fine-tuning'] - gaps[labels[1]]:.2f} from channel ones, "
-            "whose head start then buys nothing. Channel codebooks cost "
+            f"{gaps[labels[1] + ', no fine-tuning'] - gaps[labels[1]]:.2f} from channel ones: "
+            f"after fine-tuning the best of each are {apart:.2f} apart, so the channels' head "
+            "start is nearly used up. Channel codebooks cost "
             f"{(channel['bytes'] - layer['bytes']) / 1024:.0f} KiB more "
             f"({channel['bytes'] / 1024:.0f} against {layer['bytes'] / 1024:.0f} KiB): 16 "
             "float32 centroids per channel weigh almost as much as the 4-bit indices of a "
