@@ -1,6 +1,7 @@
 import gzip
 import pickle
 import tarfile
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -39,6 +40,19 @@ def test_cifar_from_archive_or_folder(tmp_path, monkeypatch, classes, form):
     assert d.train.images.dtype == torch.uint8 and int(d.train.labels.max()) < classes
     again = load_dataset(f"cifar{classes}={path}")  # from the cache
     assert torch.equal(again.train.images, d.train.images)
+
+
+def test_cifar_cache_written_by_parallel_loaders(tmp_path, monkeypatch):
+    """Processes decoding the same archive at once each write their own temporary file."""
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "src" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    (folder / "data_batch_1").write_bytes(_cifar_batch(2000, 10, 0))
+    (folder / "test_batch").write_bytes(_cifar_batch(10, 10, 1))
+    with ThreadPoolExecutor(4) as pool:
+        loaded = list(pool.map(lambda _: load_dataset(f"cifar10={tmp_path / 'src'}"), range(8)))
+    assert all(torch.equal(d.train.images, loaded[0].train.images) for d in loaded)
+    assert [p.suffix for p in (tmp_path / "cache").iterdir()] == [".npz"]
 
 
 def test_corrupt_cifar_archive(tmp_path):

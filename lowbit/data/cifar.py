@@ -11,6 +11,7 @@ import io
 import os
 import pickle
 import tarfile
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -82,9 +83,16 @@ def load_cifar(path, classes: int = 10) -> Dataset:
             arrays[f"{role}_y"] = (np.concatenate([c[1] for c in chunks]) if chunks
                                    else np.zeros((0,), np.int64))
         cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_suffix(".tmp.npz")
-        np.savez(tmp, **arrays)
-        os.replace(tmp, cached)
+        # A unique temporary name: two processes decoding the same archive at once (parallel
+        # benchmark runs) must not rename each other's half-written file.
+        fd, tmp = tempfile.mkstemp(suffix=".npz", dir=cached.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **arrays)
+            os.replace(tmp, cached)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
     split = {r: Split(torch.from_numpy(arrays[f"{r}_x"]), torch.from_numpy(arrays[f"{r}_y"]))
              for r in ("train", "test")}
     return Dataset(f"cifar{classes}", split["train"], split["test"], classes)
