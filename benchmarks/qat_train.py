@@ -44,7 +44,8 @@ BITS = [(4, 4), (2, 2)]
 # epochs. "lsq+kd+mse" starts every step at its least-MSE value (``lsq_init="mse"``: 86.0 before
 # any training at W4A4, against 76.3 from the paper's initialisation). "lsq+kd+mse 3x" is the same
 # run three times as long (ResNet-32: one epoch left it 1.86 below FP, still improving); "... lr
-# 0.01" the same at the paper's lr (50k CIFAR-100 images do not overfit as ResNet-20's 10k did).
+# 0.01" the same at the paper's lr (50k CIFAR-100 images do not overfit as ResNet-20's 10k did),
+# and "... seed 1" that run again with another seed, to show how far seeds alone move it.
 VARIANTS = {"lsq": ("lsq", {}, {}), "qat": ("qat", {}, {}),
             "lsq+kd": ("lsq", {}, {"distill": True, "lr": 0.002, "epochs_scale": 0.5}),
             "lsq+kd+bn": ("lsq", {"freeze_bn_epoch": 0},
@@ -54,7 +55,10 @@ VARIANTS = {"lsq": ("lsq", {}, {}), "qat": ("qat", {}, {}),
             "lsq+kd+mse 3x": ("lsq", {"lsq_init": "mse"},
                               {"distill": True, "lr": 0.002, "epochs_scale": 1.5}),
             "lsq+kd+mse 3x lr 0.01": ("lsq", {"lsq_init": "mse"},
-                                      {"distill": True, "lr": 0.01, "epochs_scale": 1.5})}
+                                      {"distill": True, "lr": 0.01, "epochs_scale": 1.5}),
+            "lsq+kd+mse 3x lr 0.01 seed 1": ("lsq", {"lsq_init": "mse"},
+                                             {"distill": True, "lr": 0.01, "epochs_scale": 1.5,
+                                              "seed": 1})}
 
 
 def trained_size(model, method: str, settings: dict, example) -> int:
