@@ -262,6 +262,15 @@ def _lsq_target_notes(res: dict, models: list[str]) -> list[str]:
         notes.append(f"- {MODELS[m]}: best LSQ W4A4 `{label[5:]}` {best['top1']:.2f}, "
                      f"{gap:.2f} below FP (target: within 1 point: "
                      f"{'met' if gap <= 1 else 'not met'}).")
+        for label, r in runs.items():
+            base = label.rsplit(" seed ", 1)[0]
+            if base != label and base in runs:
+                tops = (runs[base]["top1"], r["top1"])
+                mean_gap = res[m]["FP32"]["top1"] - sum(tops) / 2
+                notes.append(f"  - `{base[5:]}` with seeds {runs[base]['train']['seed']} and "
+                             f"{r['train']['seed']}: {tops[0]:.2f} / {tops[1]:.2f}; seeds "
+                             f"alone move it by {abs(tops[0] - tops[1]):.2f}; the mean is "
+                             f"{mean_gap:.2f} below FP.")
     return ["", *notes] if notes else []
 
 
