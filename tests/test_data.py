@@ -43,7 +43,8 @@ def test_cifar_from_archive_or_folder(tmp_path, monkeypatch, classes, form):
 
 
 def test_cifar_cache_written_by_parallel_loaders(tmp_path, monkeypatch):
-    """Processes decoding the same archive at once each write their own temporary file."""
+    """Loaders decoding the same archive at once (processes in the benchmarks, threads here)
+    each write their own temporary file, and one cache file is left."""
     monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))
     folder = tmp_path / "src" / "cifar-10-batches-py"
     folder.mkdir(parents=True)
