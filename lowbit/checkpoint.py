@@ -4,14 +4,27 @@ A quantized checkpoint is a ``torch.save`` dict readable with ``weights_only=Tru
 reference (registry name or ``package.module:factory``), the method and its config, the layer
 plan, and the state_dict. Reloading rebuilds the float model, lets the method rebuild the
 quantized structure, and loads the state strictly, so evaluating it gives the same accuracy.
+
+The file is untrusted (:mod:`lowbit.untrusted`): every header value is checked before use, and
+the model it names is built from lowbit's registry or torchvision's builders only, unless the
+caller passes ``trust_model_code``.
 """
 from __future__ import annotations
 
-from lowbit.errors import CheckpointError
+from pathlib import Path
+
+import torch
+
+from lowbit import untrusted
+from lowbit.errors import CheckpointError, ConfigError
 from lowbit.io import load_torch, load_weights, save_torch
 from lowbit.methods import METHODS
 from lowbit.models import build_model
+from lowbit.nn.layers import QUANT_LAYERS
+from lowbit.nn.quantizer import affine_part
+from lowbit.nn.shared_weights import KMeansQuantizer
 from lowbit.policy import LayerBits
+from lowbit.quant.affine import MAX_BITS, MIN_BITS
 
 FORMAT, VERSION = "lowbit-quantized", 1
 
@@ -38,26 +51,107 @@ def is_quantized_checkpoint(obj) -> bool:
     return isinstance(obj, dict) and obj.get("format") == FORMAT
 
 
-def rebuild_quantized(header: dict, path):
-    """The uncalibrated quantized structure a header describes (weights not loaded)."""
-    method = METHODS.get(header["method"])
-    if method is None:
-        raise CheckpointError(f"{path} was made by unknown method {header['method']!r}")
-    model = build_model(header["model"], num_classes=header.get("num_classes"))
-    info = method.QuantInfo(header["method"], header["config"],
-                            {k: LayerBits(*v) for k, v in header["plan"].items()},
-                            header["folded"], list(header.get("notes", [])))
-    return method.restore(model, info)
+def check_model_fields(header: dict, where: str) -> tuple[str, int | None]:
+    """The (model spec, num_classes) of a file's header, checked by type and range."""
+    spec = untrusted.text(header.get("model"), f"{where}: 'model'")
+    num_classes = untrusted.optional_integer(header.get("num_classes"),
+                                             f"{where}: 'num_classes'", 1, untrusted.MAX_CLASSES)
+    return spec, num_classes
 
 
-def load_quantized(path):
-    """Rebuild a quantized model saved by :func:`save_quantized`; returns ``(model, payload)``."""
+def check_quantized_header(header: dict, where: str) -> None:
+    """Refuse a PTQ header whose values are not what :func:`quantized_header` writes."""
+    check_model_fields(header, where)
+    untrusted.text(header.get("method"), f"{where}: 'method'", METHODS)
+    untrusted.mapping(header.get("config"), f"{where}: 'config'")
+    untrusted.flag(header.get("folded"), f"{where}: 'folded'")
+    for i, note in enumerate(untrusted.sequence(header.get("notes", []), f"{where}: 'notes'")):
+        untrusted.text(note, f"{where}: 'notes'[{i}]")
+    plan = untrusted.mapping(header.get("plan"), f"{where}: 'plan'")
+    for name, bits in plan.items():
+        w_bits, a_bits = untrusted.sequence(bits, f"{where}: plan {name!r}", 2)
+        untrusted.integer(w_bits, f"{where}: plan {name!r} w_bits", MIN_BITS, MAX_BITS)
+        untrusted.optional_integer(a_bits, f"{where}: plan {name!r} a_bits", MIN_BITS, MAX_BITS)
+
+
+def check_quantizer_state(model, where: str) -> None:
+    """Refuse quantizer state that no lowbit run produces, before it reaches a forward pass:
+    affine qparams shaped per tensor or per channel of their layer, scales finite and positive,
+    integer ranges of 1..16 bits; k-means indices shaped like the weight and inside the
+    codebook (state sized at calibration adopts whatever shape a file holds)."""
+    for name, layer in model.named_modules():
+        if not isinstance(layer, QUANT_LAYERS):
+            continue
+        channels = {"weight_quantizer": layer.weight.shape[0],
+                    "input_quantizer": layer.weight.shape[1] * getattr(layer, "groups", 1)}
+        for slot, count in channels.items():
+            q = affine_part(getattr(layer, slot))
+            if q is not None and q.calibrated:
+                _check_affine(q, count, f"{where}: {name}.{slot}")
+        slot = layer.weight_quantizer
+        if isinstance(slot, KMeansQuantizer) and slot.indices.numel():
+            k = slot.codebook.shape[-1] if slot.codebook.dim() else 0
+            if slot.indices.shape != layer.weight.shape or slot.indices.is_floating_point() \
+                    or int(slot.indices.min()) < -1 or int(slot.indices.max()) >= k:
+                raise CheckpointError(f"{where}: {name} k-means indices do not fit its weight "
+                                      f"{tuple(layer.weight.shape)} and {k}-entry codebook")
+
+
+def _check_affine(q, channels: int, where: str) -> None:
+    shapes = {tuple(getattr(q, key).shape) for key in ("scale", "zero_point", "quant_min",
+                                                       "quant_max")}
+    if len(shapes) != 1 or shapes.pop() not in ((), (channels,)):
+        raise CheckpointError(f"{where}: qparams are not shaped per tensor or per {channels} "
+                              "channels")
+    span = q.quant_max - q.quant_min + 1  # 2^b levels, or 2^b - 1 on a narrow grid
+
+    def power_of_two(t):
+        return t == 2 ** torch.log2(t).round()
+    if not (torch.isfinite(q.scale).all() and (q.scale > 0).all()
+            and torch.isfinite(q.zero_point).all() and (span >= 1).all()
+            and (span <= 2 ** MAX_BITS).all() and (power_of_two(span) | power_of_two(span + 1)).all()):
+        raise CheckpointError(f"{where}: qparams are not finite positive scales over a 1..16-bit "
+                              "integer range")
+
+
+def rebuild_quantized(header: dict, path, trust_model_code: bool | str = False,
+                      file_bytes: int | None = None):
+    """The uncalibrated quantized structure a checked header describes (weights not loaded)."""
+    where = str(path)
+    check_quantized_header(header, where)
+    method = METHODS[header["method"]]
+    spec, num_classes = check_model_fields(header, where)
+    model = build_model(spec, num_classes=num_classes, trust_model_code=trust_model_code,
+                        file_bytes=file_bytes)
+    plan = {k: LayerBits(*v) for k, v in header["plan"].items()}
+    layers = {name for name, m in model.named_modules()}
+    unknown = [name for name in plan if name not in layers]
+    if unknown:
+        raise CheckpointError(f"{where}: the plan names layers the model {spec!r} does not have: "
+                              f"{', '.join(unknown[:4])}")
+    info = method.QuantInfo(header["method"], header["config"], plan, header["folded"],
+                            list(header.get("notes", [])))
+    try:
+        return method.restore(model, info)
+    except ConfigError as e:
+        raise CheckpointError(f"{where}: its method config is invalid: {e}") from None
+
+
+def load_quantized(path, trust_model_code: bool | str = False):
+    """Rebuild a quantized model saved by :func:`save_quantized`; returns ``(model, payload)``.
+
+    The model the file names must be in lowbit's registry or among torchvision's builders;
+    ``trust_model_code=True`` also allows the ``package.module:factory`` it names (that code
+    runs), and a spec string allows exactly that spec."""
     payload = load_torch(path)
     if not is_quantized_checkpoint(payload):
         raise CheckpointError(f"{path} is not a lowbit quantized checkpoint")
-    if payload.get("version", 0) > VERSION:
-        raise CheckpointError(f"{path} has format version {payload['version']}; this lowbit "
-                              f"reads up to {VERSION}: upgrade lowbit")
-    qmodel = rebuild_quantized(payload, path)
-    load_weights(qmodel, payload["state_dict"], path)
+    version = untrusted.integer(payload.get("version"), f"{path}: 'version'", 1)
+    if version > VERSION:
+        raise CheckpointError(f"{path} has format version {version}; this lowbit reads up to "
+                              f"{VERSION}: upgrade lowbit")
+    state = untrusted.tensor_dict(payload.get("state_dict"), f"{path}: 'state_dict'")
+    qmodel = rebuild_quantized(payload, path, trust_model_code, Path(path).stat().st_size)
+    load_weights(qmodel, state, path)
+    check_quantizer_state(qmodel, str(path))
     return qmodel.eval(), payload

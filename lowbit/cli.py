@@ -24,7 +24,8 @@ def _bits_or_none(text: str):
 def _add_data_args(p, model_required=True):
     p.add_argument("--model", required=model_required,
                    help="registry name (resnet20, resnet32, psg_resnet32, vgg16_bn, ...) "
-                        "or package.module:factory")
+                        "or package.module:factory (with a lowbit checkpoint: allows the model "
+                        "code it names to run)")
     p.add_argument("--checkpoint", help="weights file (torch.load weights_only) or lowbit checkpoint")
     p.add_argument("--data", required=True, help="cifar10=PATH, cifar100=PATH, mnist=PATH, "
                                                   "folder=PATH or digits")
@@ -118,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--format", default="lowbit", choices=["lowbit", "onnx"])
     ex.add_argument("--out", required=True, help="the file to write, e.g. model.lowbit")
     ex.add_argument("--input-shape", help="C,H,W of one input for ONNX (default: the model's)")
+    ex.add_argument("--model", help="the package.module:factory the checkpoint names, to allow "
+                                    "running that model code (registry and torchvision models "
+                                    "need no flag)")
 
     pw = sub.add_parser("plot-weights", help="per-layer weight histograms of models on the "
                                              "quantization grid (PNG + HTML)")
@@ -175,10 +179,10 @@ def _config_from_args(args):
     return PTQConfig.from_dict(values)
 
 
-def _normalization(model_spec: str, dataset):
-    from lowbit.models import model_info
+def _normalization(model_spec: str, dataset, trust_model_code: bool | str = True):
+    from lowbit.models import resolve_model
 
-    norm = model_info(model_spec).normalization
+    norm = resolve_model(model_spec, trust_model_code).normalization
     return norm if norm is not None else dataset.normalization()
 
 
@@ -196,24 +200,27 @@ def cmd_eval(args) -> int:
     dataset = load_dataset(args.data)
     if args.checkpoint and str(args.checkpoint).endswith(".onnx"):
         return _eval_onnx(args, dataset)
+    trust = args.model or False  # a file's own model code runs only if --model names it
     packed = args.checkpoint and is_packed_file(args.checkpoint)
     payload = load_torch(args.checkpoint) if args.checkpoint and not packed else None
     if packed:
-        model, payload = load_packed(args.checkpoint)
+        model, payload = load_packed(args.checkpoint, trust_model_code=trust)
         spec = payload["model"]
     elif is_quantized_checkpoint(payload):
-        model, payload = load_quantized(args.checkpoint)
+        model, payload = load_quantized(args.checkpoint, trust_model_code=trust)
         spec = payload["model"]
     elif is_trained_checkpoint(payload):
-        spec = payload["model"]
-        example = next(iter(Batches(dataset.test, _normalization(spec, dataset), 8)))[0]
-        model = load_trained(payload, example)
+        spec = payload.get("model")
+        norm = _normalization(spec, dataset, trust)
+        example = next(iter(Batches(dataset.test, norm, 8)))[0]
+        model = load_trained(payload, example, args.checkpoint, trust_model_code=trust)
     else:
         if not args.model:
             raise ConfigError(f"{args.checkpoint} holds plain weights: give --model too")
         spec = args.model
         model = build_model(spec, args.checkpoint)
-    test = Batches(dataset.test, _normalization(spec, dataset), args.batch_size)
+    # the spec was loaded above (registry, torchvision, or trusted), so resolving it is safe
+    test = Batches(dataset.test, _normalization(spec, dataset, spec), args.batch_size)
     top1 = evaluate(model, test, args.limit)
     n = min(len(dataset.test), args.limit or len(dataset.test))
     print(f"top-1 {top1:.2f}% on {n} {dataset.name} test images")
@@ -222,15 +229,13 @@ def cmd_eval(args) -> int:
 
 def _eval_onnx(args, dataset) -> int:
     from lowbit.data import Batches
-    from lowbit.deploy.onnx_export import OnnxRunner
+    from lowbit.deploy.onnx_export import OnnxRunner, read_onnx
     from lowbit.evaluate import evaluate
 
-    if not Path(args.checkpoint).is_file():
-        raise ConfigError(f"ONNX file not found: {args.checkpoint}")
     if not args.model:
         raise ConfigError("an ONNX file needs --model for its input normalization")
     test = Batches(dataset.test, _normalization(args.model, dataset), args.batch_size)
-    top1 = evaluate(OnnxRunner(args.checkpoint), test, args.limit)
+    top1 = evaluate(OnnxRunner(read_onnx(args.checkpoint)), test, args.limit)
     n = min(len(dataset.test), args.limit or len(dataset.test))
     print(f"top-1 {top1:.2f}% on {n} {dataset.name} test images (onnxruntime)")
     return 0
@@ -343,7 +348,7 @@ def cmd_train(args) -> int:
 
 
 def _input_shape(args, spec: str) -> tuple:
-    from lowbit.models import model_info
+    from lowbit.models import resolve_model
 
     if args.input_shape:
         try:
@@ -351,7 +356,7 @@ def _input_shape(args, spec: str) -> tuple:
         except ValueError:
             raise ConfigError(f"--input-shape must be C,H,W integers, got {args.input_shape!r}") \
                 from None
-    shape = model_info(spec).input_shape
+    shape = resolve_model(spec, args.model or False).input_shape
     if shape is None:
         raise ConfigError(f"model {spec!r} has no known input shape: give --input-shape C,H,W")
     return shape
@@ -366,16 +371,18 @@ def cmd_export(args) -> int:
     from lowbit.report import quantized_size_bytes
     from lowbit.training.run import is_trained_checkpoint, load_trained
 
+    trust = args.model or False  # a file's own model code runs only if --model names it
     payload = load_torch(args.checkpoint)
     trained = None
     if is_quantized_checkpoint(payload):
-        qmodel, payload = load_quantized(args.checkpoint)
+        qmodel, payload = load_quantized(args.checkpoint, trust_model_code=trust)
     elif is_trained_checkpoint(payload):
-        if payload["method"] == "fp":
+        if payload.get("method") == "fp":
             raise ConfigError(f"{args.checkpoint} is a float model: quantize it first "
                               "(lowbit quantize), then export the quantized checkpoint")
-        shape = _input_shape(args, payload["model"])
-        qmodel = load_trained(payload, torch.zeros(1, *shape))
+        shape = _input_shape(args, payload.get("model"))
+        qmodel = load_trained(payload, torch.zeros(1, *shape), args.checkpoint,
+                              trust_model_code=trust)
         trained = {"method": payload["method"], "method_config": payload["method_config"],
                    "input_shape": list(shape)}
     else:

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from lowbit.errors import CheckpointError
+from lowbit.untrusted import check_tensors, check_torch_archive
 
 
 def atomic_write(path, write) -> Path:
@@ -39,15 +40,21 @@ def save_torch(path, obj) -> Path:
 
 
 def load_torch(path):
-    """``torch.load(weights_only=True)`` with a CheckpointError for a missing or corrupt file."""
+    """``torch.load(weights_only=True)`` of a file that may come from anyone: its archive
+    checked first and its tensors after (:mod:`lowbit.untrusted`); a CheckpointError for a
+    missing, corrupt, altered or oversized file."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    check_torch_archive(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for truncated / foreign files
+        lines = str(e).splitlines() or [""]
         raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:200]}") from None
+                              f"{lines[0][:200]}") from None
+    check_tensors(obj, str(path))
+    return obj
 
 
 def extract_state_dict(obj, path="checkpoint") -> dict:
@@ -58,7 +65,8 @@ def extract_state_dict(obj, path="checkpoint") -> dict:
             if isinstance(obj.get(key), dict):
                 obj = obj[key]
                 break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                            for k, v in obj.items()):
         raise CheckpointError(f"{path} holds no state_dict of tensors")
     if obj and all(k.startswith("module.") for k in obj):
         obj = {k[len("module."):]: v for k, v in obj.items()}
@@ -81,4 +89,8 @@ def load_weights(model: torch.nn.Module, state: dict, path="checkpoint") -> None
                 more = f" (+{len(keys) - 4} more)" if len(keys) > 4 else ""
                 parts.append(f"{label} keys: {', '.join(keys[:4])}{more}")
         raise CheckpointError(f"{path} does not match the model: " + "; ".join(parts))
-    model.load_state_dict(state, strict=False)
+    try:
+        model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # a tensor that cannot be copied into its slot (dtype, shape)
+        raise CheckpointError(f"{path} does not match the model: "
+                              f"{str(e).splitlines()[-1].strip()[:200]}") from None

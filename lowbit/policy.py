@@ -5,11 +5,12 @@ First layer = the first Conv/Linear a forward pass calls; last layer = the last 
 the classifier are the most sensitive tensors, as in Banner et al., LSQ and PSG); ``None`` gives
 them the target bits like every other layer. ``skip`` leaves layers in floating point;
 ``overrides`` sets ``w_bits`` / ``a_bits`` per layer. Both match a module name exactly or as a
-regular expression (``re.fullmatch``); a pattern that matches no layer is an error.
+regular expression (Python's ``re`` syntax, matched in full); a pattern that matches no layer is
+an error.
 """
 from __future__ import annotations
 
-import re
+import regex
 from dataclasses import dataclass, field
 
 from lowbit.errors import ConfigError
@@ -63,10 +64,19 @@ class LayerPolicy:
         return plan
 
 
+MATCH_SECONDS = 0.1  # a pattern that needs longer on a layer name is a backtracking bomb
+
+
 def _match(pattern: str, name: str) -> bool:
+    """``pattern`` equals ``name`` or fully matches it as a regular expression. Patterns can come
+    from a file (a saved method config), so matching runs in the ``regex`` module, Python's
+    ``re`` syntax with a timeout: ``re`` would backtrack for hours on ``(.|.|.)*z``."""
     if pattern == name:
         return True
     try:
-        return re.fullmatch(pattern, name) is not None
-    except re.error as e:
+        return regex.fullmatch(pattern, name, timeout=MATCH_SECONDS) is not None
+    except regex.error as e:
         raise ConfigError(f"layer pattern {pattern!r} is not a valid regex: {e}") from None
+    except TimeoutError:
+        raise ConfigError(f"layer pattern {pattern!r} takes more than {MATCH_SECONDS} s to "
+                          f"match {name!r}: simplify it") from None

@@ -87,6 +87,10 @@ def encode(slot, weight: torch.Tensor, name: str) -> WeightCodes:
 def decode(kind: str, codes: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
     """``W_q`` as ``[rows, n]`` float32 from codes and parameters (see the module table)."""
     c = codes.long()
+    largest = {"ternary": 2, "ttq": 2,
+               "kmeans": params["codebook"].shape[-1] if "codebook" in params else 0}.get(kind)
+    if largest is not None and c.numel() and int(c.max()) > largest:
+        raise ConfigError(f"{kind} codes reach {int(c.max())}, past the largest code {largest}")
     if kind == "binary":
         return (2 * c - 1).float()
     if kind == "scaled_binary":

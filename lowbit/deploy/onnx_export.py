@@ -391,6 +391,40 @@ def export_onnx(qmodel: nn.Module, path, input_shape, residual_calib=None) -> Pa
     return atomic_write(path, lambda tmp: onnx.save(model, tmp))
 
 
+ONNX_DOMAINS = ("", "ai.onnx", "ai.onnx.ml", "com.microsoft")  # onnxruntime's built-in ops
+
+
+def read_onnx(path) -> onnx.ModelProto:
+    """An ONNX file given to lowbit, checked before onnxruntime sees it: a valid model whose
+    tensors all live inside the file (an external-data reference names another file on disk to
+    read) and whose ops come from onnxruntime's built-in domains. onnxruntime then parses and
+    runs the graph: it runs no code from the file, but a hostile graph can still make it
+    compute or allocate as much as its ops ask."""
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"ONNX file not found: {path}")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+        onnx.checker.check_model(model)
+    except Exception as e:  # onnx raises DecodeError, ValidationError, ...
+        raise ExportError(f"{path} is not a valid ONNX model: {' '.join(str(e).split())[:200]}") \
+            from None
+    graphs = [model.graph]
+    while graphs:  # subgraphs of If / Loop / Scan nodes too
+        graph = graphs.pop()
+        tensors = list(graph.initializer) + [a.t for n in graph.node for a in n.attribute
+                                             if a.HasField("t")]
+        if any(t.data_location == TensorProto.EXTERNAL for t in tensors):
+            raise ExportError(f"{path} refers to external tensor data (another file); lowbit "
+                              "reads only self-contained ONNX files, as it writes them")
+        graphs += [a.g for n in graph.node for a in n.attribute if a.HasField("g")]
+        graphs += [g for n in graph.node for a in n.attribute for g in a.graphs]
+        custom = {n.domain for n in graph.node} - set(ONNX_DOMAINS)
+        if custom:
+            raise ExportError(f"{path} uses ops of unknown domains {sorted(custom)}")
+    return model
+
+
 class OnnxRunner:
     """An onnxruntime session as a callable on torch tensors (float logits back)."""
 

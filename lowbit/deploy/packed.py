@@ -20,12 +20,20 @@ way the rebuilt model's outputs are bit-identical to the fake-quant model it cam
 Two origins are stored: a PTQ model (rebuilt by its method from the header, as a quantized
 checkpoint is) and a model trained by ``lowbit train`` (rebuilt by the training method's
 ``prepare`` on a zero input of the recorded shape).
+
+The checksum detects damage, not intent: whoever writes a file writes its checksum too. So the
+header is untrusted (:mod:`lowbit.untrusted`): it may only name a model of lowbit's registry or
+a torchvision builder (unless the caller trusts its model code), every value is checked by
+type and range, the index must tile the data exactly, and each packed weight must be what its
+layer's own encoding would write (kind, shape, rows, widths, parameter shapes, a codes buffer
+of exactly the implied size) before anything is decoded.
 """
 from __future__ import annotations
 
 import base64
 import hashlib
 import json
+import math
 import zlib
 from pathlib import Path
 
@@ -37,16 +45,20 @@ from safetensors.torch import save as st_save
 
 from torch import nn
 
-from lowbit.checkpoint import quantized_header, rebuild_quantized
-from lowbit.deploy.bitpack import pack_rows, unpack_rows
+from lowbit import untrusted
+from lowbit.checkpoint import check_model_fields, check_quantizer_state, quantized_header, \
+    rebuild_quantized
+from lowbit.deploy.bitpack import MAX_BITS, pack_rows, packed_size, unpack_rows
 from lowbit.deploy.codes import decode, encode
 from lowbit.errors import CheckpointError, ConfigError
-from lowbit.io import atomic_write
+from lowbit.io import atomic_write, load_weights
 from lowbit.nn.layers import QUANT_LAYERS
 from lowbit.nn.quantizer import AffineQuantizer, CorrectedQuantizer, affine_part
 from lowbit.quant.affine import integer_range
 
 FORMAT, VERSION = "lowbit-packed", 1
+MAX_HEADER_BYTES = 64 << 20     # the inflated JSON header (a compression bomb is refused)
+MAX_INPUT_NUMEL = 3 * 2048 * 2048  # the input a trained model is rebuilt on
 
 
 def _codes(w: torch.Tensor, q: AffineQuantizer):
@@ -68,14 +80,6 @@ def _bundle(tensors: dict[str, torch.Tensor]):
         parts.setdefault(kind, []).append(t.detach().reshape(-1))
         sizes[kind] = sizes.get(kind, 0) + t.numel()
     return {kind: torch.cat(ts) for kind, ts in parts.items()}, index
-
-
-def _unbundle(blobs: dict[str, torch.Tensor], index) -> dict[str, torch.Tensor]:
-    out = {}
-    for key, kind, offset, shape in index:
-        n = int(np.prod(shape)) if shape else 1
-        out[key] = blobs[kind][offset:offset + n].reshape(shape)
-    return out
 
 
 def _checksum(blobs: dict[str, torch.Tensor], header: bytes) -> str:
@@ -157,8 +161,10 @@ def is_packed_file(path) -> bool:
 
 
 def read_packed(path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(header, tensors) of a packed file, after checking format, version and checksum."""
+    """(header, tensors) of a packed file, after checking format, version, checksum, the
+    header's size and the index, which must tile each concatenated tensor exactly."""
     path = Path(path)
+    where = str(path)
     if not path.is_file():
         raise CheckpointError(f"packed file not found: {path}")
     raw = path.read_bytes()
@@ -166,73 +172,177 @@ def read_packed(path) -> tuple[dict, dict[str, torch.Tensor]]:
         blobs = st_load(raw)
         length = int.from_bytes(raw[:8], "little")
         metadata = json.loads(raw[8:8 + length])["__metadata__"]
-    except (SafetensorError, ValueError, KeyError, json.JSONDecodeError) as e:
+        version = int(metadata.get("version", 0))
+        packed_header = base64.b64decode(metadata.get("header", ""), validate=True)
+    except (SafetensorError, ValueError, KeyError, TypeError, AttributeError,
+            RecursionError) as e:
         raise CheckpointError(f"{path} is not a readable lowbit packed file (truncated or "
-                              f"corrupt): {str(e).splitlines()[0][:160]}") from None
+                              f"corrupt): {str(e).splitlines()[0][:160] if str(e) else e!r}") \
+            from None
     if metadata.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a lowbit packed file")
-    if int(metadata.get("version", 0)) > VERSION:
-        raise CheckpointError(f"{path} has packed format version {metadata['version']}; this "
+    if version > VERSION:
+        raise CheckpointError(f"{path} has packed format version {version}; this "
                               f"lowbit reads up to {VERSION}: upgrade lowbit")
-    packed_header = base64.b64decode(metadata.get("header", ""))
     if _checksum(blobs, packed_header) != metadata.get("sha256"):
         raise CheckpointError(f"{path} fails its checksum: the file was modified or damaged")
-    header = json.loads(zlib.decompress(packed_header))
-    return header, _unbundle(blobs, header["index"])
+    header = untrusted.mapping(untrusted.parse_json(
+        untrusted.inflate(packed_header, f"{where}: header", MAX_HEADER_BYTES),
+        f"{where}: header"), f"{where}: header")
+    return header, _unbundle(blobs, header.get("index"), where)
 
 
-def _rebuild(header: dict, path):
+def _unbundle(blobs: dict[str, torch.Tensor], index, where: str) -> dict[str, torch.Tensor]:
+    """The tensors an index names; refused unless it tiles every blob in order, end to end."""
+    out, ends = {}, {}
+    for i, entry in enumerate(untrusted.sequence(index, f"{where}: index")):
+        at = f"{where}: index[{i}]"
+        key, kind, offset, dims = untrusted.sequence(entry, at, 4)
+        key = untrusted.text(key, f"{at} key")
+        untrusted.text(kind, f"{at} dtype", blobs)
+        untrusted.integer(offset, f"{at} offset", ends.get(kind, 0), ends.get(kind, 0))
+        dims = untrusted.shape(dims, f"{at} shape", blobs[kind].numel() - offset)
+        if key in out:
+            raise untrusted.refuse(at, f"names {key!r} twice")
+        ends[kind] = offset + math.prod(dims)
+        out[key] = blobs[kind][offset:ends[kind]].reshape(dims)
+    for kind, blob in blobs.items():
+        if str(blob.dtype).removeprefix("torch.") != kind or ends.get(kind, 0) != blob.numel():
+            raise untrusted.refuse(f"{where}: index", f"does not cover the {kind} data exactly")
+    return out
+
+
+def _rebuild(header: dict, path, trust_model_code, file_bytes: int):
     """The (unloaded) model structure a header describes."""
     trained = header.get("trained")
     if trained is None:
-        return rebuild_quantized(header, path)
-    from lowbit.methods import training_method
+        return rebuild_quantized(header, path, trust_model_code, file_bytes)
+    from lowbit.methods import TRAINING_METHODS, training_method
     from lowbit.models import build_model
 
-    model = build_model(header["model"], num_classes=header.get("num_classes"))
-    method = training_method(trained["method"], trained["method_config"])
-    if method is not None:
-        model = method.prepare(model, torch.zeros(1, *trained["input_shape"]))
-    return model
+    where = f"{path}: 'trained'"
+    untrusted.mapping(trained, where)
+    spec, num_classes = check_model_fields(header, str(path))
+    method_name = untrusted.text(trained.get("method"), f"{where} method", TRAINING_METHODS)
+    config = untrusted.mapping(trained.get("method_config"), f"{where} method_config")
+    input_shape = untrusted.shape(trained.get("input_shape"), f"{where} input_shape",
+                                  MAX_INPUT_NUMEL)
+    if not 1 <= len(input_shape) <= 3 or 0 in input_shape:
+        raise untrusted.refuse(f"{where} input_shape", f"must be 1 to 3 positive sizes, got "
+                                                       f"{input_shape}")
+    try:
+        method = training_method(method_name, config)
+    except ConfigError as e:
+        raise CheckpointError(f"{where}: its method config is invalid: {e}") from None
+    model = build_model(spec, num_classes=num_classes, trust_model_code=trust_model_code,
+                        file_bytes=file_bytes)
+    return method.prepare(model, torch.zeros(1, *input_shape))
 
 
-def load_packed(path):
+def load_packed(path, trust_model_code: bool | str = False):
     """Rebuild the quantized model stored in a packed file (outputs bit-identical to the model
-    that was exported); returns ``(model, header)``."""
+    that was exported); returns ``(model, header)``.
+
+    The model the file names must be in lowbit's registry or among torchvision's builders;
+    ``trust_model_code=True`` also allows the ``package.module:factory`` it names (that code
+    runs), and a spec string allows exactly that spec."""
     header, tensors = read_packed(path)
-    qmodel = _rebuild(header, path)
+    where = str(path)
+    weights = untrusted.mapping(header.get("weights"), f"{where}: 'weights'")
+    qmodel = _rebuild(header, path, trust_model_code, Path(path).stat().st_size)
     modules = dict(qmodel.named_modules())
     state = {k: v for k, v in tensors.items()
-             if not any(k.startswith(w + ".") for w in header["weights"])}
-    for key, meta in header["weights"].items():
-        layer = modules[key.rsplit(".", 1)[0]]
-        kind = meta.get("kind", "affine")
-        if kind == "affine":
-            q = affine_part(layer.weight_quantizer)
-            widths = tensors[f"{key}.bits"].to(torch.int64) if meta["bits"] is None else \
-                torch.tensor(meta["bits"])
-            qmin, qmax = integer_range(widths, q.scheme.signed, q.scheme.narrow)
-            qmin, qmax = torch.as_tensor(qmin).float(), torch.as_tensor(qmax).float()
-        else:
-            widths = torch.tensor(meta["bits"])
-        rows = meta["rows"]
-        codes = torch.from_numpy(unpack_rows(tensors[f"{key}.codes"].numpy(), widths.numpy(),
-                                             rows, int(np.prod(meta["shape"])) // rows))
-        if kind != "affine":
-            params = {p: tensors[f"{key}.{p}"] for p in meta["params"]}
-            layer.weight_quantizer = nn.Identity()
-            state[key] = decode(kind, codes, params).reshape(meta["shape"])
-            continue
-        scale, zero = tensors[f"{key}.scale"], tensors[f"{key}.zero_point"].float()
-        col = (lambda t: t.reshape(-1, 1)) if scale.dim() else (lambda t: t)
-        weight = (codes.float() + col(qmin) - col(zero)) * col(scale)
-        state[key] = weight.reshape(meta["shape"])
-        per_channel = scale.dim() > 0
-        state[meta["prefix"] + "scale"] = scale
-        state[meta["prefix"] + "zero_point"] = zero
-        state[meta["prefix"] + "quant_min"] = qmin.expand(scale.shape).clone() \
-            if per_channel else qmin.reshape(())
-        state[meta["prefix"] + "quant_max"] = qmax.expand(scale.shape).clone() \
-            if per_channel else qmax.reshape(())
-    qmodel.load_state_dict(state, strict=True)
+             if not any(k.startswith(w + ".") for w in weights)}
+    for key, meta in weights.items():
+        try:
+            state.update(_load_weight(key, meta, modules, tensors, f"{where}: weight {key!r}"))
+        except ConfigError as e:
+            raise CheckpointError(f"{where}: weight {key!r}: {e}") from None
+    load_weights(qmodel, state, where)
+    check_quantizer_state(qmodel, where)
     return qmodel.eval(), header
+
+
+def _load_weight(key: str, meta, modules: dict, tensors: dict, where: str) -> dict:
+    """The state entries of one packed weight, after checking its header entry against the
+    layer it names: the encoding the layer uses, its shape, rows, widths and parameters, and
+    a codes buffer of exactly the size those imply."""
+    layer = modules.get(key.removesuffix(".weight")) if key.endswith(".weight") else None
+    if not isinstance(layer, QUANT_LAYERS) or isinstance(layer.weight_quantizer, nn.Identity):
+        raise untrusted.refuse(where, "names no quantized layer of the model")
+    meta = untrusted.mapping(meta, where)
+    slot = layer.weight_quantizer
+    q = affine_part(slot)
+    reference = None if q is not None else encode(slot, layer.weight, key)
+    kind = "affine" if q is not None else reference.kind
+    untrusted.text(meta.get("kind", "affine"), f"{where} kind", [kind])
+    if untrusted.shape(meta.get("shape"), f"{where} shape") != list(layer.weight.shape):
+        raise untrusted.refuse(f"{where} shape", f"is not the layer's {list(layer.weight.shape)}")
+    rows = layer.weight.shape[0] if q is None or q.axis is not None else 1
+    untrusted.integer(meta.get("rows"), f"{where} rows", rows, rows)
+    names = untrusted.sequence(meta.get("params"), f"{where} params")
+    if q is not None:
+        channels = (rows,) if q.axis is not None else ()
+        expected = {"scale": torch.zeros(channels),
+                    "zero_point": torch.zeros(channels, dtype=torch.int32)}
+    else:
+        expected = reference.params
+    if names != list(expected):
+        raise untrusted.refuse(f"{where} params", f"must be {list(expected)}, got {names!r}")
+    params = {}
+    for name, like in expected.items():
+        value = tensors.get(f"{key}.{name}")
+        if value is None or value.shape != like.shape or value.dtype.is_floating_point != \
+                like.dtype.is_floating_point:
+            raise untrusted.refuse(f"{where} {name}", f"must be a tensor shaped "
+                                                      f"{tuple(like.shape)}")
+        params[name] = value
+    widths = _widths(meta, tensors.get(f"{key}.bits"), rows, q, reference, where)
+    per_row = layer.weight.numel() // rows
+    packed = tensors.get(f"{key}.codes")
+    need = sum(packed_size(per_row, int(b)) for b in widths) if len(set(widths.tolist())) > 1 \
+        else packed_size(rows * per_row, int(widths[0]))
+    if packed is None or packed.dtype != torch.uint8 or packed.shape != (need,):
+        raise untrusted.refuse(f"{where} codes", f"must be {need} bytes of uint8 codes")
+    codes = torch.from_numpy(unpack_rows(packed.numpy(), widths.numpy(), rows, per_row))
+    if q is None:
+        layer.weight_quantizer = nn.Identity()
+        return {key: decode(kind, codes, params).reshape(layer.weight.shape)}
+    return _affine_state(key, meta, slot, q, codes, params, widths, where)
+
+
+def _widths(meta: dict, stored, rows: int, q, reference, where: str) -> torch.Tensor:
+    """Bits of every row: the header's one width, or the per-row ``.bits`` tensor."""
+    bits = meta.get("bits")
+    if bits is None and q is not None:
+        if stored is None or stored.dtype != torch.uint8 or stored.shape != (rows,) or \
+                not ((stored >= 1) & (stored <= MAX_BITS)).all():
+            raise untrusted.refuse(f"{where} bits", f"need {rows} per-row widths of 1..{MAX_BITS}")
+        return stored.to(torch.int64)
+    untrusted.integer(bits, f"{where} bits", 1, MAX_BITS)
+    if reference is not None and bits != reference.bits and not (
+            reference.kind == "kmeans" and bits == _kmeans_bits(reference.params["codebook"])):
+        raise untrusted.refuse(f"{where} bits", f"must be {reference.bits} for {reference.kind} "
+                                                f"codes, got {bits}")
+    return torch.full((rows,), bits, dtype=torch.int64)
+
+
+def _kmeans_bits(codebook: torch.Tensor) -> int:
+    """Width of k-means codes with a pruned-weight code beside the k cluster indices."""
+    return max(1, math.ceil(math.log2(codebook.shape[-1] + 1)))
+
+
+def _affine_state(key, meta, slot, q, codes, params, widths, where) -> dict:
+    """Weight and quantizer state of an affine weight: ``W = S * (code + q_min - Z)``."""
+    prefix = f"{key}_quantizer." + ("quantizer." if isinstance(slot, CorrectedQuantizer) else "")
+    untrusted.text(meta.get("prefix", prefix), f"{where} prefix", [prefix])
+    per_channel = q.axis is not None
+    qmin, qmax = integer_range(widths if per_channel else widths[0], q.scheme.signed,
+                               q.scheme.narrow)
+    qmin, qmax = torch.as_tensor(qmin).float(), torch.as_tensor(qmax).float()
+    scale, zero = params["scale"].float(), params["zero_point"].float()
+    col = (lambda t: t.reshape(-1, 1)) if per_channel else (lambda t: t)
+    weight = (codes.float() + col(qmin) - col(zero)) * col(scale)
+    return {key: weight.reshape(meta["shape"]), prefix + "scale": scale,
+            prefix + "zero_point": zero, prefix + "quant_min": qmin.reshape(scale.shape),
+            prefix + "quant_max": qmax.reshape(scale.shape)}

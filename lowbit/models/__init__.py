@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from lowbit.errors import ModelError
@@ -40,14 +41,35 @@ MODELS = {
 }
 
 
-def model_info(spec: str) -> ModelInfo:
-    """Registry entry for a name, or an entry for ``package.module:factory`` (no normalization)."""
+TORCHVISION_MODULES = ("torchvision.models", "torchvision.models.detection",
+                       "torchvision.models.segmentation", "torchvision.models.video",
+                       "torchvision.models.optical_flow", "torchvision.models.quantization")
+# a file of n bytes holds at most 8n weights (1-bit codes): a larger model is not in the file
+PARAMS_PER_FILE_BYTE, PARAMS_SLACK = 8, 2 ** 20
+
+
+def resolve_model(spec: str, trust_model_code: bool | str = True) -> ModelInfo:
+    """The registry entry of a model spec, or an entry for ``package.module:factory``.
+
+    ``trust_model_code`` says whether importing ``package.module`` is allowed: True (a spec the
+    caller wrote itself), False (a spec read from a file: only lowbit's registry and
+    torchvision's model builders, looked up by name, resolve), or a spec string (trust that
+    exact spec only: the CLI's ``--model``)."""
+    if not isinstance(spec, str) or not spec:
+        raise ModelError(f"a model spec must be a non-empty string, got {spec!r}")
     if spec in MODELS:
         return MODELS[spec]
     if ":" not in spec:
         raise ModelError(f"unknown model {spec!r}: use one of {', '.join(MODELS)} "
                          "or package.module:factory")
     module_name, _, attr = spec.partition(":")
+    builder = _torchvision_builder(module_name, attr)
+    if builder is not None:
+        return ModelInfo(builder, 0, None, None)
+    if trust_model_code is not True and trust_model_code != spec:
+        raise ModelError(f"the file asks to import and run model code {spec!r}; lowbit runs "
+                         f"model code named by a file only when you trust it: pass --model "
+                         f"{spec} (CLI) or trust_model_code=True (API)")
     try:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as e:
@@ -55,11 +77,48 @@ def model_info(spec: str) -> ModelInfo:
     return ModelInfo(factory, 0, None, None)
 
 
-def build_model(spec: str, checkpoint=None, num_classes: int | None = None) -> nn.Module:
-    """Build a model by name or ``package.module:factory`` and load a checkpoint strictly."""
-    info = model_info(spec)
+def model_info(spec: str) -> ModelInfo:
+    """Registry entry for a name, or an entry for ``package.module:factory`` (no normalization);
+    the spec is the caller's own, so its code is trusted."""
+    return resolve_model(spec)
+
+
+def _torchvision_builder(module_name: str, attr: str):
+    """torchvision's builder ``attr`` of one of its model modules, found by name in
+    ``torchvision.models.list_models`` (None: not one, or torchvision does not import)."""
+    if module_name not in TORCHVISION_MODULES:
+        return None
     try:
-        model = info.factory(num_classes) if num_classes else info.factory()
+        models = importlib.import_module("torchvision.models")
+        module = importlib.import_module(module_name)
+        if attr not in models.list_models(module=module):
+            return None
+        builder = models.get_model_builder(attr)
+    except Exception:  # torchvision absent or broken: the spec is then not a known builder
+        return None
+
+    def factory(num_classes=None):  # torchvision builders take keyword arguments only
+        return builder(num_classes=num_classes) if num_classes else builder()
+    return factory
+
+
+def build_model(spec: str, checkpoint=None, num_classes: int | None = None, *,
+                trust_model_code: bool | str = True, file_bytes: int | None = None) -> nn.Module:
+    """Build a model by name or ``package.module:factory`` and load a checkpoint strictly.
+
+    A spec read from a file passes ``trust_model_code`` (see :func:`resolve_model`) and the
+    file's size: a registry or torchvision model is first built on the meta device, and one with
+    more parameters than ``file_bytes`` can hold is refused before any memory is allocated."""
+    info = resolve_model(spec, trust_model_code)
+    kwargs = {} if not num_classes else {"num_classes": num_classes}
+    if file_bytes is not None and (trust_model_code is not True or spec in MODELS):
+        count = _parameter_count(info.factory, spec, kwargs)
+        if count > PARAMS_PER_FILE_BYTE * file_bytes + PARAMS_SLACK:
+            raise ModelError(f"model {spec!r}{f' with {num_classes} classes' if num_classes else ''}"
+                             f" has {count} parameters, more than a {file_bytes}-byte file "
+                             "can hold")
+    try:
+        model = info.factory(*kwargs.values())
     except Exception as e:
         raise ModelError(f"model factory {spec!r} failed: {type(e).__name__}: {e}") from None
     if not isinstance(model, nn.Module):
@@ -67,3 +126,15 @@ def build_model(spec: str, checkpoint=None, num_classes: int | None = None) -> n
     if checkpoint is not None:
         load_weights(model, extract_state_dict(load_torch(checkpoint), checkpoint), checkpoint)
     return model.eval()
+
+
+def _parameter_count(factory, spec: str, kwargs: dict) -> int:
+    """Parameters and buffers of the model, built on the meta device (nothing allocated)."""
+    try:
+        with torch.device("meta"):
+            model = factory(*kwargs.values())
+    except Exception as e:
+        raise ModelError(f"model factory {spec!r} failed: {type(e).__name__}: {e}") from None
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"model factory {spec!r} returned {type(model).__name__}, not nn.Module")
+    return sum(t.numel() for t in (*model.parameters(), *model.buffers()))

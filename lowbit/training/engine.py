@@ -25,8 +25,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from lowbit.data.core import Batches, Dataset, Split, normalization_tensors
-from lowbit.errors import DataError, NumericalError
+from lowbit.errors import CheckpointError, DataError, NumericalError
 from lowbit.evaluate import evaluate
+from lowbit.io import load_weights
 from lowbit.methods.ptq import check_finite
 from lowbit.progress import progress
 from lowbit.training import distributed
@@ -146,7 +147,7 @@ def train(model: nn.Module, data: Dataset, normalization, config: TrainConfig | 
     out = Path(out) if out is not None else None
     ck = load_checkpoint(out / CHECKPOINT, model, settings) if resume else None
     if ck is not None:
-        model.load_state_dict(ck["state_dict"])
+        load_weights(model, ck["state_dict"], out / CHECKPOINT)
     else:
         # Quantizers that calibrate on the first tensor they see do so here, on the same
         # images in every process, before DDP copies rank 0's state to the others.
@@ -155,9 +156,13 @@ def train(model: nn.Module, data: Dataset, normalization, config: TrainConfig | 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(config, steps_per_epoch))
     start_epoch, rows = 0, []
     if ck is not None:
-        optimizer.load_state_dict(ck["optimizer"])
-        scheduler.load_state_dict(ck["scheduler"])
-        torch.set_rng_state(ck["rng"])
+        try:
+            optimizer.load_state_dict(ck["optimizer"])
+            scheduler.load_state_dict(ck["scheduler"])
+            torch.set_rng_state(ck["rng"])
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
+            raise CheckpointError(f"cannot resume from {out / CHECKPOINT}: its optimizer, "
+                                  f"scheduler or RNG state does not fit this run ({e})") from None
         start_epoch, rows = ck["epoch"], ck["metrics"]
     log = MetricLog(out, rows, tensorboard=True) if out is not None and rank == 0 else None
     net = distributed.wrap(model, device)

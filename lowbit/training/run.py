@@ -13,10 +13,13 @@ import copy
 
 import torch
 
+from lowbit import untrusted
+from lowbit.checkpoint import check_model_fields, check_quantizer_state
 from lowbit.data import Batches, Dataset, load_dataset
 from lowbit.evaluate import evaluate
 from lowbit.io import load_weights, save_torch, write_json
-from lowbit.methods import training_method
+from lowbit.errors import CheckpointError, ConfigError
+from lowbit.methods import TRAINING_METHODS, training_method
 from lowbit.methods.kmeans import KMeansMethod
 from lowbit.methods.psg import PSGMethod, ptq_config, sparsity
 from lowbit.methods.ptq import quantize
@@ -89,13 +92,28 @@ def is_trained_checkpoint(obj) -> bool:
     return isinstance(obj, dict) and obj.get("format") == TRAINED_FORMAT
 
 
-def load_trained(payload: dict, example: torch.Tensor) -> torch.nn.Module:
+def load_trained(payload: dict, example: torch.Tensor, path="model.pt",
+                 trust_model_code: bool | str = False) -> torch.nn.Module:
     """Rebuild the model a ``lowbit train`` run saved in ``model.pt`` (``example``: one input
-    batch, to find the layer order the method's policy needs)."""
-    model = build_model(payload["model"], num_classes=payload["num_classes"])
-    method = training_method(payload["method"], payload["method_config"])
+    batch, to find the layer order the method's policy needs). The payload is checked first, and
+    the model it names must be lowbit's or torchvision's unless ``trust_model_code``."""
+    where = str(path)
+    spec, num_classes = check_model_fields(payload, where)
+    method_name = untrusted.text(payload.get("method"), f"{where}: 'method'",
+                                 ["fp", *TRAINING_METHODS])
+    config = payload.get("method_config")
+    if config is not None:
+        untrusted.mapping(config, f"{where}: 'method_config'")
+    state = untrusted.tensor_dict(payload.get("state_dict"), f"{where}: 'state_dict'")
+    try:
+        method = training_method(method_name, config)
+    except ConfigError as e:
+        raise CheckpointError(f"{where}: its method config is invalid: {e}") from None
+    size = Path(path).stat().st_size if Path(path).is_file() else None
+    model = build_model(spec, num_classes=num_classes, trust_model_code=trust_model_code,
+                        file_bytes=size)
     if method is not None:
         model = method.prepare(model, example)
-    load_weights(model, payload["state_dict"], payload["model"])
+    load_weights(model, state, where)
+    check_quantizer_state(model, where)
     return model.eval()
-

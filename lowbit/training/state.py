@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lowbit import untrusted
 from lowbit.errors import CheckpointError
 from lowbit.io import load_torch, save_torch
 
@@ -43,12 +44,31 @@ def _differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
     return out
 
 
+def _check_fields(ck: dict, where: str) -> None:
+    """The types of everything a resume reads (the file may not be the one this run wrote)."""
+    untrusted.integer(ck.get("version"), f"{where}: 'version'", 1, VERSION)
+    untrusted.integer(ck.get("epoch"), f"{where}: 'epoch'", 0)
+    untrusted.mapping(ck.get("settings"), f"{where}: 'settings'")
+    for key, dims in untrusted.mapping(ck.get("signature"), f"{where}: 'signature'").items():
+        if dims is not None:
+            untrusted.shape(dims, f"{where}: signature {key!r}")
+    untrusted.tensor_dict(ck.get("state_dict"), f"{where}: 'state_dict'")
+    untrusted.mapping(ck.get("optimizer"), f"{where}: 'optimizer'")
+    untrusted.mapping(ck.get("scheduler"), f"{where}: 'scheduler'")
+    rng = ck.get("rng")
+    if not isinstance(rng, torch.Tensor) or rng.dtype != torch.uint8:
+        raise untrusted.refuse(f"{where}: 'rng'", "must be a uint8 tensor (torch.get_rng_state)")
+    for i, row in enumerate(untrusted.sequence(ck.get("metrics"), f"{where}: 'metrics'")):
+        untrusted.mapping(row, f"{where}: metrics[{i}]")
+
+
 def load_checkpoint(path: Path, model: nn.Module, settings: dict) -> dict:
     """Read a training checkpoint and refuse it, naming the differences, if it was made for
     another model or other settings."""
     ck = load_torch(path)
     if not isinstance(ck, dict) or ck.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a lowbit training checkpoint")
+    _check_fields(ck, str(path))
     diff = _differences(ck["settings"], settings)
     theirs, ours = ck["signature"], signature(model)
     if theirs != ours:
