@@ -21,7 +21,7 @@ from lowbit.io import load_torch, load_weights, save_torch
 from lowbit.methods import METHODS
 from lowbit.models import build_model
 from lowbit.nn.layers import QUANT_LAYERS
-from lowbit.nn.quantizer import affine_part
+from lowbit.nn.quantizer import CorrectedQuantizer, affine_part
 from lowbit.nn.shared_weights import KMeansQuantizer
 from lowbit.policy import LayerBits
 from lowbit.quant.affine import MAX_BITS, MIN_BITS
@@ -77,8 +77,9 @@ def check_quantized_header(header: dict, where: str) -> None:
 def check_quantizer_state(model, where: str) -> None:
     """Refuse quantizer state that no lowbit run produces, before it reaches a forward pass:
     affine qparams shaped per tensor or per channel of their layer, scales finite and positive,
-    integer ranges of 1..16 bits; k-means indices shaped like the weight and inside the
-    codebook (state sized at calibration adopts whatever shape a file holds)."""
+    integer ranges of 1..16 bits; bias corrections one finite gain and shift per output channel;
+    k-means indices shaped like the weight and inside the codebook (state sized at calibration
+    adopts whatever shape a file holds)."""
     for name, layer in model.named_modules():
         if not isinstance(layer, QUANT_LAYERS):
             continue
@@ -89,6 +90,12 @@ def check_quantizer_state(model, where: str) -> None:
             if q is not None and q.calibrated:
                 _check_affine(q, count, f"{where}: {name}.{slot}")
         slot = layer.weight_quantizer
+        if isinstance(slot, CorrectedQuantizer) and (slot.gain.numel() or slot.shift.numel()):
+            rows = (layer.weight.shape[0],)
+            if slot.gain.shape != rows or slot.shift.shape != rows or not (
+                    torch.isfinite(slot.gain).all() and torch.isfinite(slot.shift).all()):
+                raise CheckpointError(f"{where}: {name} bias correction is not {rows[0]} finite "
+                                      "gains and shifts")
         if isinstance(slot, KMeansQuantizer) and slot.indices.numel():
             k = slot.codebook.shape[-1] if slot.codebook.dim() else 0
             if slot.indices.shape != layer.weight.shape or slot.indices.is_floating_point() \
@@ -100,9 +107,10 @@ def check_quantizer_state(model, where: str) -> None:
 def _check_affine(q, channels: int, where: str) -> None:
     shapes = {tuple(getattr(q, key).shape) for key in ("scale", "zero_point", "quant_min",
                                                        "quant_max")}
-    if len(shapes) != 1 or shapes.pop() not in ((), (channels,)):
-        raise CheckpointError(f"{where}: qparams are not shaped per tensor or per {channels} "
-                              "channels")
+    allowed = ((),) if q.axis is None else ((), (channels,))  # a per-channel quantizer's axis
+    if len(shapes) != 1 or shapes.pop() not in allowed:
+        raise CheckpointError(f"{where}: qparams are not shaped per tensor"
+                              f"{'' if q.axis is None else f' or per {channels} channels'}")
     span = q.quant_max - q.quant_min + 1  # 2^b levels, or 2^b - 1 on a narrow grid
 
     def power_of_two(t):

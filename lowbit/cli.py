@@ -513,7 +513,8 @@ def main(argv=None) -> int:
     try:
         return COMMANDS[args.command](args)
     except LowbitError as e:
-        print(f"lowbit {args.command}: error: {e}", file=sys.stderr)
+        message = " ".join(str(e).split())  # one line, whatever the message holds
+        print(f"lowbit {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"lowbit {args.command}: interrupted; no output was overwritten", file=sys.stderr)

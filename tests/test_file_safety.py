@@ -1,0 +1,394 @@
+"""Loading a model file never runs code, and never crashes, hangs or allocates on a bad file.
+
+Crafted files (a model spec naming ``os:system``, a shell command as ``num_classes``, modules that
+exist but are not models, compression and nesting bombs, stride-0 tensors, YAML python tags,
+ONNX external data) are refused before anything runs: each test checks that the marker file the
+command would create does not exist. The mutation tests (hypothesis) flip bytes, truncate at
+every section and replace header fields (checksum rewritten) of real files: every result either
+loads to the identical model or raises a LowbitError.
+"""
+import copy
+import json
+import resource
+import sys
+import types
+import zipfile
+import zlib
+
+import onnx
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper
+
+import lowbit
+from lowbit.checkpoint import load_quantized, save_quantized
+from lowbit.cli import main
+from lowbit.data.core import Batches
+from lowbit.deploy.onnx_export import read_onnx
+from lowbit.deploy.packed import export_packed, load_packed
+from lowbit.errors import ConfigError, ExportError, LowbitError, ModelError
+from lowbit.io import load_torch
+from lowbit.methods import training_method
+from lowbit.models import build_model, resolve_model
+from lowbit.recipes import read_recipe
+from lowbit.training.run import TRAINED_FORMAT, load_trained
+from tests import file_mutations as fm
+
+FUZZ = settings(max_examples=40, deadline=None, derandomize=True, database=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                       HealthCheck.too_slow])
+
+
+def cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def one_line_error(code, err):
+    return code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, digits_fp):
+    """Real files of every format: PTQ packed (per-channel widths, bias correction), k-means
+    packed (a trained method), quantized.pt, model.pt; with the input and outputs to compare."""
+    d, fp = digits_fp
+    root = tmp_path_factory.mktemp("files")
+    calib = Batches(d.train, d.normalization(), 256)
+    x = next(iter(Batches(d.test, d.normalization(), 64)))[0]
+    q = lowbit.quantize(fp, lowbit.PTQConfig(w_bits=3, a_bits=4, w_bit_alloc=True,
+                                             a_bit_alloc=True, bias_correction="mean"), calib)
+    config = {"w_bits": 3}
+    km = training_method("kmeans", config).prepare(copy.deepcopy(fp), x[:8])
+    trained = {"method": "kmeans", "method_config": training_method("kmeans", config)
+               .config.to_dict(), "input_shape": [1, 8, 8]}
+    paths = {"packed": export_packed(q, root / "q.lowbit", "digits_cnn"),
+             "packed_kmeans": export_packed(km, root / "km.lowbit", "digits_cnn", 10,
+                                            trained=trained),
+             "quantized": save_quantized(root / "q.pt", q, "digits_cnn")}
+    torch.save({"format": TRAINED_FORMAT, "state_dict": km.state_dict(), "model": "digits_cnn",
+                "num_classes": 10, "method": "kmeans", "method_config": trained["method_config"]},
+               root / "model.pt")
+    paths["trained"] = root / "model.pt"
+    with torch.no_grad():
+        outputs = {"packed": q(x), "quantized": q(x), "packed_kmeans": km(x), "trained": km(x)}
+    return paths, x, outputs
+
+
+def loader(kind, example):
+    if kind.startswith("packed"):
+        return load_packed
+    if kind == "quantized":
+        return load_quantized
+    return lambda path: (load_trained(load_torch(path), example, path), None)
+
+
+def write_crafted(kind, files, tmp_path, **fields):
+    """The file of ``kind`` with header ``fields`` replaced, checksum and all consistent."""
+    paths, _, _ = files
+    target = tmp_path / f"crafted-{kind}{paths[kind].suffix}"
+    if kind.startswith("packed"):
+        raw = paths[kind].read_bytes()
+        header, _, _ = fm.packed_parts(raw)
+        target.write_bytes(fm.packed_with(raw, {**header, **fields}))
+    else:
+        payload = torch.load(paths[kind], weights_only=True)
+        torch.save({**payload, **fields}, target)
+    return target
+
+
+# -- crafted files -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["packed", "packed_kmeans", "quantized", "trained"])
+@pytest.mark.parametrize("classes", [3, "MARKER"])
+def test_a_file_naming_os_system_runs_nothing(kind, classes, files, tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    num_classes = f"touch {marker}" if classes == "MARKER" else classes
+    path = write_crafted(kind, files, tmp_path, model="os:system", num_classes=num_classes)
+    _, x, _ = files
+    with pytest.raises(LowbitError) as error:
+        loader(kind, x[:8])(path)
+    assert not marker.exists()
+    if classes != "MARKER":
+        assert "asks to import and run model code 'os:system'" in str(error.value)
+        assert "trust_model_code=True" in str(error.value)
+    code, _, err = cli(capsys, "eval", "--checkpoint", path, "--data", "digits", "--limit", 10)
+    assert one_line_error(code, err) and not marker.exists(), err
+    out = tmp_path / "out.lowbit"
+    code, _, err = cli(capsys, "export", "--checkpoint", path, "--out", out,
+                       "--input-shape", "1,8,8")
+    if kind.startswith("packed"):  # export reads torch checkpoints only: refused for that
+        assert code == 2
+    else:
+        assert one_line_error(code, err), err
+    assert not marker.exists() and not out.exists()
+
+
+def test_a_module_that_exists_but_is_not_a_model(files, tmp_path):
+    target = tmp_path / "written.txt"
+    path = write_crafted("quantized", files, tmp_path, model="lowbit.io:write_text",
+                         num_classes=None)
+    with pytest.raises(ModelError, match="asks to import"):
+        load_quantized(path)
+    with pytest.raises(ModelError, match="lowbit.io:write_text"):  # trusted: it runs, and fails
+        load_quantized(path, trust_model_code=True)
+    assert not target.exists()
+
+
+@pytest.mark.parametrize("value", ["10", 10.0, True, 0, -1, 10 ** 9, [10], None])
+def test_num_classes_is_an_int_in_a_sane_range(value, files, tmp_path):
+    path = write_crafted("quantized", files, tmp_path, num_classes=value)
+    if value is None:  # the default: the model's own class count
+        load_quantized(path)
+        return
+    with pytest.raises(LowbitError, match="num_classes"):
+        load_quantized(path)
+
+
+def test_trusting_your_own_model_code(tmp_path, user_model, calib, capsys):
+    q = lowbit.quantize(user_model, lowbit.PTQConfig(w_bits=4, a_bits=8), calib)
+    spec = "tests.user_models:UserNet"
+    path = save_quantized(tmp_path / "q.pt", q, spec)
+    with pytest.raises(ModelError, match=f"pass --model {spec}"):
+        load_quantized(path)
+    with pytest.raises(ModelError, match="asks to import"):
+        load_quantized(path, trust_model_code="tests.user_models:Block")
+    for trust in (True, spec):
+        back, _ = load_quantized(path, trust_model_code=trust)
+        assert torch.equal(back(calib[0]), q(calib[0]))
+    out = tmp_path / "q.lowbit"
+    code, _, err = cli(capsys, "export", "--checkpoint", path, "--out", out)
+    assert one_line_error(code, err) and "--model tests.user_models:UserNet" in err
+    code, _, err = cli(capsys, "export", "--checkpoint", path, "--out", out, "--model", spec)
+    assert code == 0, err
+    back, _ = load_packed(out, trust_model_code=spec)
+    assert torch.equal(back(calib[0]), q(calib[0]))
+
+
+@pytest.fixture
+def torchvision_models():
+    # torchvision's compiled ops cannot load on this CPU build of torch; its model definitions
+    # are pure Python and import once the module registering those ops is replaced by an empty
+    # one (tests only: users have a working torchvision).
+    sys.modules.setdefault("torchvision._meta_registrations",
+                           types.ModuleType("torchvision._meta_registrations"))
+    return pytest.importorskip("torchvision.models")
+
+
+def test_torchvision_builders_resolve_by_name_and_size_is_bounded(torchvision_models):
+    info = resolve_model("torchvision.models:resnet18", trust_model_code=False)
+    assert isinstance(info.factory(num_classes=7), torch.nn.Module)
+    assert resolve_model("torchvision.models.detection:fasterrcnn_resnet50_fpn", False)
+    for spec in ("torchvision.models:get_model", "torchvision.models:list_models",
+                 "torchvision.io:read_file", "torchvision:resnet18"):
+        with pytest.raises(ModelError, match="asks to import"):
+            resolve_model(spec, trust_model_code=False)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ModelError, match="more than a 10000-byte file can hold"):
+        build_model("torchvision.models:vit_h_14", num_classes=10, trust_model_code=False,
+                    file_bytes=10_000)  # 632M parameters: refused from the meta device
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200 * 1024
+
+
+def test_packed_header_bombs_are_refused(files, tmp_path):
+    paths, _, _ = files
+    raw = paths["packed"].read_bytes()
+    header, _, _ = fm.packed_parts(raw)
+    cases = {
+        "inflates beyond": fm.packed_with(raw, packed_header=zlib.compress(b" " * (65 << 20))),
+        "not valid JSON": fm.packed_with(raw, packed_header=zlib.compress(
+            b"[" * 200_000 + b"]" * 200_000)),
+        "more than the file holds": fm.packed_with(raw, {**header, "index": [
+            ["x", "float32", 0, [2 ** 31 - 1, 2 ** 31 - 1]], *header["index"]]}),
+        "does not cover": fm.packed_with(raw, {**header, "index": header["index"][:-1]}),
+    }
+    for message, data in cases.items():
+        path = tmp_path / "bomb.lowbit"
+        path.write_bytes(data)
+        with pytest.raises(LowbitError, match=message):
+            load_packed(path)
+
+
+def test_torch_archive_bombs_and_views_are_refused(files, tmp_path):
+    paths, _, _ = files
+    deflated = tmp_path / "deflated.pt"
+    with zipfile.ZipFile(paths["quantized"]) as src, \
+            zipfile.ZipFile(deflated, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info.filename))
+    with pytest.raises(LowbitError, match="compressed entries"):
+        load_quantized(deflated)
+    payload = torch.load(paths["quantized"], weights_only=True)
+    state = dict(payload["state_dict"])
+    state["0.weight_quantizer.quantizer.scale"] = torch.ones(1).expand(10 ** 8)
+    view = tmp_path / "view.pt"
+    torch.save({**payload, "state_dict": state}, view)
+    with pytest.raises(LowbitError, match="backed by only 4 bytes"):
+        load_quantized(view)
+    state = dict(payload["state_dict"])
+    key = next(k for k in state if k.endswith("input_quantizer.scale"))
+    state[key] = torch.full_like(state[key], float("nan"))
+    nan = tmp_path / "nan.pt"
+    torch.save({**payload, "state_dict": state}, nan)
+    with pytest.raises(LowbitError, match="finite positive scales"):
+        load_quantized(nan)
+
+
+def test_yaml_python_tags_are_refused(tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    recipe = tmp_path / "evil.yaml"
+    recipe.write_text(f'w_bits: !!python/object/apply:os.system ["touch {marker}"]\n')
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        read_recipe(str(recipe))
+    code, _, err = cli(capsys, "quantize", "--model", "digits_cnn", "--data", "digits",
+                       "--recipe", recipe, "--out", tmp_path / "q")
+    assert one_line_error(code, err) and not marker.exists()
+    assert not (tmp_path / "q").exists()
+
+
+def _onnx_file(path, external=None, domain=""):
+    weight = helper.make_tensor("w", TensorProto.FLOAT, [2], [1.0, 2.0])
+    if external:
+        weight.ClearField("float_data")
+        weight.data_location = TensorProto.EXTERNAL
+        weight.external_data.add(key="location", value=external)
+    node = helper.make_node("Mul", ["x", "w"], ["y"], domain=domain)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, [1, 2])], [helper.make_tensor_value_info(
+        "y", TensorProto.FLOAT, [1, 2])], [weight])
+    opsets = [helper.make_opsetid("", 21)] + ([helper.make_opsetid(domain, 1)] if domain else [])
+    path.write_bytes(helper.make_model(graph, opset_imports=opsets).SerializeToString())
+    return path
+
+
+def test_onnx_files_must_be_self_contained(tmp_path, capsys):
+    assert read_onnx(_onnx_file(tmp_path / "ok.onnx")).graph.node[0].op_type == "Mul"
+    (tmp_path / "weights.bin").write_bytes(bytes(8))
+    # onnx's checker refuses external data it cannot resolve; read_onnx refuses the rest
+    for path, message in ((_onnx_file(tmp_path / "ext.onnx", "weights.bin"), "should be stored"
+                           "|external"),
+                          (_onnx_file(tmp_path / "up.onnx", "../../etc/passwd"), "outside"),
+                          (_onnx_file(tmp_path / "dom.onnx", domain="evil.ops"), "domains"),
+                          (tmp_path / "missing.onnx", "not found")):
+        with pytest.raises(ExportError, match=message):
+            read_onnx(path)
+    code, _, err = cli(capsys, "eval", "--model", "digits_cnn", "--checkpoint",
+                       tmp_path / "ext.onnx", "--data", "digits")
+    assert one_line_error(code, err) and "ext.onnx" in err
+
+
+def test_a_backtracking_layer_pattern_times_out():
+    from lowbit.policy import _match
+
+    with pytest.raises(ConfigError, match="simplify it"):
+        _match(r"(\w|\w\w)*(x|\w)*\d$", "a" * 40 + "!")
+
+
+# -- mutation suite ----------------------------------------------------------------------------
+
+KINDS = ["packed", "packed_kmeans", "quantized", "trained"]
+
+
+def _check(kind, files, tmp_path, data: bytes, allowed=("identical", "refused")) -> str:
+    paths, x, outputs = files
+    path = tmp_path / f"mutated{paths[kind].suffix}"
+    path.write_bytes(data)
+    result = fm.outcome(loader(kind, x[:8]), path, outputs[kind], x)
+    assert result in allowed, result
+    return result
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_truncation_at_every_section(kind, files, tmp_path):
+    paths, _, _ = files
+    raw = paths[kind].read_bytes()
+    sections = fm.packed_sections(raw) if kind.startswith("packed") else fm.torch_sections(raw)
+    cuts = fm.cut_points(sections, len(raw))
+    results = [_check(kind, files, tmp_path, raw[:n]) for n in cuts]
+    assert results.count("refused") == len(cuts)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@FUZZ
+@given(changes=st.lists(st.tuples(st.integers(0, 2 ** 24), st.integers(1, 255)), min_size=1,
+                        max_size=6))
+def test_byte_flips(kind, files, tmp_path, changes):
+    paths, _, _ = files
+    _check(kind, files, tmp_path, fm.flips(paths[kind].read_bytes(), changes))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@FUZZ
+@given(data=st.data())
+def test_header_field_replacement(kind, files, tmp_path, data):
+    paths, _, _ = files
+    raw = paths[kind].read_bytes()
+    if kind.startswith("packed"):
+        header, _, _ = fm.packed_parts(raw)
+    else:
+        header = torch.load(paths[kind], weights_only=True)
+        header = {k: v for k, v in header.items() if k != "state_dict"}
+    path = data.draw(st.sampled_from(fm.field_paths(header)))
+    if data.draw(st.booleans().map(lambda b: b and len(path) > 0)) and data.draw(
+            st.integers(0, 4)) == 0:
+        edited = fm.without(header, path)
+    else:
+        edited = fm.replaced(header, path, data.draw(fm.VALUES))
+    if kind.startswith("packed"):
+        mutated = fm.packed_with(raw, edited)
+    else:
+        full = torch.load(paths[kind], weights_only=True)
+        mutated = fm.torch_bytes({**edited, "state_dict": full["state_dict"]})
+    _check(kind, files, tmp_path, mutated)
+
+
+@FUZZ
+@given(data=st.data())
+def test_state_tensor_replacement(files, tmp_path, data):
+    """A state tensor replaced by one of another shape or dtype is refused (one of the same
+    shape and dtype is a different model that the file validly describes: not drawn)."""
+    paths, _, _ = files
+    payload = torch.load(paths["quantized"], weights_only=True)
+    state = payload["state_dict"]
+    key = data.draw(st.sampled_from(sorted(state)))
+    dims = data.draw(st.lists(st.integers(0, 3), max_size=3))
+    dtype = data.draw(st.sampled_from([torch.float32, torch.int64, torch.uint8, torch.bool,
+                                       torch.float64, torch.complex64]))
+    value = torch.zeros(dims, dtype=dtype)
+    if value.shape == state[key].shape and dtype == state[key].dtype:
+        return
+    mutated = fm.torch_bytes({**payload, "state_dict": {**state, key: value}})
+    _check("quantized", files, tmp_path, mutated)
+
+
+@pytest.mark.parametrize("kind", ["packed", "quantized"])
+def test_mutated_files_through_the_cli(kind, files, tmp_path, capsys):
+    paths, _, _ = files
+    raw = paths[kind].read_bytes()
+    code, good, _ = cli(capsys, "eval", "--checkpoint", paths[kind], "--data", "digits",
+                        "--limit", 50)
+    assert code == 0
+    generator = torch.Generator().manual_seed(0)
+    for i in range(12):
+        n = len(raw)
+        if i % 3 == 0:
+            data = raw[: int(torch.randint(0, n, (1,), generator=generator))]
+        else:
+            changes = [(int(torch.randint(0, n, (1,), generator=generator)), 1 << (i % 8))]
+            data = fm.flips(raw, changes)
+        path = tmp_path / f"m{i}{paths[kind].suffix}"
+        path.write_bytes(data)
+        code, out, err = cli(capsys, "eval", "--checkpoint", path, "--data", "digits",
+                             "--limit", 50)
+        assert (code == 0 and out == good) or one_line_error(code, err), (code, out, err)
+
+
+def test_header_json_round_trip_is_what_the_suite_mutates(files):
+    """The suite edits the real header: the fields it walks are the ones export writes."""
+    paths, _, _ = files
+    header, _, _ = fm.packed_parts(paths["packed"].read_bytes())
+    assert {"model", "num_classes", "method", "config", "plan", "weights", "index"} <= set(header)
+    assert json.loads(json.dumps(header)) == header
