@@ -74,12 +74,15 @@ def check_quantized_header(header: dict, where: str) -> None:
         untrusted.optional_integer(a_bits, f"{where}: plan {name!r} a_bits", MIN_BITS, MAX_BITS)
 
 
-def check_quantizer_state(model, where: str) -> None:
-    """Refuse quantizer state that no lowbit run produces, before it reaches a forward pass:
-    affine qparams shaped per tensor or per channel of their layer, scales finite and positive,
+def check_loaded_state(model, where: str) -> None:
+    """Refuse state that no lowbit run produces, before it reaches a forward pass: NaN or Inf
+    in any parameter or buffer (the message names it); affine qparams shaped per tensor or per channel of their layer, scales finite and positive,
     integer ranges of 1..16 bits; bias corrections one finite gain and shift per output channel;
     k-means indices shaped like the weight and inside the codebook (state sized at calibration
     adopts whatever shape a file holds)."""
+    for name, t in (*model.named_parameters(), *model.named_buffers()):
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise CheckpointError(f"{where}: {name} holds NaN or Inf")
     for name, layer in model.named_modules():
         if not isinstance(layer, QUANT_LAYERS):
             continue
@@ -161,5 +164,5 @@ def load_quantized(path, trust_model_code: bool | str = False):
     state = untrusted.tensor_dict(payload.get("state_dict"), f"{path}: 'state_dict'")
     qmodel = rebuild_quantized(payload, path, trust_model_code, Path(path).stat().st_size)
     load_weights(qmodel, state, path)
-    check_quantizer_state(qmodel, str(path))
+    check_loaded_state(qmodel, str(path))
     return qmodel.eval(), payload

@@ -18,8 +18,16 @@ from hypothesis import strategies as st
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from lowbit.deploy.packed import _checksum
+import lowbit
+from lowbit.checkpoint import load_quantized, save_quantized
+from lowbit.data.core import Batches
+from lowbit.deploy.packed import _checksum, export_packed, load_packed
 from lowbit.errors import LowbitError
+from lowbit.io import load_torch
+from lowbit.methods import training_method
+from lowbit.training.run import TRAINED_FORMAT, load_trained
+
+KINDS = ("packed", "packed_kmeans", "quantized", "trained")
 
 SPECS = ["os:system", "subprocess:getoutput", "lowbit.io:write_text", "builtins:eval",
          "torchvision.models:vit_h_14", "torchvision.models:get_model", "resnet20", "digits_cnn",
@@ -36,12 +44,60 @@ VALUES = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=4)
                                         max_size=4), max_leaves=12)
 
 
-def deep_value(depth: int):
-    """A list nested ``depth`` levels deep (a parser's recursion bomb)."""
-    value = 0
-    for _ in range(depth):
-        value = [value]
-    return value
+def make_files(root, data, fp):
+    """Real files of every format lowbit loads, from a float digits CNN: a PTQ packed file
+    (per-channel widths, bias correction), a k-means packed file (a trained method), the PTQ
+    ``quantized.pt`` and the k-means ``model.pt``; returns (paths, input, outputs)."""
+    calib = Batches(data.train, data.normalization(), 256)
+    x = next(iter(Batches(data.test, data.normalization(), 64)))[0]
+    q = lowbit.quantize(fp, lowbit.PTQConfig(w_bits=3, a_bits=4, w_bit_alloc=True,
+                                             a_bit_alloc=True, bias_correction="mean"), calib)
+    method = training_method("kmeans", {"w_bits": 3})
+    km = method.prepare(copy.deepcopy(fp), x[:8])
+    trained = {"method": "kmeans", "method_config": method.config.to_dict(),
+               "input_shape": list(x.shape[1:])}
+    paths = {"packed": export_packed(q, root / "q.lowbit", "digits_cnn"),
+             "packed_kmeans": export_packed(km, root / "km.lowbit", "digits_cnn", 10,
+                                            trained=trained),
+             "quantized": save_quantized(root / "q.pt", q, "digits_cnn"),
+             "trained": root / "model.pt"}
+    torch.save({"format": TRAINED_FORMAT, "state_dict": km.state_dict(), "model": "digits_cnn",
+                "num_classes": 10, "method": "kmeans",
+                "method_config": trained["method_config"]}, paths["trained"])
+    with torch.no_grad():
+        outputs = {"packed": q(x), "quantized": q(x), "packed_kmeans": km(x), "trained": km(x)}
+    return paths, x, outputs
+
+
+def loader(kind: str, example: torch.Tensor):
+    """The API call that loads a file of ``kind``: ``path -> (model, header)``."""
+    if kind.startswith("packed"):
+        return load_packed
+    if kind == "quantized":
+        return load_quantized
+    return lambda path: (load_trained(load_torch(path), example, path), None)
+
+
+def header_of(kind: str, path):
+    """What the header-field mutations edit: the packed JSON header, or a torch file's payload
+    without its state_dict."""
+    if kind.startswith("packed"):
+        return packed_parts(path.read_bytes())[0]
+    payload = torch.load(path, weights_only=True)
+    return {k: v for k, v in payload.items() if k != "state_dict"}
+
+
+def with_header(kind: str, path, header) -> bytes:
+    """The file at ``path`` with ``header`` in place of its own, consistent in every check
+    lowbit cannot tell from intent (checksum, CRC)."""
+    if kind.startswith("packed"):
+        return packed_with(path.read_bytes(), header)
+    state = torch.load(path, weights_only=True)["state_dict"]
+    return torch_bytes({**header, "state_dict": state})
+
+
+def sections(kind: str, raw: bytes) -> list[int]:
+    return packed_sections(raw) if kind.startswith("packed") else torch_sections(raw)
 
 
 def field_paths(obj, prefix=(), limit=6):
@@ -53,6 +109,15 @@ def field_paths(obj, prefix=(), limit=6):
         for key, value in items:
             paths += field_paths(value, prefix + (key,), limit)
     return paths
+
+
+def edit(header, draw):
+    """``header`` with one field (drawn by hypothesis's ``draw``) replaced by an arbitrary value,
+    or now and then removed."""
+    path = draw(st.sampled_from(field_paths(header)))
+    if draw(st.integers(0, 9)) == 0:
+        return without(header, path)
+    return replaced(header, path, draw(VALUES))
 
 
 def replaced(obj, path, value):

@@ -154,6 +154,26 @@ def test_resume_refuses_another_config_or_model(tmp_path, digits):
               resume=True)
 
 
+@pytest.mark.parametrize("field, value", [("settings", ["lr"]), ("epoch", "1"),
+                                          ("rng", torch.zeros(3)), ("metrics", {"a": 1}),
+                                          ("optimizer", {"state": 7, "param_groups": [{}]}),
+                                          ("signature", {"x": "shape"}),
+                                          ("state_dict", {"conv1.weight": 3})])
+def test_resume_refuses_a_crafted_checkpoint(tmp_path, digits, field, value):
+    """A resume file is read as untrusted data: a field of the wrong type or content is one
+    CheckpointError, and the file is left as it was."""
+    data, norm = digits
+    train(build_model("digits_cnn"), data, norm, small_config(epochs=1), out=tmp_path)
+    path = tmp_path / "checkpoint.pt"
+    ck = torch.load(path, weights_only=True)
+    torch.save({**ck, field: value}, path)
+    before = path.read_bytes()
+    with pytest.raises(CheckpointError):
+        train(build_model("digits_cnn"), data, norm, small_config(epochs=2), out=tmp_path,
+              resume=True)
+    assert path.read_bytes() == before
+
+
 def test_diverging_run_stops_and_keeps_the_last_good_checkpoint(tmp_path, digits):
     data, norm = digits
     model = build_model("digits_cnn")

@@ -37,7 +37,6 @@ import math
 import zlib
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
@@ -46,7 +45,7 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from lowbit import untrusted
-from lowbit.checkpoint import check_model_fields, check_quantizer_state, quantized_header, \
+from lowbit.checkpoint import check_model_fields, check_loaded_state, quantized_header, \
     rebuild_quantized
 from lowbit.deploy.bitpack import MAX_BITS, pack_rows, packed_size, unpack_rows
 from lowbit.deploy.codes import decode, encode
@@ -259,7 +258,7 @@ def load_packed(path, trust_model_code: bool | str = False):
         except ConfigError as e:
             raise CheckpointError(f"{where}: weight {key!r}: {e}") from None
     load_weights(qmodel, state, where)
-    check_quantizer_state(qmodel, where)
+    check_loaded_state(qmodel, where)
     return qmodel.eval(), header
 
 

@@ -14,7 +14,7 @@ import copy
 import torch
 
 from lowbit import untrusted
-from lowbit.checkpoint import check_model_fields, check_quantizer_state
+from lowbit.checkpoint import check_model_fields, check_loaded_state
 from lowbit.data import Batches, Dataset, load_dataset
 from lowbit.evaluate import evaluate
 from lowbit.io import load_weights, save_torch, write_json
@@ -115,5 +115,5 @@ def load_trained(payload: dict, example: torch.Tensor, path="model.pt",
     if method is not None:
         model = method.prepare(model, example)
     load_weights(model, state, where)
-    check_quantizer_state(model, where)
+    check_loaded_state(model, where)
     return model.eval()
