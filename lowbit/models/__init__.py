@@ -28,6 +28,8 @@ class ModelInfo:
     # shifts the first layers' BatchNorm statistics (the PSG ResNet-32 loses 3.7 points from
     # 100 steps of BN re-estimation on zero-padded crops, 0.2 on reflection-padded ones)
     reflect_pad: bool = False
+    # built by name (lowbit's registry, torchvision's builders), not imported from user code
+    known: bool = True
 
 
 MODELS = {
@@ -74,7 +76,7 @@ def resolve_model(spec: str, trust_model_code: bool | str = True) -> ModelInfo:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as e:
         raise ModelError(f"cannot import model factory {spec!r}: {e}") from None
-    return ModelInfo(factory, 0, None, None)
+    return ModelInfo(factory, 0, None, None, known=False)
 
 
 def model_info(spec: str) -> ModelInfo:
@@ -108,10 +110,11 @@ def build_model(spec: str, checkpoint=None, num_classes: int | None = None, *,
 
     A spec read from a file passes ``trust_model_code`` (see :func:`resolve_model`) and the
     file's size: a registry or torchvision model is first built on the meta device, and one with
-    more parameters than ``file_bytes`` can hold is refused before any memory is allocated."""
+    more parameters than ``file_bytes`` can hold is refused before any memory is allocated
+    (trusted user code is built as it is: it may not run on the meta device)."""
     info = resolve_model(spec, trust_model_code)
     kwargs = {} if not num_classes else {"num_classes": num_classes}
-    if file_bytes is not None and (trust_model_code is not True or spec in MODELS):
+    if file_bytes is not None and info.known:
         count = _parameter_count(info.factory, spec, kwargs)
         if count > PARAMS_PER_FILE_BYTE * file_bytes + PARAMS_SLACK:
             raise ModelError(f"model {spec!r}{f' with {num_classes} classes' if num_classes else ''}"
