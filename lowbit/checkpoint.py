@@ -163,6 +163,6 @@ def load_quantized(path, trust_model_code: bool | str = False):
                               f"{VERSION}: upgrade lowbit")
     state = untrusted.tensor_dict(payload.get("state_dict"), f"{path}: 'state_dict'")
     qmodel = rebuild_quantized(payload, path, trust_model_code, Path(path).stat().st_size)
-    load_weights(qmodel, state, path)
+    load_weights(qmodel, state, path, exact_dtypes=True)
     check_loaded_state(qmodel, str(path))
     return qmodel.eval(), payload

@@ -73,18 +73,25 @@ def extract_state_dict(obj, path="checkpoint") -> dict:
     return obj
 
 
-def load_weights(model: torch.nn.Module, state: dict, path="checkpoint") -> None:
-    """Load ``state`` strictly; on mismatch name the missing / unexpected / mis-shaped keys."""
+def load_weights(model: torch.nn.Module, state: dict, path="checkpoint",
+                 exact_dtypes: bool = False) -> None:
+    """Load ``state`` strictly; on mismatch name the missing / unexpected / mis-shaped keys.
+    ``exact_dtypes`` (lowbit's own files, which always hold the model's dtypes) also refuses a
+    tensor that PyTorch would silently cast."""
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
               if k in state and state[k].shape != own[k].shape and own[k].numel() > 0]
+    if exact_dtypes:
+        shapes += [f"{k} {state[k].dtype} vs {own[k].dtype}" for k in own
+                   if k in state and state[k].dtype != own[k].dtype]
     # BatchNorm's num_batches_tracked is absent from older checkpoints; PyTorch fills it in.
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     if missing or unexpected or shapes:
         parts = []
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape", shapes)):
+        for label, keys in (("missing", missing), ("unexpected", unexpected),
+                            ("shape or dtype", shapes)):
             if keys:
                 more = f" (+{len(keys) - 4} more)" if len(keys) > 4 else ""
                 parts.append(f"{label} keys: {', '.join(keys[:4])}{more}")

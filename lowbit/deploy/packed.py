@@ -235,7 +235,11 @@ def _rebuild(header: dict, path, trust_model_code, file_bytes: int):
         raise CheckpointError(f"{where}: its method config is invalid: {e}") from None
     model = build_model(spec, num_classes=num_classes, trust_model_code=trust_model_code,
                         file_bytes=file_bytes)
-    return method.prepare(model, torch.zeros(1, *input_shape))
+    try:  # the method traces the layer order on an input of the recorded shape
+        return method.prepare(model, torch.zeros(1, *input_shape))
+    except (RuntimeError, ValueError) as e:  # what a forward raises on a misfit input
+        raise untrusted.refuse(f"{where} input_shape", f"{input_shape} does not fit the model "
+                               f"{spec!r}: {' '.join(str(e).split())[:160]}") from None
 
 
 def load_packed(path, trust_model_code: bool | str = False):
@@ -257,7 +261,7 @@ def load_packed(path, trust_model_code: bool | str = False):
             state.update(_load_weight(key, meta, modules, tensors, f"{where}: weight {key!r}"))
         except ConfigError as e:
             raise CheckpointError(f"{where}: weight {key!r}: {e}") from None
-    load_weights(qmodel, state, where)
+    load_weights(qmodel, state, where, exact_dtypes=True)
     check_loaded_state(qmodel, where)
     return qmodel.eval(), header
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from lowbit.errors import ModelError
 from lowbit.io import extract_state_dict, load_torch, load_weights
@@ -111,10 +112,11 @@ def build_model(spec: str, checkpoint=None, num_classes: int | None = None, *,
     A spec read from a file passes ``trust_model_code`` (see :func:`resolve_model`) and the
     file's size: a registry or torchvision model is first built on the meta device, and one with
     more parameters than ``file_bytes`` can hold is refused before any memory is allocated
-    (trusted user code is built as it is: it may not run on the meta device)."""
+    (a registry model at its own class count has lowbit's fixed size and is not sized; trusted
+    user code is built as it is: it may not run on the meta device)."""
     info = resolve_model(spec, trust_model_code)
     kwargs = {} if not num_classes else {"num_classes": num_classes}
-    if file_bytes is not None and info.known:
+    if file_bytes is not None and info.known and (num_classes or spec not in MODELS):
         count = _parameter_count(info.factory, spec, kwargs)
         if count > PARAMS_PER_FILE_BYTE * file_bytes + PARAMS_SLACK:
             raise ModelError(f"model {spec!r}{f' with {num_classes} classes' if num_classes else ''}"
@@ -131,10 +133,23 @@ def build_model(spec: str, checkpoint=None, num_classes: int | None = None, *,
     return model.eval()
 
 
+class _NoInitOnMeta(TorchFunctionMode):
+    """Skips in-place ops (``normal_``, ``kaiming_uniform_``, ``zero_``, ...) on meta tensors:
+    counting parameters needs no initialisation, and on meta tensors those ops route through
+    ``torch._refs``, whose first use imports ``torch._dynamo`` (about 2.7 s here)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name.endswith("_") and not name.startswith("_") and args and \
+                isinstance(args[0], torch.Tensor) and args[0].is_meta:
+            return args[0]
+        return func(*args, **(kwargs or {}))
+
+
 def _parameter_count(factory, spec: str, kwargs: dict) -> int:
     """Parameters and buffers of the model, built on the meta device (nothing allocated)."""
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), _NoInitOnMeta():
             model = factory(*kwargs.values())
     except Exception as e:
         raise ModelError(f"model factory {spec!r} failed: {type(e).__name__}: {e}") from None

@@ -147,7 +147,7 @@ def train(model: nn.Module, data: Dataset, normalization, config: TrainConfig | 
     out = Path(out) if out is not None else None
     ck = load_checkpoint(out / CHECKPOINT, model, settings) if resume else None
     if ck is not None:
-        load_weights(model, ck["state_dict"], out / CHECKPOINT)
+        load_weights(model, ck["state_dict"], out / CHECKPOINT, exact_dtypes=True)
     else:
         # Quantizers that calibrate on the first tensor they see do so here, on the same
         # images in every process, before DDP copies rank 0's state to the others.

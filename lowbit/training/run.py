@@ -113,7 +113,12 @@ def load_trained(payload: dict, example: torch.Tensor, path="model.pt",
     model = build_model(spec, num_classes=num_classes, trust_model_code=trust_model_code,
                         file_bytes=size)
     if method is not None:
-        model = method.prepare(model, example)
-    load_weights(model, state, where)
+        try:  # the method traces the layer order on the example
+            model = method.prepare(model, example)
+        except (RuntimeError, ValueError) as e:  # what a forward raises on a misfit input
+            raise CheckpointError(f"{where}: the model {spec!r} does not take inputs shaped "
+                                  f"{tuple(example.shape)}: {' '.join(str(e).split())[:160]}") \
+                from None
+    load_weights(model, state, where, exact_dtypes=True)
     check_loaded_state(model, where)
     return model.eval()
