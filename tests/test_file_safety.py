@@ -212,6 +212,26 @@ def test_torch_archive_bombs_and_views_are_refused(files, tmp_path):
             load_quantized(bad)
 
 
+def test_found_by_the_campaign(files, tmp_path):
+    """Two files the mutation campaign once loaded wrongly: an input shape that does not fit
+    the model (the rebuild's trace raised ValueError), and a state tensor of the right shape in
+    another dtype (PyTorch cast it: a different model)."""
+    paths, _, _ = files
+    header = fm.header_of("packed_kmeans", paths["packed_kmeans"])
+    path = tmp_path / "shape.lowbit"
+    path.write_bytes(fm.with_header("packed_kmeans", paths["packed_kmeans"], fm.replaced(
+        header, ("trained", "input_shape"), [8, 8])))
+    with pytest.raises(LowbitError, match="does not fit the model"):
+        load_packed(path)
+    payload = torch.load(paths["quantized"], weights_only=True)
+    key = next(k for k in payload["state_dict"] if k.endswith("bias"))
+    state = {**payload["state_dict"], key: payload["state_dict"][key].double()}
+    path = tmp_path / "dtype.pt"
+    torch.save({**payload, "state_dict": state}, path)
+    with pytest.raises(LowbitError, match="shape or dtype keys"):
+        load_quantized(path)
+
+
 def test_yaml_python_tags_are_refused(tmp_path, capsys):
     marker = tmp_path / "pwned"
     recipe = tmp_path / "evil.yaml"
