@@ -183,6 +183,9 @@ def read_packed(path) -> tuple[dict, dict[str, torch.Tensor]]:
     if version > VERSION:
         raise CheckpointError(f"{path} has packed format version {version}; this "
                               f"lowbit reads up to {VERSION}: upgrade lowbit")
+    if version < 1:
+        raise CheckpointError(f"{path} has packed format version {version}, which no lowbit "
+                              "wrote")
     if _checksum(blobs, packed_header) != metadata.get("sha256"):
         raise CheckpointError(f"{path} fails its checksum: the file was modified or damaged")
     header = untrusted.mapping(untrusted.parse_json(
