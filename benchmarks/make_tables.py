@@ -581,7 +581,9 @@ def safety_section(res: dict) -> list[str]:
         lines.append(_row(f"{kind} ({rows['bytes']:,})", cells))
     lines += ["", f"{sum(total.values()):,} files: {total['identical']:,} loaded identical, "
               f"{total['refused']:,} refused, {total['other']} anything else. Peak RSS grew "
-              f"{res['rss_growth_mib']:.0f} MiB over the whole campaign."]
+              f"{res['rss_growth_mib']:.0f} MiB over the whole campaign. A byte-flip set that "
+              "loads identical leaves the bytes lowbit reads unchanged (hypothesis often draws the "
+              "same flip twice, which cancels)."]
     return lines
 
 

@@ -122,12 +122,7 @@ def build_model(spec: str, checkpoint=None, num_classes: int | None = None, *,
             raise ModelError(f"model {spec!r}{f' with {num_classes} classes' if num_classes else ''}"
                              f" has {count} parameters, more than a {file_bytes}-byte file "
                              "can hold")
-    try:
-        model = info.factory(*kwargs.values())
-    except Exception as e:
-        raise ModelError(f"model factory {spec!r} failed: {type(e).__name__}: {e}") from None
-    if not isinstance(model, nn.Module):
-        raise ModelError(f"model factory {spec!r} returned {type(model).__name__}, not nn.Module")
+    model = _call_factory(info.factory, spec, kwargs)
     if checkpoint is not None:
         load_weights(model, extract_state_dict(load_torch(checkpoint), checkpoint), checkpoint)
     return model.eval()
@@ -148,11 +143,17 @@ class _NoInitOnMeta(TorchFunctionMode):
 
 def _parameter_count(factory, spec: str, kwargs: dict) -> int:
     """Parameters and buffers of the model, built on the meta device (nothing allocated)."""
+    with torch.device("meta"), _NoInitOnMeta():
+        model = _call_factory(factory, spec, kwargs)
+    return sum(t.numel() for t in (*model.parameters(), *model.buffers()))
+
+
+def _call_factory(factory, spec: str, kwargs: dict) -> nn.Module:
+    """``factory(num_classes)`` (positional, as user factories take it) checked to be a model."""
     try:
-        with torch.device("meta"), _NoInitOnMeta():
-            model = factory(*kwargs.values())
+        model = factory(*kwargs.values())
     except Exception as e:
         raise ModelError(f"model factory {spec!r} failed: {type(e).__name__}: {e}") from None
     if not isinstance(model, nn.Module):
         raise ModelError(f"model factory {spec!r} returned {type(model).__name__}, not nn.Module")
-    return sum(t.numel() for t in (*model.parameters(), *model.buffers()))
+    return model
