@@ -110,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int)
     t.add_argument("--device", help="cpu or cuda")
     t.add_argument("--threads", type=int, help="torch CPU threads")
+    t.add_argument("--compile", action="store_true", help="compile the training step with "
+                   "torch.compile (eager, with a warning, where it fails)")
+    t.add_argument("--channels-last", action="store_true", help="NHWC memory order for "
+                   "weights and inputs")
 
     ex = sub.add_parser("export", help="write a quantized checkpoint as a packed file (codes at "
                                        "their real width; lowbit.load_packed reads it) or as a "
@@ -315,7 +319,9 @@ def _training_from_args(args):
                    "seed": args.seed, "device": args.device,
                    "distill": True if args.distill else None,
                    "augment": False if args.no_augment else None,
-                   "reflect_pad": True if args.reflect_pad else False if args.zero_pad else None}
+                   "reflect_pad": True if args.reflect_pad else False if args.zero_pad else None,
+                   "compile": True if args.compile else None,
+                   "channels_last": True if args.channels_last else None}
     train_values.update({k: v for k, v in train_flags.items() if v is not None})
     train_values.setdefault("reflect_pad", model_info(args.model).reflect_pad)
     return method, values, TrainConfig.from_dict(train_values)

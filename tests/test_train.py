@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -152,6 +153,82 @@ def test_resume_refuses_another_config_or_model(tmp_path, digits):
     with pytest.raises(CheckpointError, match="not found"):
         train(build_model("digits_cnn"), data, norm, small_config(), out=tmp_path / "none",
               resume=True)
+
+
+def _close(a: dict, b: dict, atol: float) -> bool:
+    return a.keys() == b.keys() and all(
+        torch.allclose(a[k].float(), b[k].float(), atol=atol) for k in a)
+
+
+@pytest.mark.parametrize("method", [None, ("qat", {"w_bits": 4, "a_bits": 4})])
+def test_compiled_channels_last_run_matches_eager_and_resumes_exactly(tmp_path, digits, method,
+                                                                       monkeypatch):
+    """``compile`` and ``channels_last`` change how the step is computed, not what it computes
+    (weights within float rounding of eager after 3 epochs), and a compiled run killed
+    mid-epoch resumes bit-identical to an uninterrupted compiled run."""
+    from lowbit.training import engine
+
+    monkeypatch.setattr(engine, "COMPILE_BACKEND", "aot_eager")  # graph capture, no C++ build
+    data, norm = digits
+    torch.manual_seed(0)
+    init = build_model("digits_cnn").state_dict()
+
+    def run(out=None, **kw):
+        model = build_model("digits_cnn")
+        model.load_state_dict(init)
+        trainer = training_method(*method) if method else None
+        config = small_config(augment=True, compile=kw.pop("compile", True), channels_last=True)
+        return train(model, data, norm, config, method=trainer, out=out, **kw).model
+
+    eager = run(compile=False).state_dict()
+    full = run(tmp_path / "a").state_dict()
+    assert _close(full, eager, 1e-4)
+
+    def kill(epoch, step, loss):
+        if epoch == 1 and step == 4:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b", callbacks=[kill])
+    resumed = run(tmp_path / "b", resume=True).state_dict()
+    for k in full:
+        assert torch.equal(full[k], resumed[k]), k
+
+
+def test_compile_failure_falls_back_to_eager_with_one_warning(digits, monkeypatch):
+    from lowbit.training import engine
+
+    def broken(graph, example_inputs):
+        raise RuntimeError("no compiler here")
+    monkeypatch.setattr(engine, "COMPILE_BACKEND", broken)
+    data, norm = digits
+    torch.manual_seed(0)
+    init = build_model("digits_cnn").state_dict()
+    results = []
+    for compile_ in (False, True):
+        model = build_model("digits_cnn")
+        model.load_state_dict(init)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            results.append(train(model, data, norm, small_config(compile=compile_)).model)
+        messages = [str(w.message) for w in caught if "torch.compile" in str(w.message)]
+        assert len(messages) == int(compile_), messages
+    assert "no compiler here" in messages[0]
+    for (k, a), b in zip(results[0].state_dict().items(), results[1].state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_compiled_with_inductor_matches_eager(digits):
+    """The real backend (inductor, C++ on the CPU): one epoch within float rounding of eager."""
+    data, norm = digits
+    torch.manual_seed(0)
+    init = build_model("digits_cnn").state_dict()
+    states = []
+    for compile_ in (False, True):
+        model = build_model("digits_cnn")
+        model.load_state_dict(init)
+        states.append(train(model, data, norm, small_config(epochs=1, compile=compile_))
+                      .model.state_dict())
+    assert _close(states[0], states[1], 1e-4)
 
 
 @pytest.mark.parametrize("field, value", [("settings", ["lr"]), ("epoch", "1"),

@@ -21,7 +21,11 @@ class TrainConfig(ConfigMixin):
     KL(softmax(t / T) || softmax(s / T))``. ``reflect_pad`` pads the random crops by reflection
     instead of zeros; fine-tune a checkpoint with the padding it was trained with (`lowbit
     train` defaults to the model's own, ``ModelInfo.reflect_pad``): the other one shifts the
-    BatchNorm statistics (``benchmarks/bn_padding.py``).
+    BatchNorm statistics (``benchmarks/bn_padding.py``). ``compile`` runs the training step
+    through ``torch.compile`` (eager, with one warning, where compilation fails);
+    ``channels_last`` keeps 4-D weights and inputs in NHWC memory order. Both change only how
+    the step is computed: results equal eager within float rounding, and a run resumes
+    bit-identical to an uninterrupted one in the same mode.
     """
 
     label = "training"
@@ -44,6 +48,8 @@ class TrainConfig(ConfigMixin):
     seed: int = 0
     device: str = "cpu"
     eval_every: int = 1
+    compile: bool = False
+    channels_last: bool = False
 
     def validate(self) -> "TrainConfig":
         for name in ("epochs", "batch_size", "eval_every"):

@@ -14,7 +14,7 @@ from lowbit.io import load_torch, save_torch
 
 FORMAT, VERSION = "lowbit-train", 1
 # settings that may change between the interrupted run and its resume
-RESUMABLE_CHANGES = {"device", "eval_every"}
+RESUMABLE_CHANGES = {"device", "eval_every", "compile", "channels_last"}
 
 
 def signature(model: nn.Module) -> dict[str, list[int] | None]:
