@@ -21,6 +21,7 @@ from lowbit.io import load_torch, load_weights, save_torch
 from lowbit.methods import METHODS
 from lowbit.models import build_model
 from lowbit.nn.layers import QUANT_LAYERS
+from lowbit.nn.lsq import LSQQuantizer
 from lowbit.nn.quantizer import CorrectedQuantizer, affine_part
 from lowbit.nn.shared_weights import KMeansQuantizer
 from lowbit.policy import LayerBits
@@ -77,7 +78,7 @@ def check_quantized_header(header: dict, where: str) -> None:
 def check_loaded_state(model, where: str) -> None:
     """Refuse state that no lowbit run produces, before it reaches a forward pass: NaN or Inf
     in any parameter or buffer (the message names it); affine qparams shaped per tensor or per channel of their layer, scales finite and positive,
-    integer ranges of 1..16 bits; bias corrections one finite gain and shift per output channel;
+    integer ranges of 1..16 bits; LSQ steps positive; bias corrections one finite gain and shift per output channel;
     k-means indices shaped like the weight and inside the codebook (state sized at calibration
     adopts whatever shape a file holds)."""
     for name, t in (*model.named_parameters(), *model.named_buffers()):
@@ -99,6 +100,9 @@ def check_loaded_state(model, where: str) -> None:
                     torch.isfinite(slot.gain).all() and torch.isfinite(slot.shift).all()):
                 raise CheckpointError(f"{where}: {name} bias correction is not {rows[0]} finite "
                                       "gains and shifts")
+        for q in (layer.weight_quantizer, layer.input_quantizer):
+            if isinstance(q, LSQQuantizer) and not (q.step > 0).all():
+                raise CheckpointError(f"{where}: {name} has an LSQ step <= 0")
         if isinstance(slot, KMeansQuantizer) and slot.indices.numel():
             k = slot.codebook.shape[-1] if slot.codebook.dim() else 0
             if slot.indices.shape != layer.weight.shape or slot.indices.is_floating_point() \

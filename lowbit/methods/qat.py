@@ -119,6 +119,11 @@ class QATMethod(TrainingMethod):
                 layer, self._weight_quantizer(layer, plan[name].w_bits, name), inputs)
         return swap_layers(model, wrap)
 
+    def after_step(self, model: nn.Module) -> None:
+        for q in model.modules():
+            if isinstance(q, LSQQuantizer):
+                q.keep_step_positive()
+
     def before_step(self, model: nn.Module, epoch: int, step: int) -> None:
         c = self.config
         if c.quantizer == "ste" and c.act_quant_delay:

@@ -12,7 +12,11 @@
   PyTorch's ``_LearnableFakeQuantize`` and lsq-net count the whole batch instead, which makes
   the step's effective learning rate sqrt(batch) times smaller.
 * A step driven to <= 0 or NaN by training is reset to a positive floor (1e-4 of its initial
-  value) with a warning: the forward never divides by zero.
+  value) with a warning, after the optimizer step that did it (:meth:`keep_step_positive`, run
+  by the QAT method): the forward never divides by zero.
+* The forward has no data-dependent branch once initialised (the sign is mirrored in a Python
+  attribute), so ``torch.compile`` captures a quantized network as one graph; initialisation
+  happens in eager mode, on the calibration pass before any compiled step.
 """
 from __future__ import annotations
 
@@ -42,18 +46,24 @@ class LSQQuantizer(nn.Module):
         self.is_weight = is_weight
         self.step = nn.Parameter(torch.ones(channels) if channels else torch.tensor(1.0))
         self.register_buffer("signed", torch.tensor(bool(signed)))
+        self._signed = bool(signed)  # mirrors the buffer: Q_N, Q_P without reading a tensor
         self.register_buffer("fixed_sign", torch.tensor(signed is not None))
         self.register_buffer("initialized", torch.tensor(False))
         self.register_buffer("floor", torch.zeros_like(self.step.detach()))
 
     @property
     def bounds(self) -> tuple[int, int]:
-        return lsq_bounds(self.bits, bool(self.signed))
+        return lsq_bounds(self.bits, self._signed)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._signed = bool(self.signed)
 
     @torch.no_grad()
     def initialize(self, x: torch.Tensor) -> None:
         if not self.fixed_sign:
             self.signed.fill_(bool((x < 0).any()))
+            self._signed = bool(self.signed)
         q_n, q_p = self.bounds
         step = lsq_mse_step(x, q_n, q_p, self.axis) if self.init == "mse" else \
             lsq_initial_step(x, q_p, self.axis)
@@ -63,7 +73,7 @@ class LSQQuantizer(nn.Module):
         self.initialized.fill_(True)
 
     @torch.no_grad()
-    def _keep_step_positive(self) -> None:
+    def keep_step_positive(self) -> None:
         bad = ~(self.step > self.floor)  # also catches NaN
         if bad.any():
             warnings.warn(f"LSQ step of {self.name or 'a quantizer'} reached "
@@ -72,9 +82,8 @@ class LSQQuantizer(nn.Module):
             self.step.copy_(torch.where(bad, self.floor, self.step))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.initialized:
+        if not torch.compiler.is_compiling() and not self.initialized:
             self.initialize(x)
-        self._keep_step_positive()
         q_n, q_p = self.bounds
         n = x.numel() if self.axis is None else x.numel() // x.shape[self.axis]
         if not self.is_weight:
