@@ -566,7 +566,8 @@ def train_speed_section(res: dict) -> list[str]:
              f"backward, SGD update, method hooks) on the PSG ResNet-32, batch {res['batch']}; "
              "median seconds per step after 3 warm-up steps, the modes interleaved round by "
              "round; speed-up against eager in the same run. First step: the extra time of the "
-             "first step (compilation).", ""]
+             "first step (compilation; inductor's on-disk cache was warm from an earlier run "
+             "for fp, so a first compile on a new machine takes longer).", ""]
     lines += _header("method", modes)
     for method, rows in res["methods"].items():
         lines.append(_row(method, [f"{r['seconds_per_step']:.2f} s ({r['speedup']:.2f}x; first "

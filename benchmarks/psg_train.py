@@ -9,8 +9,12 @@ The paper's run (68 epochs: lr 0.01, x0.1 after 40 of them, i.e. at epoch 123; l
 W4; batch 128; weight decay 1e-4; reflection padding; seed 1) is the same call with
 ``--epochs 68 --milestone 40``, or ``lowbit train`` as printed by ``--print-paper-command``.
 
-Each run trains in ``benchmarks/runs/psg-{sgd,psgd}`` (a checkpoint per epoch; rerunning the
-script resumes) and its evaluation is appended to ``benchmarks/results/psg_train.json``.
+Each run trains in ``--runs``/``psg-{sgd,psgd}-...`` (default ``benchmarks/runs``; a checkpoint
+per epoch; rerunning the script resumes: put long runs outside the work tree, which a fresh
+checkout replaces) and its evaluation is written to ``benchmarks/results/psg_train.json`` row
+by row. ``--eval-every N`` evaluates the grid every N epochs along the way (the paper's run: 10)
+without changing the schedule; ``--variant`` runs SGD and PSGD in separate processes, side by
+side; ``--channels-last`` / ``--compile`` speed the step up (``benchmarks/train_speed.py``).
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ from lowbit.methods.psg import PSGConfig, PSGMethod, ptq_config, unwrap
 from lowbit.models import MODELS, build_model
 from lowbit.report.weights import grid_errors, plot_weights
 from lowbit.training import TrainConfig, train
+from ptq_ablation import record  # noqa: E402  (the script's folder is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -68,6 +73,12 @@ def main():
     ap.add_argument("--lambda-s", type=float, default=150.0)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--print-paper-command", action="store_true")
+    ap.add_argument("--variant", choices=["sgd", "psgd", "both"], default="both")
+    ap.add_argument("--eval-every", type=int, default=0,
+                    help="evaluate the grid every N epochs along the run (0: at the end only)")
+    ap.add_argument("--runs", default=str(RUNS), help="folder of the runs' checkpoints")
+    ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--compile", action="store_true")
     args = ap.parse_args()
     if args.print_paper_command:
         print(PAPER_COMMAND)
@@ -84,41 +95,56 @@ def main():
     milestone = args.milestone or max(1, round(0.6 * args.epochs))
     config = TrainConfig(epochs=args.epochs, batch_size=128, lr=0.01, momentum=0.9,
                          weight_decay=1e-4, schedule="multistep", milestones=[milestone],
-                         reflect_pad=True, seed=1)
+                         reflect_pad=True, seed=1, channels_last=args.channels_last,
+                         compile=args.compile)
     psg = PSGConfig(w_bits=4, lambda_s=args.lambda_s)
-    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     key = f"epochs={args.epochs},milestone={milestone},train={len(data.train)}," \
           f"test={len(data.test)},lambda={args.lambda_s}"
-    done = results.setdefault(key, {})
+    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    done = results.get(key, {})
     if "start" not in done:
         done["start"] = evaluate_grid(build_model("psg_resnet32", START), psg, calib, test)
-        RESULTS.write_text(json.dumps(results, indent=1))
+        record(RESULTS, key, "start", done["start"])
     models = {}
-    for variant in ("sgd", "psgd"):
+    variants = ("sgd", "psgd") if args.variant == "both" else (args.variant,)
+    stops = sorted({*range(args.eval_every, args.epochs, args.eval_every), args.epochs}) \
+        if args.eval_every else [args.epochs]
+    for variant in variants:
         # plain SGD does not depend on lambda_s: one run serves every lambda_s
         run = key if variant == "psgd" else key.rsplit(",lambda=", 1)[0]
-        out = RUNS / f"psg-{variant}-{run.replace(',', '-').replace('=', '')}"
-        method = PSGMethod(psg) if variant == "psgd" else None
-        t = time.perf_counter()
-        result = train(build_model("psg_resnet32", START), data, norm, config, method=method,
-                       out=out, resume=(out / "checkpoint.pt").is_file())
-        model = unwrap(result.model)
+        out = Path(args.runs) / f"psg-{variant}-{run.replace(',', '-').replace('=', '')}"
+        along = dict(done.get(f"{variant} along the run", {}))
+        for stop in stops:
+            method = PSGMethod(psg) if variant == "psgd" else None
+            t = time.perf_counter()
+            result = train(build_model("psg_resnet32", START), data, norm, config,
+                           method=method, out=out, resume=(out / "checkpoint.pt").is_file(),
+                           until_epoch=stop)
+            model = unwrap(result.model)
+            reached = result.metrics[-1]["epoch"] if result.metrics else 0
+            if stop < args.epochs and str(stop) not in along and reached == stop:
+                along[str(stop)] = {"epoch": stop, "seconds_this_call": time.perf_counter() - t,
+                                    **evaluate_grid(model, psg, calib, test)}
+                record(RESULTS, key, f"{variant} along the run", along)
         models[variant] = model
         if variant not in done:
             done[variant] = {"train_seconds_this_call": time.perf_counter() - t,
                              "epochs": result.metrics, **evaluate_grid(model, psg, calib, test)}
-            RESULTS.write_text(json.dumps(results, indent=1))
+            record(RESULTS, key, variant, done[variant])
         print(variant, {k: v for k, v in done[variant].items() if k in
                         ("fp", "w4a32", "w3a32", "w2a32", "w4a4_bn_clip")}, flush=True)
     command = (f"python benchmarks/psg_train.py --epochs {args.epochs} --milestone {milestone} "
                f"--lambda-s {args.lambda_s:g}"
-               + (f" --train-limit {args.train_limit}" if args.train_limit else ""))
+               + (f" --train-limit {args.train_limit}" if args.train_limit else "")
+               + (f" --eval-every {args.eval_every}" if args.eval_every else "")
+               + (" --channels-last" if args.channels_last else "")
+               + (" --compile" if args.compile else ""))
     commands = {**results.get("meta", {}).get("commands", {}), key: command}
-    results["meta"] = {"machine": platform.processor() or platform.machine(),
-                       "threads": args.threads, "command": command, "commands": commands,
-                       "paper_command": PAPER_COMMAND}
-    RESULTS.write_text(json.dumps(results, indent=1))
-    plot_weights({"SGD": models["sgd"], "PSGD": models["psgd"]}, 4, FIGURE)
+    record(RESULTS, "meta", None, {"machine": platform.processor() or platform.machine(),
+                                   "threads": args.threads, "command": command,
+                                   "commands": commands, "paper_command": PAPER_COMMAND})
+    if len(models) == 2:
+        plot_weights({"SGD": models["sgd"], "PSGD": models["psgd"]}, 4, FIGURE)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,22 @@ METHODS = {"fp": None, "lsq": {"w_bits": 4, "a_bits": 4}}
 WARMUP = 3
 
 
+ISA_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx512_vpopcntdq", "amx_tile")
+
+
+def cpu_description() -> str:
+    """The CPU's model name and the vector instruction sets it reports (Linux /proc/cpuinfo)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = fields.get("flags", "").split()
+    return f"{fields.get('model name', platform.machine())}, " + \
+        " ".join(f for f in ISA_FLAGS if f in flags)
+
+
 def step_times(method: str, mode: dict, data: Dataset, steps: int) -> list[float]:
     torch.manual_seed(0)
     model = build_model("psg_resnet32")
@@ -68,7 +84,7 @@ def main():
                 print(f"{method:4s} {mode:24s} median {statistics.median(t[WARMUP:]):.3f} s, "
                       f"first step {t[0]:.1f} s", flush=True)
     result = {"model": "psg_resnet32", "batch": 128, "threads": args.threads,
-              "machine": platform.processor() or platform.machine(),
+              "machine": cpu_description(),
               "command": f"python benchmarks/train_speed.py --threads {args.threads} --steps "
                          f"{args.steps} --rounds {args.rounds}",
               "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,

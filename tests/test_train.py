@@ -141,6 +141,26 @@ def test_killed_run_resumes_to_identical_weights(tmp_path, digits, method):
     assert [r["epoch"] for r in rows] == [1, 2, 3]
 
 
+def test_until_epoch_then_resume_equals_one_run(tmp_path, digits):
+    """A long run trained in segments (evaluations along the way) ends bit-identical to one
+    uninterrupted run of the same schedule."""
+    data, norm = digits
+    torch.manual_seed(0)
+    init = build_model("digits_cnn").state_dict()
+
+    def run(out, **kw):
+        model = build_model("digits_cnn")
+        model.load_state_dict(init)
+        return train(model, data, norm, small_config(augment=True), out=out, **kw)
+
+    full = run(tmp_path / "a").model.state_dict()
+    first = run(tmp_path / "b", until_epoch=1)
+    assert len(first.metrics) == 1 and "test_top1" in first.metrics[0]
+    resumed = run(tmp_path / "b", resume=True).model.state_dict()
+    for k in full:
+        assert torch.equal(full[k], resumed[k]), k
+
+
 def test_resume_refuses_another_config_or_model(tmp_path, digits):
     data, norm = digits
     train(build_model("digits_cnn"), data, norm, small_config(epochs=1), out=tmp_path)

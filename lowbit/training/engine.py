@@ -123,13 +123,16 @@ def _settings(config: TrainConfig, method) -> dict:
 
 
 def train(model: nn.Module, data: Dataset, normalization, config: TrainConfig | None = None,
-          method=None, out=None, resume: bool = False, callbacks=()) -> TrainResult:
+          method=None, out=None, resume: bool = False, callbacks=(),
+          until_epoch: int | None = None) -> TrainResult:
     """Train ``model`` on ``data.train`` (augmented) and evaluate on ``data.test`` each epoch.
 
     ``out``: folder for ``checkpoint.pt`` (every epoch, atomic), ``metrics.csv`` / ``.json``
     and TensorBoard events; ``resume`` continues from its checkpoint. ``callbacks`` are called
-    after every step as ``callback(epoch, step, loss)``. Under ``torchrun`` the batch is split
-    over the processes (DistributedDataParallel).
+    after every step as ``callback(epoch, step, loss)``. ``until_epoch`` stops after that many
+    epochs of the ``config.epochs`` schedule (the schedule is unchanged: a later call with
+    ``resume`` goes on bit-identical to an uninterrupted run), for evaluations along a long run.
+    Under ``torchrun`` the batch is split over the processes (DistributedDataParallel).
     """
     config = (config or TrainConfig()).validate()
     check_finite(model)
@@ -179,7 +182,8 @@ def train(model: nn.Module, data: Dataset, normalization, config: TrainConfig | 
     if config.compile:
         net = _compiled(net, model, _memory_format(first, config))
     try:
-        for epoch in range(start_epoch, config.epochs):
+        stop = config.epochs if until_epoch is None else min(until_epoch, config.epochs)
+        for epoch in range(start_epoch, stop):
             lr = optimizer.param_groups[0]["lr"]
             loss_sum, correct, seen = _train_epoch(net, model, teacher, data, config, method,
                                                    epoch, steps_per_epoch, local_batch,
@@ -187,7 +191,7 @@ def train(model: nn.Module, data: Dataset, normalization, config: TrainConfig | 
             loss_sum, correct, seen = distributed.all_reduce_sum([loss_sum, correct, seen], device)
             row = {"epoch": epoch + 1, "lr": lr,
                    "train_loss": loss_sum / seen, "train_top1": 100.0 * correct / seen}
-            last = epoch + 1 == config.epochs
+            last = epoch + 1 == stop
             if (epoch + 1) % config.eval_every == 0 or last:
                 row["test_top1"] = _evaluate(model, test, device)
             rows.append(row)
