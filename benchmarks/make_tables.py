@@ -212,14 +212,21 @@ def psg_section(res: dict, rate: dict) -> list[str]:
         lines += [f"Schedule `{key}`" + (f" (`{command}`)" if command else "") + ":", "",
                   "| model | FP | W4A32 | W3A32 | W2A32 | W4A4 BN-clip | grid SSE 4/3/2 bit |",
                   "|---|---|---|---|---|---|---|"]
-        for name, shown in (("start", "epoch-82 checkpoint"), ("sgd", "SGD"), ("psgd", "PSGD")):
-            r = runs.get(name)
+        rows = [("start", "epoch-82 checkpoint", runs.get("start"))]
+        for name, shown in (("sgd", "SGD"), ("psgd", "PSGD")):
+            along = runs.get(f"{name} along the run", {})
+            rows += [(name, f"{shown} after epoch {e}", along[e]) for e in sorted(along, key=int)]
+            rows.append((name, shown, runs.get(name)))
+        for name, shown, r in rows:
             if r is None:
                 continue
             sse = r["grid_sse_total"]
             lines.append(f"| {shown} | {r['fp']:.2f} | {r['w4a32']:.2f} | {r['w3a32']:.2f} | "
                          f"{r['w2a32']:.2f} | {r['w4a4_bn_clip']:.2f} | {sse['4bit']:.1f} / "
                          f"{sse['3bit']:.1f} / {sse['2bit']:.1f} |")
+        if not all(name in runs for name in ("sgd", "psgd")):
+            lines += ["", "Still training: rerunning the schedule's command resumes the runs "
+                          "from their last epoch."]
         lines.append("")
     lines.append("Per-layer histograms and SSE: `benchmarks/results/psg_weights/index.html`.")
     return lines

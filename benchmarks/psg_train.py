@@ -105,6 +105,18 @@ def main():
     if "start" not in done:
         done["start"] = evaluate_grid(build_model("psg_resnet32", START), psg, calib, test)
         record(RESULTS, key, "start", done["start"])
+    # the command is recorded first: a table of a run still training names it
+    command = (f"python benchmarks/psg_train.py --epochs {args.epochs} --milestone {milestone} "
+               f"--lambda-s {args.lambda_s:g}"
+               + (f" --train-limit {args.train_limit}" if args.train_limit else "")
+               + (f" --eval-every {args.eval_every}" if args.eval_every else "")
+               + (" --channels-last" if args.channels_last else "")
+               + (" --compile" if args.compile else ""))
+    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    commands = {**results.get("meta", {}).get("commands", {}), key: command}
+    record(RESULTS, "meta", None, {"machine": platform.processor() or platform.machine(),
+                                   "threads": args.threads, "command": command,
+                                   "commands": commands, "paper_command": PAPER_COMMAND})
     models = {}
     variants = ("sgd", "psgd") if args.variant == "both" else (args.variant,)
     stops = sorted({*range(args.eval_every, args.epochs, args.eval_every), args.epochs}) \
@@ -133,16 +145,6 @@ def main():
             record(RESULTS, key, variant, done[variant])
         print(variant, {k: v for k, v in done[variant].items() if k in
                         ("fp", "w4a32", "w3a32", "w2a32", "w4a4_bn_clip")}, flush=True)
-    command = (f"python benchmarks/psg_train.py --epochs {args.epochs} --milestone {milestone} "
-               f"--lambda-s {args.lambda_s:g}"
-               + (f" --train-limit {args.train_limit}" if args.train_limit else "")
-               + (f" --eval-every {args.eval_every}" if args.eval_every else "")
-               + (" --channels-last" if args.channels_last else "")
-               + (" --compile" if args.compile else ""))
-    commands = {**results.get("meta", {}).get("commands", {}), key: command}
-    record(RESULTS, "meta", None, {"machine": platform.processor() or platform.machine(),
-                                   "threads": args.threads, "command": command,
-                                   "commands": commands, "paper_command": PAPER_COMMAND})
     if len(models) == 2:
         plot_weights({"SGD": models["sgd"], "PSGD": models["psgd"]}, 4, FIGURE)
 
