@@ -128,7 +128,7 @@ class QATMethod(TrainingMethod):
         c = self.config
         if c.quantizer == "ste" and c.act_quant_delay:
             for q in self.input_quantizers:
-                q.enabled.fill_(step >= c.act_quant_delay)
+                q.set_enabled(step >= c.act_quant_delay)
         if c.freeze_bn_epoch is not None and epoch >= c.freeze_bn_epoch:
             for m in model.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):

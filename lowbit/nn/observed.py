@@ -37,6 +37,15 @@ class ObservedQuantizer(AffineQuantizer):
         self.register_buffer("running_min", torch.empty(0))
         self.register_buffer("running_max", torch.empty(0))
         self.register_buffer("enabled", torch.tensor(enabled))
+        self._enabled = enabled  # mirrors the buffer: no host read in the forward
+
+    def set_enabled(self, enabled: bool) -> None:
+        self.enabled.fill_(enabled)
+        self._enabled = enabled
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._enabled = bool(self.enabled)
 
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
@@ -49,12 +58,12 @@ class ObservedQuantizer(AffineQuantizer):
             hi = ema_update(self.running_max, hi, self.momentum)
         self.running_min, self.running_max = lo, hi
         # signedness is the data's: an input that goes negative (an image) gets a signed grid
-        self.set_range(lo, hi, signed=self.scheme.signed or bool((lo < 0).any()))
+        self.set_range(lo, hi, signed=True if self.scheme.signed else (lo < 0).any())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observer == "minmax" or self.training or not self.calibrated:
             self.observe(x)
-        return super().forward(x) if self.enabled else x
+        return super().forward(x) if self._enabled else x
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, observer={self.observer}"

@@ -54,15 +54,23 @@ class AffineQuantizer(LazyBuffers, nn.Module):
         """Compute and store qparams covering [lo, hi].
 
         ``bits`` overrides the scheme's width (an int or a per-channel tensor); ``signed``
-        overrides its signedness (activations decide it from calibration data).
+        overrides its signedness (activations decide it from calibration data), as a bool or
+        as a boolean tensor (the grid is then chosen on the device).
         """
         scheme = self.scheme
-        bits = scheme.bits if bits is None else bits
+        bits = torch.as_tensor(scheme.bits if bits is None else bits)
         signed = scheme.signed if signed is None else signed
-        qmin, qmax = integer_range(torch.as_tensor(bits), signed, scheme.narrow)
+        if isinstance(signed, torch.Tensor):  # decided on the device: no host read
+            (s_min, s_max), (u_min, u_max) = (integer_range(bits, True, scheme.narrow),
+                                              integer_range(bits, False, scheme.narrow))
+            qmin, qmax = torch.where(signed, s_min, u_min), torch.where(signed, s_max, u_max)
+            grid_signed = None
+        else:
+            qmin, qmax = integer_range(bits, signed, scheme.narrow)
+            grid_signed = signed
         qmin = torch.as_tensor(qmin, dtype=torch.float32)
         qmax = torch.as_tensor(qmax, dtype=torch.float32)
-        scale, zero_point = affine_qparams(lo, hi, qmin, qmax, scheme.symmetric)
+        scale, zero_point = affine_qparams(lo, hi, qmin, qmax, scheme.symmetric, grid_signed)
         shape = scale.shape
         self.scale = scale.detach().float()
         self.zero_point = zero_point.detach().float()

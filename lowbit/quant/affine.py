@@ -70,12 +70,15 @@ def integer_range(bits, signed: bool, narrow: bool = False):
     return 0 * bits, 2 ** bits - 1
 
 
-def affine_qparams(lo: torch.Tensor, hi: torch.Tensor, qmin, qmax, symmetric: bool):
+def affine_qparams(lo: torch.Tensor, hi: torch.Tensor, qmin, qmax, symmetric: bool,
+                   signed: bool | None = None):
     """Scale and zero point mapping the range [lo, hi] (widened to contain 0) onto [qmin, qmax].
 
     asymmetric (GEMMLOWP): S = (hi - lo) / (q_max - q_min), Z = clamp(round(q_min - lo / S)).
     symmetric: Z = 0, S = max(|lo|, hi) / q_max (signed) or hi / q_max (unsigned, lo >= 0 assumed:
     negatives clip to 0).
+    ``signed`` (symmetric only) says whether the grid is signed; by default it is read from
+    ``qmin`` (a host read that ``torch.compile`` cannot trace through).
     Returns float tensors (Z holds integers).
     """
     lo = torch.clamp(torch.as_tensor(lo, dtype=torch.float32), max=0.0)
@@ -83,7 +86,7 @@ def affine_qparams(lo: torch.Tensor, hi: torch.Tensor, qmin, qmax, symmetric: bo
     qmin = torch.as_tensor(qmin, dtype=torch.float32)
     qmax = torch.as_tensor(qmax, dtype=torch.float32)
     if symmetric:
-        signed = bool((qmin < 0).all())
+        signed = bool((qmin < 0).all()) if signed is None else signed
         span = torch.maximum(-lo, hi) if signed else hi
         scale = span / qmax
         zero_point = torch.zeros_like(scale)
@@ -136,8 +139,9 @@ class FakeQuantizeSTE(torch.autograd.Function):
         # clamp(round(x/S) + Z, qmin, qmax) - Z == clamp(round(x/S), qmin - Z, qmax - Z) exactly
         # (small integers in float32), which saves two full passes over x; in place for speed.
         lo, hi = qmin - zero_point, qmax - zero_point
-        if lo.dim() == 0 and hi.dim() == 0 and lo.device.type == "cpu":
-            lo, hi = lo.item(), hi.item()  # per-tensor: scalar bounds take a faster kernel
+        if lo.dim() == 0 and hi.dim() == 0 and lo.device.type == "cpu" and \
+                not torch.compiler.is_compiling():  # a compiled graph keeps them as tensors
+            lo, hi = lo.item(), hi.item()  # per-tensor: scalar bounds take a faster eager kernel
         v = torch.mul(x, 1.0 / scale).round_()
         if ctx.needs_input_grad[0]:
             ctx.save_for_backward((v >= lo) & (v <= hi))
