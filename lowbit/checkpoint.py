@@ -18,7 +18,7 @@ import torch
 from lowbit import untrusted
 from lowbit.errors import CheckpointError, ConfigError
 from lowbit.io import load_torch, load_weights, save_torch
-from lowbit.methods import METHODS
+from lowbit.methods import METHODS, TRAINING_METHODS, training_method
 from lowbit.models import build_model
 from lowbit.nn.layers import QUANT_LAYERS
 from lowbit.nn.lsq import LSQQuantizer
@@ -77,10 +77,11 @@ def check_quantized_header(header: dict, where: str) -> None:
 
 def check_loaded_state(model, where: str) -> None:
     """Refuse state that no lowbit run produces, before it reaches a forward pass: NaN or Inf
-    in any parameter or buffer (the message names it); affine qparams shaped per tensor or per channel of their layer, scales finite and positive,
-    integer ranges of 1..16 bits; LSQ steps positive; bias corrections one finite gain and shift per output channel;
-    k-means indices shaped like the weight and inside the codebook (state sized at calibration
-    adopts whatever shape a file holds)."""
+    in any parameter or buffer (the message names it); affine qparams shaped per tensor or per
+    channel of their layer, scales finite and positive, integer ranges of 1..16 bits; LSQ steps
+    positive; bias corrections one finite gain and shift per output channel; k-means indices
+    shaped like the weight and inside the codebook (state sized at calibration adopts whatever
+    shape a file holds)."""
     for name, t in (*model.named_parameters(), *model.named_buffers()):
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise CheckpointError(f"{where}: {name} holds NaN or Inf")
@@ -124,9 +125,18 @@ def _check_affine(q, channels: int, where: str) -> None:
         return t == 2 ** torch.log2(t).round()
     if not (torch.isfinite(q.scale).all() and (q.scale > 0).all()
             and torch.isfinite(q.zero_point).all() and (span >= 1).all()
-            and (span <= 2 ** MAX_BITS).all() and (power_of_two(span) | power_of_two(span + 1)).all()):
+            and (span <= 2 ** MAX_BITS).all()
+            and (power_of_two(span) | power_of_two(span + 1)).all()):
         raise CheckpointError(f"{where}: qparams are not finite positive scales over a 1..16-bit "
                               "integer range")
+
+
+def _model_from(header: dict, where: str, trust_model_code, file_bytes) -> tuple:
+    """(spec, the float model) a header names, built by :func:`lowbit.models.build_model` under
+    the caller's trust and the file's size."""
+    spec, num_classes = check_model_fields(header, where)
+    return spec, build_model(spec, num_classes=num_classes, trust_model_code=trust_model_code,
+                             file_bytes=file_bytes)
 
 
 def rebuild_quantized(header: dict, path, trust_model_code: bool | str = False,
@@ -135,9 +145,7 @@ def rebuild_quantized(header: dict, path, trust_model_code: bool | str = False,
     where = str(path)
     check_quantized_header(header, where)
     method = METHODS[header["method"]]
-    spec, num_classes = check_model_fields(header, where)
-    model = build_model(spec, num_classes=num_classes, trust_model_code=trust_model_code,
-                        file_bytes=file_bytes)
+    spec, model = _model_from(header, where, trust_model_code, file_bytes)
     plan = {k: LayerBits(*v) for k, v in header["plan"].items()}
     layers = {name for name, m in model.named_modules()}
     unknown = [name for name in plan if name not in layers]
@@ -150,6 +158,30 @@ def rebuild_quantized(header: dict, path, trust_model_code: bool | str = False,
         return method.restore(model, info)
     except ConfigError as e:
         raise CheckpointError(f"{where}: its method config is invalid: {e}") from None
+
+
+def rebuild_trained(header: dict, method_fields: dict, example, where: str,
+                    trust_model_code: bool | str = False, file_bytes: int | None = None,
+                    methods=("fp", *TRAINING_METHODS)):
+    """The model a trained file describes (``model`` / ``num_classes`` in ``header``,
+    ``method`` / ``method_config`` in ``method_fields``), prepared by its training method on
+    ``example`` as ``lowbit train`` prepared it (weights not loaded)."""
+    name = untrusted.text(method_fields.get("method"), f"{where}: 'method'", methods)
+    config = method_fields.get("method_config")
+    if config is not None:
+        untrusted.mapping(config, f"{where}: 'method_config'")
+    try:
+        method = training_method(name, config)
+    except ConfigError as e:
+        raise CheckpointError(f"{where}: its method config is invalid: {e}") from None
+    spec, model = _model_from(header, where, trust_model_code, file_bytes)
+    if method is None:
+        return model
+    try:  # the method traces the layer order on the example
+        return method.prepare(model, example)
+    except (RuntimeError, ValueError) as e:  # what a forward raises on a misfit input
+        raise CheckpointError(f"{where}: input shape {tuple(example.shape[1:])} does not fit the "
+                              f"model {spec!r}: {' '.join(str(e).split())[:160]}") from None
 
 
 def load_quantized(path, trust_model_code: bool | str = False):

@@ -24,7 +24,7 @@ import lowbit
 from lowbit.checkpoint import load_quantized, save_quantized
 from lowbit.cli import main
 from lowbit.deploy.onnx_export import read_onnx
-from lowbit.deploy.packed import load_packed
+from lowbit.deploy.packed import export_packed, load_packed
 from lowbit.errors import ConfigError, ExportError, LowbitError, ModelError
 from lowbit.models import build_model, resolve_model
 from lowbit.recipes import read_recipe
@@ -160,6 +160,20 @@ def test_torchvision_builders_resolve_by_name_and_size_is_bounded(torchvision_mo
         build_model("torchvision.models:vit_h_14", num_classes=10, trust_model_code=False,
                     file_bytes=10_000)  # 632M parameters: refused from the meta device
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200 * 1024
+
+
+def test_a_torchvision_model_file_loads_by_name_without_trust(torchvision_models, tmp_path):
+    """MobileNetV3 (depthwise, squeeze-excite, hardswish) quantized, saved in both formats and
+    loaded with no trust: its builder resolves by name and the outputs are bit-identical."""
+    spec = "torchvision.models:mobilenet_v3_small"
+    torch.manual_seed(0)
+    q = lowbit.quantize(build_model(spec).eval(), lowbit.PTQConfig(w_bits=8, a_bits=8, calib=4),
+                        [torch.randn(4, 3, 96, 96)])
+    x = torch.randn(2, 3, 96, 96)
+    for path, load in ((save_quantized(tmp_path / "m.pt", q, spec), load_quantized),
+                       (export_packed(q, tmp_path / "m.lowbit", spec), load_packed)):
+        back, header = load(path)
+        assert header["model"] == spec and torch.equal(back(x), q(x))
 
 
 def test_packed_header_bombs_are_refused(files, tmp_path):

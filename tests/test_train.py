@@ -108,35 +108,46 @@ def test_cosine_and_multistep_schedules(digits):
     assert rows[0]["lr"] == pytest.approx(0.05) and rows[1]["lr"] == pytest.approx(0.025)
 
 
+def digits_runner(data, norm, method=None, **defaults):
+    """``run(out=None, callbacks=(), resume=False, until_epoch=None, **config)``: trains the
+    digits CNN from one seeded initialisation (config keys over ``small_config(**defaults)``)."""
+    torch.manual_seed(0)
+    init = build_model("digits_cnn").state_dict()
+
+    def run(out=None, callbacks=(), resume=False, until_epoch=None, **config):
+        model = build_model("digits_cnn")
+        model.load_state_dict(init)
+        trainer = training_method(*method) if method else None
+        return train(model, data, norm, small_config(**{**defaults, **config}), method=trainer,
+                     out=out, resume=resume, callbacks=callbacks, until_epoch=until_epoch)
+    return run
+
+
+def kill_in_epoch_2(epoch, step, loss):
+    if epoch == 1 and step == 4:
+        raise KeyboardInterrupt
+
+
+def assert_same_state(a: torch.nn.Module, b: torch.nn.Module):
+    a, b = a.state_dict(), b.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
 @pytest.mark.parametrize("method", [None, ("qat", {"w_bits": 3, "a_bits": 3}),
                                     ("psg", {"w_bits": 3, "ema_momentum": 0.1}),
                                     ("bc-stochastic", {})])
 def test_killed_run_resumes_to_identical_weights(tmp_path, digits, method):
     """Killed mid-epoch and resumed from the last epoch's checkpoint: the same final state as
     a run never interrupted (float with distillation; QAT and PSG state; a sampling method)."""
-    data, norm = digits
-    torch.manual_seed(0)
-    init = build_model("digits_cnn").state_dict()
-
-    def run(out, **kw):
-        model = build_model("digits_cnn")
-        model.load_state_dict(init)
-        trainer = training_method(*method) if method else None
-        return train(model, data, norm, small_config(distill=method is None, augment=True),
-                     method=trainer, out=out, **kw)
-
+    run = digits_runner(*digits, method, distill=method is None, augment=True)
     full = run(tmp_path / "a").model
-
-    def kill(epoch, step, loss):
-        if epoch == 1 and step == 4:
-            raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "b", callbacks=[kill])
+        run(tmp_path / "b", callbacks=[kill_in_epoch_2])
     assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["epoch"] == 1
     resumed = run(tmp_path / "b", resume=True).model
-    assert full.state_dict().keys() == resumed.state_dict().keys()
-    for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
-        assert torch.equal(a, b), k
+    assert_same_state(full, resumed)
     rows = json.loads((tmp_path / "b" / "metrics.json").read_text())
     assert [r["epoch"] for r in rows] == [1, 2, 3]
 
@@ -144,21 +155,11 @@ def test_killed_run_resumes_to_identical_weights(tmp_path, digits, method):
 def test_until_epoch_then_resume_equals_one_run(tmp_path, digits):
     """A long run trained in segments (evaluations along the way) ends bit-identical to one
     uninterrupted run of the same schedule."""
-    data, norm = digits
-    torch.manual_seed(0)
-    init = build_model("digits_cnn").state_dict()
-
-    def run(out, **kw):
-        model = build_model("digits_cnn")
-        model.load_state_dict(init)
-        return train(model, data, norm, small_config(augment=True), out=out, **kw)
-
-    full = run(tmp_path / "a").model.state_dict()
+    run = digits_runner(*digits, augment=True)
+    full = run(tmp_path / "a").model
     first = run(tmp_path / "b", until_epoch=1)
     assert len(first.metrics) == 1 and "test_top1" in first.metrics[0]
-    resumed = run(tmp_path / "b", resume=True).model.state_dict()
-    for k in full:
-        assert torch.equal(full[k], resumed[k]), k
+    assert_same_state(full, run(tmp_path / "b", resume=True).model)
 
 
 def test_resume_refuses_another_config_or_model(tmp_path, digits):
@@ -189,29 +190,13 @@ def test_compiled_channels_last_run_matches_eager_and_resumes_exactly(tmp_path, 
     from lowbit.training import engine
 
     monkeypatch.setattr(engine, "COMPILE_BACKEND", "aot_eager")  # graph capture, no C++ build
-    data, norm = digits
-    torch.manual_seed(0)
-    init = build_model("digits_cnn").state_dict()
-
-    def run(out=None, **kw):
-        model = build_model("digits_cnn")
-        model.load_state_dict(init)
-        trainer = training_method(*method) if method else None
-        config = small_config(augment=True, compile=kw.pop("compile", True), channels_last=True)
-        return train(model, data, norm, config, method=trainer, out=out, **kw).model
-
-    eager = run(compile=False).state_dict()
-    full = run(tmp_path / "a").state_dict()
-    assert _close(full, eager, 1e-4)
-
-    def kill(epoch, step, loss):
-        if epoch == 1 and step == 4:
-            raise KeyboardInterrupt
+    run = digits_runner(*digits, method, augment=True, compile=True, channels_last=True)
+    eager = run(compile=False).model.state_dict()
+    full = run(tmp_path / "a").model
+    assert _close(full.state_dict(), eager, 1e-4)
     with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "b", callbacks=[kill])
-    resumed = run(tmp_path / "b", resume=True).state_dict()
-    for k in full:
-        assert torch.equal(full[k], resumed[k]), k
+        run(tmp_path / "b", callbacks=[kill_in_epoch_2])
+    assert_same_state(full, run(tmp_path / "b", resume=True).model)
 
 
 def test_compile_failure_falls_back_to_eager_with_one_warning(digits, monkeypatch):
@@ -220,34 +205,22 @@ def test_compile_failure_falls_back_to_eager_with_one_warning(digits, monkeypatc
     def broken(graph, example_inputs):
         raise RuntimeError("no compiler here")
     monkeypatch.setattr(engine, "COMPILE_BACKEND", broken)
-    data, norm = digits
-    torch.manual_seed(0)
-    init = build_model("digits_cnn").state_dict()
+    run = digits_runner(*digits)
     results = []
     for compile_ in (False, True):
-        model = build_model("digits_cnn")
-        model.load_state_dict(init)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            results.append(train(model, data, norm, small_config(compile=compile_)).model)
+            results.append(run(compile=compile_).model)
         messages = [str(w.message) for w in caught if "torch.compile" in str(w.message)]
         assert len(messages) == int(compile_), messages
     assert "no compiler here" in messages[0]
-    for (k, a), b in zip(results[0].state_dict().items(), results[1].state_dict().values()):
-        assert torch.equal(a, b), k
+    assert_same_state(*results)
 
 
 def test_compiled_with_inductor_matches_eager(digits):
     """The real backend (inductor, C++ on the CPU): one epoch within float rounding of eager."""
-    data, norm = digits
-    torch.manual_seed(0)
-    init = build_model("digits_cnn").state_dict()
-    states = []
-    for compile_ in (False, True):
-        model = build_model("digits_cnn")
-        model.load_state_dict(init)
-        states.append(train(model, data, norm, small_config(epochs=1, compile=compile_))
-                      .model.state_dict())
+    run = digits_runner(*digits, epochs=1)
+    states = [run(compile=compile_).model.state_dict() for compile_ in (False, True)]
     assert _close(states[0], states[1], 1e-4)
 
 

@@ -45,12 +45,13 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from lowbit import untrusted
-from lowbit.checkpoint import check_model_fields, check_loaded_state, quantized_header, \
-    rebuild_quantized
+from lowbit.checkpoint import check_loaded_state, quantized_header, rebuild_quantized, \
+    rebuild_trained
 from lowbit.deploy.bitpack import MAX_BITS, pack_rows, packed_size, unpack_rows
 from lowbit.deploy.codes import decode, encode
 from lowbit.errors import CheckpointError, ConfigError
 from lowbit.io import atomic_write, load_weights
+from lowbit.methods import TRAINING_METHODS
 from lowbit.nn.layers import QUANT_LAYERS
 from lowbit.nn.quantizer import AffineQuantizer, CorrectedQuantizer, affine_part
 from lowbit.quant.affine import integer_range
@@ -219,30 +220,15 @@ def _rebuild(header: dict, path, trust_model_code, file_bytes: int):
     trained = header.get("trained")
     if trained is None:
         return rebuild_quantized(header, path, trust_model_code, file_bytes)
-    from lowbit.methods import TRAINING_METHODS, training_method
-    from lowbit.models import build_model
-
     where = f"{path}: 'trained'"
     untrusted.mapping(trained, where)
-    spec, num_classes = check_model_fields(header, str(path))
-    method_name = untrusted.text(trained.get("method"), f"{where} method", TRAINING_METHODS)
-    config = untrusted.mapping(trained.get("method_config"), f"{where} method_config")
     input_shape = untrusted.shape(trained.get("input_shape"), f"{where} input_shape",
                                   MAX_INPUT_NUMEL)
     if not 1 <= len(input_shape) <= 3 or 0 in input_shape:
         raise untrusted.refuse(f"{where} input_shape", f"must be 1 to 3 positive sizes, got "
                                                        f"{input_shape}")
-    try:
-        method = training_method(method_name, config)
-    except ConfigError as e:
-        raise CheckpointError(f"{where}: its method config is invalid: {e}") from None
-    model = build_model(spec, num_classes=num_classes, trust_model_code=trust_model_code,
-                        file_bytes=file_bytes)
-    try:  # the method traces the layer order on an input of the recorded shape
-        return method.prepare(model, torch.zeros(1, *input_shape))
-    except (RuntimeError, ValueError) as e:  # what a forward raises on a misfit input
-        raise untrusted.refuse(f"{where} input_shape", f"{input_shape} does not fit the model "
-                               f"{spec!r}: {' '.join(str(e).split())[:160]}") from None
+    return rebuild_trained(header, trained, torch.zeros(1, *input_shape), where,
+                           trust_model_code, file_bytes, methods=TRAINING_METHODS)
 
 
 def load_packed(path, trust_model_code: bool | str = False):

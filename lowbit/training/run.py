@@ -14,12 +14,11 @@ import copy
 import torch
 
 from lowbit import untrusted
-from lowbit.checkpoint import check_model_fields, check_loaded_state
+from lowbit.checkpoint import check_loaded_state, rebuild_trained
 from lowbit.data import Batches, Dataset, load_dataset
 from lowbit.evaluate import evaluate
 from lowbit.io import load_weights, save_torch, write_json
-from lowbit.errors import CheckpointError, ConfigError
-from lowbit.methods import TRAINING_METHODS, training_method
+from lowbit.methods import training_method
 from lowbit.methods.kmeans import KMeansMethod
 from lowbit.methods.psg import PSGMethod, ptq_config, sparsity
 from lowbit.methods.ptq import quantize
@@ -98,27 +97,9 @@ def load_trained(payload: dict, example: torch.Tensor, path="model.pt",
     batch, to find the layer order the method's policy needs). The payload is checked first, and
     the model it names must be lowbit's or torchvision's unless ``trust_model_code``."""
     where = str(path)
-    spec, num_classes = check_model_fields(payload, where)
-    method_name = untrusted.text(payload.get("method"), f"{where}: 'method'",
-                                 ["fp", *TRAINING_METHODS])
-    config = payload.get("method_config")
-    if config is not None:
-        untrusted.mapping(config, f"{where}: 'method_config'")
     state = untrusted.tensor_dict(payload.get("state_dict"), f"{where}: 'state_dict'")
-    try:
-        method = training_method(method_name, config)
-    except ConfigError as e:
-        raise CheckpointError(f"{where}: its method config is invalid: {e}") from None
     size = Path(path).stat().st_size if Path(path).is_file() else None
-    model = build_model(spec, num_classes=num_classes, trust_model_code=trust_model_code,
-                        file_bytes=size)
-    if method is not None:
-        try:  # the method traces the layer order on the example
-            model = method.prepare(model, example)
-        except (RuntimeError, ValueError) as e:  # what a forward raises on a misfit input
-            raise CheckpointError(f"{where}: the model {spec!r} does not take inputs shaped "
-                                  f"{tuple(example.shape)}: {' '.join(str(e).split())[:160]}") \
-                from None
+    model = rebuild_trained(payload, payload, example, where, trust_model_code, size)
     load_weights(model, state, where, exact_dtypes=True)
     check_loaded_state(model, where)
     return model.eval()
