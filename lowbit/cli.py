@@ -126,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--model", help="the package.module:factory the checkpoint names, to allow "
                                     "running that model code (registry and torchvision models "
                                     "need no flag)")
+    ex.add_argument("--data", help="with --format onnx: export fully quantized (every tensor an "
+                                   "integer, as integer runtimes need), calibrated on this "
+                                   "dataset's training images")
+    ex.add_argument("--calib", type=int, default=256, help="calibration images for --data (256)")
 
     pw = sub.add_parser("plot-weights", help="per-layer weight histograms of models on the "
                                              "quantization grid (PNG + HTML)")
@@ -410,10 +414,20 @@ def _export_onnx(qmodel, payload, args) -> int:
     from lowbit.deploy.onnx_export import OnnxRunner, export_onnx
 
     shape = _input_shape(args, payload["model"])
-    path = export_onnx(qmodel, Path(args.out), (1, *shape))
+    calib = None
+    if args.data:
+        from lowbit.data import Batches, load_dataset
+
+        if args.calib < 1:
+            raise ConfigError(f"--calib must be a positive number of images, got {args.calib}")
+        dataset = load_dataset(args.data)
+        calib = Batches(dataset.train.subset(min(args.calib, len(dataset.train)), 0),
+                        _normalization(payload["model"], dataset, args.model or False), 256)
+    path = export_onnx(qmodel, Path(args.out), (1, *shape), calib=calib)
     x = torch.randn(4, *shape, generator=torch.Generator().manual_seed(0))
     same = (OnnxRunner(path)(x).argmax(1) == qmodel(x).argmax(1)).float().mean().item()
-    print(f"wrote {path}: {path.stat().st_size / 1024:.1f} KiB, runs in onnxruntime "
+    form = "fully quantized" if calib is not None else "the simulation's QDQ"
+    print(f"wrote {path} ({form}): {path.stat().st_size / 1024:.1f} KiB, runs in onnxruntime "
           f"(top-1 agrees with the simulation on {100 * same:.0f}% of 4 random inputs)")
     return 0
 

@@ -1,4 +1,6 @@
 import os
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -41,3 +43,14 @@ def digits_fp():
     torch.manual_seed(0)
     config = TrainConfig(epochs=10, batch_size=64, optimizer="adam", lr=3e-3, augment=False)
     return d, train(build_model("digits_cnn"), d, d.normalization(), config).model
+
+
+@pytest.fixture(scope="session")
+def torchvision_models():
+    """``torchvision.models`` (skips when torchvision is absent)."""
+    # torchvision's compiled ops cannot load on this CPU build of torch; its model definitions
+    # are pure Python and import once the module registering those ops is replaced by an empty
+    # one (tests only: users have a working torchvision).
+    sys.modules.setdefault("torchvision._meta_registrations",
+                           types.ModuleType("torchvision._meta_registrations"))
+    return pytest.importorskip("torchvision.models")

@@ -9,8 +9,6 @@ loads to the identical model or raises a LowbitError.
 """
 import json
 import resource
-import sys
-import types
 import zipfile
 import zlib
 
@@ -137,22 +135,13 @@ def test_trusting_your_own_model_code(tmp_path, user_model, calib, capsys):
     assert torch.equal(back(calib[0]), q(calib[0]))
 
 
-@pytest.fixture
-def torchvision_models():
-    # torchvision's compiled ops cannot load on this CPU build of torch; its model definitions
-    # are pure Python and import once the module registering those ops is replaced by an empty
-    # one (tests only: users have a working torchvision).
-    sys.modules.setdefault("torchvision._meta_registrations",
-                           types.ModuleType("torchvision._meta_registrations"))
-    return pytest.importorskip("torchvision.models")
-
-
 def test_torchvision_builders_resolve_by_name_and_size_is_bounded(torchvision_models):
     info = resolve_model("torchvision.models:resnet18", trust_model_code=False)
     assert isinstance(info.factory(num_classes=7), torch.nn.Module)
     assert resolve_model("torchvision.models.detection:fasterrcnn_resnet50_fpn", False)
+    assert resolve_model("torchvision:resnet18", trust_model_code=False)  # the short form
     for spec in ("torchvision.models:get_model", "torchvision.models:list_models",
-                 "torchvision.io:read_file", "torchvision:resnet18"):
+                 "torchvision.io:read_file", "torchvision:get_model"):
         with pytest.raises(ModelError, match="asks to import"):
             resolve_model(spec, trust_model_code=False)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -41,3 +41,39 @@ def trained_like(model):
             m.weight.data.uniform_(0.5, 1.5)
             m.bias.data.uniform_(-0.3, 0.3)
     return model.eval()
+
+
+class Neck(nn.Module):
+    """A detection-style neck with one of every op kind the lowering knows: SiLU, LeakyReLU,
+    PReLU, Tanh, GELU, hardtanh and clamp; a dilated depthwise conv; max, average (padding not
+    counted) and adaptive pooling; nearest and bilinear upsampling; concat; a batch norm after an
+    add (it cannot be folded); a squeeze-excite product; slicing, padding, permute, dropout."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8),
+                                  nn.SiLU())
+        self.a = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8),
+                               nn.LeakyReLU(0.1))
+        self.b = nn.Sequential(nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=8),
+                               nn.Hardtanh(-1.0, 2.0))
+        self.prelu = nn.PReLU(8)
+        self.up = nn.Upsample(scale_factor=2, mode="nearest")
+        self.fuse = nn.Conv2d(24, 8, 1)
+        self.bn = nn.BatchNorm2d(8)
+        self.gate = nn.Conv2d(8, 8, 1)
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        a = self.a(x)
+        b = torch.tanh(self.prelu(self.b(x)))
+        up = self.up(F.max_pool2d(a, 2))
+        smooth = F.interpolate(F.avg_pool2d(b, 3, stride=2, padding=1, count_include_pad=False),
+                               scale_factor=2, mode="bilinear", align_corners=False)
+        y = self.fuse(torch.cat([up, smooth, F.gelu(a)], 1))
+        y = self.bn(y + x)
+        y = y * torch.sigmoid(self.gate(F.adaptive_avg_pool2d(y, 1)))
+        y = torch.clamp(F.pad(y[:, :, 1:, 1:], (0, 1, 0, 1)), -3.0, 3.0)
+        y = F.adaptive_avg_pool2d(y, 2).permute(0, 2, 3, 1).reshape(len(y), -1)
+        return self.head(F.dropout(y, 0.1, self.training))

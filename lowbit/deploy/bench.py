@@ -4,7 +4,7 @@ Runners (each maps a float batch to logits):
 
 * ``fp32 eager``: the float model in PyTorch.
 * ``lowbit int8``: lowbit's PTQ model exported fully quantized (:func:`to_onnx` with
-  ``residual_calib``) and run by onnxruntime, whose QLinearConv / QLinearAdd kernels do the int8
+  ``calib``) and run by onnxruntime, whose QLinearConv / QLinearAdd kernels do the int8
   arithmetic: a real runtime underneath, with lowbit's calibration.
 * ``pytorch fx int8``: PyTorch's own FX graph-mode PTQ (x86 backend qconfig, min-max observers)
   converted to its quantized kernels.
@@ -80,10 +80,10 @@ def onnxruntime_qdq(model, calib, threads: int) -> OnnxRunner:
 
 def runners(model, qmodel, calib, input_shape, threads: int) -> dict:
     """The four runners of the module docstring (onnxruntime sessions at ``threads``)."""
-    residual_calib = [_batches_tensor(calib, 256)]
     fx = fx_int8(model, calib)
     return {"fp32 eager": model.eval(),
-            "lowbit int8": OnnxRunner(to_onnx(qmodel, input_shape, residual_calib), threads),
+            "lowbit int8": OnnxRunner(to_onnx(qmodel, input_shape,
+                                              calib=[_batches_tensor(calib, 256)]), threads),
             "pytorch fx int8": fx,
             "onnxruntime qdq int8": onnxruntime_qdq(model, calib, threads)}
 

@@ -1,31 +1,49 @@
 """The integer-only reference engine: what a device computes from a quantized CNN.
 
-After the network's input quantizer (the one float step: ``q = clamp(round(x/S) + Z)``), every
-value is an integer tensor ``q`` standing for the real ``S * (q - Z)`` with a per-tensor scale
-``S`` and zero point ``Z``. Each Conv / Linear computes (Jacob et al. 2018, eq. 7)::
+The engine is a translator of a :class:`lowbit.deploy.lowering.Lowering`: one integer kernel per
+node kind, reading the grid of every tensor from the lowering (so it quantizes exactly the
+tensors the simulation and the ONNX graph quantize). After the network's input quantizer (the
+one float step: ``q = clamp(round(x/S) + Z)``), every value is an integer tensor ``q`` standing
+for ``S * (q - Z)``. The kernels are those of integer runtimes (TFLite's reference kernels,
+gemmlowp):
 
-    acc = sum (q_W - Z_W) * (q_X - Z_X) + q_b        int32, at scale S_W * S_X (per channel)
-    q_b = round(b / (S_W * S_X))                     the bias as int32 at the accumulator scale
+* **Conv / Linear** (Jacob et al. 2018, eq. 7)::
 
-and the accumulator is brought to its consumer's scale by a fixed-point multiplier
-``M = S_acc / S_out = M0 * 2^-(31 + n)`` with ``M0`` an int32 in ``[2^30, 2^31)`` (i.e.
-``M0 / 2^31`` in [0.5, 1)) and a shift ``n``: ``q_out = Z_out + round(acc * M)``, computed as
-``(acc * M0 + 2^(30 + n)) >> (31 + n)`` in int64 (one rounding, half up).
+      acc = sum (q_W - Z_W) * (q_X - Z_X) + q_b        int32, at scale S_W * S_X (per channel)
+      q_b = round(b / (S_W * S_X))                     the bias as int32 at the accumulator scale
 
-Where an output goes only (through a ReLU) into quantized Conv / Linear inputs with one set of
-qparams, it is requantized straight to them and the ReLU is a clamp at ``Z_out``. Where it also
-feeds a residual add (the simulation keeps that path in float), it becomes an int32 "residual
+  brought to the output grid by a fixed-point multiplier ``M = S_acc / S_out = M0 * 2^-(31 + n)``
+  with ``M0`` an int32 in ``[2^30, 2^31)`` (``M0 / 2^31`` in [0.5, 1)) and a shift ``n``:
+  ``q_out = Z_out + round(acc * M)``, computed as ``(acc * M0 + 2^(30 + n)) >> (31 + n)`` in int64
+  (one rounding, half up); a fused ReLU / ReLU6 / clamp is the integer clamp of that result.
+* **Clamps** on a grid clamp the integers at ``Z + round(lo / S)`` and ``Z + round(hi / S)``.
+* **Smooth activations** (Hardswish, Hardsigmoid, Sigmoid, SiLU, GELU, Tanh, LeakyReLU, ELU,
+  PReLU, an unfolded batch norm, ``x * c``): a lookup table over the input's codes,
+  ``T[k] = clamp(round(f(S_in (k - Z_in)) / S_out) + Z_out)``, one entry per code (256 for 8-bit
+  inputs) and per channel where ``f`` depends on the channel (PReLU, batch norm). The table is
+  computed with the same float function the simulation runs, so the two agree exactly.
+* **Add**: each operand rescaled to ``S_out / 2^16`` by a fixed-point multiplier, summed, and
+  shifted down to ``S_out`` with one rounding. **Mul** (squeeze-excite):
+  ``Z_out + round((q_a - Z_a)(q_b - Z_b) * S_a S_b / S_out)``. **Concat**: each input requantized
+  to the output grid.
+* **Average pooling**: exact integer window sums times ``S_in / (n S_out)`` in fixed point (``n``
+  per window where padding is not counted). **Max pooling**, **nearest upsampling**, reshapes,
+  slices, chunks and zero padding (with ``Z``) move integers. **Bilinear upsampling** interpolates
+  the integers (in float64, exact for the dyadic weights of power-of-two factors) and rounds once.
+
+In the *simulation form* some tensors have no grid (the simulation keeps them in float): where an
+output goes only (through a ReLU) into quantized layers with one set of qparams, the lowering
+gives it their grid; elsewhere (a residual add and what feeds it) it is an int32 "residual
 stream" with zero point 0 whose scale is fixed ahead of time, as a compiler would:
 ``S = S_next / 2^STREAM_FRACTION_BITS``, ``S_next`` the finest input scale among the quantized
 layers the stream reaches, so the stream is ``2^16`` times finer than any rounding made from it
 and holds values up to ``2^15`` of those steps (an overflow is reported, never wrapped). A stream
 that reaches no quantized layer takes its scale from a worst-case bound instead, ``S = R / 2^29``
-with ``R`` the largest real value it can hold. Adds rescale both operands to the sum's scale by
-fixed-point multipliers; global average pooling sums (in int64: up to 2^31 times H*W pixels) and
-multiplies by ``1 / (H*W)`` the same way; slicing and padding act on the integers (padding with
-``Z``). The last layer's accumulator is the output, dequantized once.
+with ``R`` the largest real value it can hold. Lookup tables, products and concatenation need
+8-bit inputs: build the engine with calibration batches (the fully quantized form) for models
+that have them. The last layer's accumulator is the output, dequantized once.
 
-Where simulation and engine can differ (``docs``: every one is below half an output step):
+Where simulation and engine can differ (every one is below half an output step):
 
 * The simulation sums ``S_W (q_W - Z_W) * S_X (q_X - Z_X)`` in float32, so its pre-rounding value
   carries float32 error; the engine's sum is exact.
@@ -35,7 +53,7 @@ Where simulation and engine can differ (``docs``: every one is below half an out
 * The bias is rounded to the accumulator grid; ``lowbit.quantize`` does the same in the
   simulation (``int_bias``), otherwise the two differ by up to half a step of ``S_W * S_X``.
 * The residual stream has a finite step (``2^-16`` of the next rounding step), where the
-  simulation's float path has none.
+  simulation's float path has none; so has the add's intermediate sum.
 * Zero points are subtracted before the products (the device's offset trick gives the same
   integers), and zero padding pads with ``Z_X``, which is real zero, as in the simulation.
 
@@ -43,7 +61,7 @@ PyTorch has no int32 convolution on the CPU, so the integer products are summed 
 convolution of the integer tensors: float32 where the layer's worst-case sum is below 2^24
 (every partial sum is then an exactly representable integer, in any summation order), float64
 otherwise (exact below 2^53, which int32 accumulators guarantee; the engine checks that every
-accumulator fits in int32).
+accumulator fits in int32). Pooling sums run the same way in float64.
 """
 from __future__ import annotations
 
@@ -54,20 +72,18 @@ import torch
 from torch import fx, nn
 from torch.nn import functional as F
 
+from lowbit.deploy.lowering import Grid, Lowering, clamp_bounds, lower
 from lowbit.errors import ConfigError, ModelError, NumericalError
-from lowbit.nn.layers import QUANT_LAYERS, QuantConv2d
 from lowbit.nn.accumulator import weight_scale
+from lowbit.nn.layers import QuantConv2d
 from lowbit.nn.quantizer import AffineQuantizer, affine_part
-from lowbit.quant.affine import broadcast_along
-from lowbit.transforms.fold import trace
+from lowbit.quant.affine import broadcast_along, quantize
 
 STREAM_BITS = 29  # a bound-scaled stream stays below 2^29: the sum of two still fits in int32
 STREAM_FRACTION_BITS = 16
 INT32 = 2 ** 31
 
-_RELU_FUNCTIONS = {F.relu, torch.relu}
-_ADD_FUNCTIONS = {operator.add, torch.add, operator.iadd}
-_SHAPE_METHODS = {"flatten", "view", "reshape", "contiguous"}
+FINE_BITS = 16  # an add sums its rescaled operands 2^16 times finer than its output step
 
 
 @dataclass
@@ -79,10 +95,15 @@ class QTensor:
     scale: float
     zero_point: int
     bound: int
+    grid: Grid | None = None  # the grid it lies on; None for an int32 stream
+
+    @classmethod
+    def on(cls, data: torch.Tensor, grid: Grid) -> "QTensor":
+        return cls(data, grid.scale, grid.zero_point, grid.bound, grid)
 
     def like(self, data: torch.Tensor) -> "QTensor":
         """The same qparams on other integers (a shape operation, a ReLU)."""
-        return QTensor(data, self.scale, self.zero_point, self.bound)
+        return QTensor(data, self.scale, self.zero_point, self.bound, self.grid)
 
     def dequantize(self) -> torch.Tensor:
         return ((self.data - self.zero_point).double() * self.scale).float()
@@ -115,21 +136,7 @@ def _check_int32(t: torch.Tensor, what: str) -> torch.Tensor:
     return t
 
 
-@dataclass
-class _Quant:
-    """Per-tensor integer qparams of a layer input."""
-
-    scale: float
-    zero_point: int
-    qmin: int
-    qmax: int
-
-    @property
-    def bound(self) -> int:
-        return max(abs(self.qmin - self.zero_point), abs(self.qmax - self.zero_point))
-
-
-def _input_qparams(layer, name: str) -> _Quant:
+def _input_grid(layer, name: str) -> Grid:
     q = layer.input_quantizer
     if not isinstance(q, AffineQuantizer):
         raise ConfigError(f"{name}: its input is not quantized ({type(q).__name__}); the integer "
@@ -139,7 +146,7 @@ def _input_qparams(layer, name: str) -> _Quant:
     if q.scale.dim():
         raise ConfigError(f"{name}: per-channel activation scales cannot be taken out of an "
                           "integer dot product; quantize with a_per_channel: false")
-    return _Quant(float(q.scale), int(q.zero_point), int(q.quant_min), int(q.quant_max))
+    return Grid.of(q)
 
 
 def integer_weight(layer, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,32 +169,36 @@ def integer_weight(layer, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     return integers, scale
 
 
+
+
 class IntegerEngine:
     """Runs a quantized model (from :func:`lowbit.quantize`) with integer arithmetic only.
 
-    ``engine(x)`` returns float logits (the last accumulator, dequantized); ``engine.run(x)``
-    returns them as a :class:`QTensor`.
+    ``IntegerEngine(qmodel)`` runs the simulation form (residual paths as int32 streams);
+    ``IntegerEngine(qmodel, calib)`` the fully quantized form (every tensor an ``act_bits``
+    integer), which models with smooth activations, products or concatenation need. A
+    :class:`~lowbit.deploy.lowering.Lowering` may be passed instead of the model, so the engine,
+    the simulation and the ONNX graph share one. ``engine(x)`` returns float logits (the last
+    accumulator, dequantized); ``engine.run(x)`` returns them as a :class:`QTensor`.
     """
 
-    def __init__(self, qmodel: nn.Module):
-        traced, reason = trace(qmodel)
-        if traced is None:
-            raise ModelError(f"the integer engine needs a traceable model: {reason}")
-        self.graph = traced.graph
-        self.modules = dict(traced.named_modules())
-        self.layers = {}
+    def __init__(self, qmodel: nn.Module | Lowering, calib=None, act_bits: int = 8):
+        self.lowering = lower(qmodel, calib, act_bits)
+        graph_module = self.lowering.graph_module
+        self.graph, self.modules = graph_module.graph, self.lowering.modules
+        self.kinds = self.lowering.kinds
+        self.clamps = set(self.lowering.fused.values())
+        self.layers, self.tables = {}, {}
         for node in self.graph.nodes:
-            if node.op == "call_module" and isinstance(self.modules[node.target], QUANT_LAYERS):
+            if self.kinds[node] == "layer":
                 layer = self.modules[node.target]
                 w, s_w = integer_weight(layer, node.target)
-                qx = _input_qparams(layer, node.target)
+                qx = _input_grid(layer, node.target)
                 worst = int(w.abs().reshape(len(w), -1).sum(1).max()) * qx.bound
                 dtype = torch.float32 if worst < 2 ** 24 else torch.float64
-                self.layers[node.target] = (layer, qx, w.to(dtype), s_w)
+                self.layers[node] = (layer, qx, w.to(dtype), s_w)
         if not self.layers:
             raise ModelError("the model has no quantized Conv / Linear layer")
-        self.targets = {node: self._direct_target(node) for node in self.graph.nodes
-                        if node.op == "call_module" and node.target in self.layers}
         self.stream_scales = {node: self._stream_scale(node) for node in self.graph.nodes}
 
     def _stream_scale(self, node) -> float | None:
@@ -199,35 +210,11 @@ class IntegerEngine:
             if user in seen:
                 continue
             seen.add(user)
-            if user.op == "call_module" and user.target in self.layers:
-                scales.append(self.layers[user.target][1].scale)
+            if user in self.layers:
+                scales.append(self.layers[user][1].scale)
             else:
                 frontier.extend(user.users)
         return min(scales) / 2 ** STREAM_FRACTION_BITS if scales else None
-
-    def _consumer_qparams(self, node) -> _Quant | None:
-        """The one input qparams shared by all of ``node``'s users, if all are quantized layers."""
-        found = []
-        for user in node.users:
-            if not (user.op == "call_module" and user.target in self.layers):
-                return None
-            found.append(self.layers[user.target][1])
-        return found[0] if found and all(f == found[0] for f in found) else None
-
-    def _direct_target(self, node) -> tuple[_Quant, bool] | None:
-        """(qparams, through a ReLU) when ``node``'s output can be requantized straight to its
-        consumers' input qparams; None when it must stay an int32 stream."""
-        users = list(node.users)
-        if len(users) == 1 and self._is_relu(users[0]):
-            target = self._consumer_qparams(users[0])
-            return (target, True) if target else None
-        target = self._consumer_qparams(node)
-        return (target, False) if target else None
-
-    def _is_relu(self, node) -> bool:
-        return (node.op == "call_function" and node.target in _RELU_FUNCTIONS) or \
-            (node.op == "call_method" and node.target in ("relu", "relu_")) or \
-            (node.op == "call_module" and isinstance(self.modules[node.target], nn.ReLU))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.run(x).dequantize()
@@ -235,23 +222,69 @@ class IntegerEngine:
     @torch.no_grad()
     def run(self, x: torch.Tensor) -> QTensor:
         env: dict = {}
-        value = lambda a: env[a] if isinstance(a, fx.Node) else a  # noqa: E731
         for node in self.graph.nodes:
             if node.op == "placeholder":
                 env[node] = x
+            elif node.op == "get_attr":
+                env[node] = _fetch(self.lowering.graph_module, node.target)
             elif node.op == "output":
-                out = value(node.args[0])
+                out = env[node.args[0]]
                 if not isinstance(out, QTensor):
                     raise ModelError("the model's output is not computed by a quantized layer")
                 return out
-            elif node.op == "call_module" and node.target in self.layers:
-                env[node] = self._layer(node, value(node.args[0]))
             else:
-                env[node] = self._op(node, [value(a) for a in node.args])
+                args = fx.node.map_arg(node.args, lambda a: env[a])
+                kwargs = fx.node.map_arg(node.kwargs, lambda a: env[a])
+                env[node] = self._node(node, args, kwargs)
         raise ModelError("the traced graph has no output")
 
-    def _layer(self, node, v) -> QTensor:
-        layer, qx, w, s_w = self.layers[node.target]
+    def _node(self, node, args, kwargs):
+        """One node: float before the first quantizer (input preprocessing), else the integer
+        kernel of its kind."""
+        if node in self.layers:
+            return self._layer(node, args, kwargs)
+        if not _holds_qtensor((args, kwargs)):
+            return self._call(node, args, kwargs)
+        kind = self.kinds[node]
+        if kind == "meta":
+            return self._call(node, *_integers((args, kwargs)))
+        kernel = getattr(self, f"_{kind}", None) if kind else None
+        if kernel is None:
+            raise ModelError(f"{node.name}: the integer engine has no integer form of "
+                             f"{_what(node, self.modules)}")
+        return kernel(node, args, kwargs)
+
+    def _module(self, node) -> nn.Module | None:
+        return self.modules[node.target] if node.op == "call_module" else None
+
+    def _call(self, node, args, kwargs):
+        """The node's own float operation on ``args``."""
+        if node.op == "call_module":
+            return self.modules[node.target](*args, **kwargs)
+        if node.op == "call_method":
+            return getattr(args[0], node.target)(*args[1:], **kwargs)
+        return node.target(*args, **kwargs)
+
+    def _needs_grid(self, node, *values) -> Grid:
+        """The output grid of ``node``, whose inputs ``values`` must lie on grids."""
+        grid = self.lowering.output_grid(node)
+        if grid is None or any(v.grid is None for v in values):
+            raise ModelError(f"{node.name}: {_what(node, self.modules)} needs 8-bit integer "
+                             "inputs and output; build the engine with calibration batches "
+                             "(IntegerEngine(qmodel, calib)) for the fully quantized form")
+        return grid
+
+    def _bounds(self, node, grid: Grid) -> tuple[int, int]:
+        """The integer bounds of ``node``'s output: its fused clamp's, else the grid's."""
+        clamp = self.lowering.fused.get(node)
+        if clamp is None:
+            return grid.qmin, grid.qmax
+        lo, hi = clamp_bounds(clamp, self._module(clamp))
+        return grid.code(lo), grid.code(hi)
+
+    def _layer(self, node, args, kwargs) -> QTensor:
+        layer, qx, w, s_w = self.layers[node]
+        v = args[0]
         if isinstance(v, QTensor):
             x_int = _requantize_to(v, qx) - qx.zero_point
         else:  # the network input: the engine's one float step
@@ -270,8 +303,8 @@ class IntegerEngine:
             bias = torch.round(layer.bias.detach().double() / s_acc).to(torch.int64)
             acc = acc + bias.reshape(col)
         acc = _check_int32(acc, node.target)
-        target = self.targets[node]
-        if target is None:  # an int32 stream
+        grid = self.lowering.output_grid(node)
+        if grid is None:  # an int32 stream
             scale = self.stream_scales[node]
             if scale is None:  # reaches no quantized layer: from the accumulator's worst case
                 worst = w.abs().reshape(len(w), -1).sum(1) * qx.bound + bias.abs()
@@ -279,91 +312,198 @@ class IntegerEngine:
             m0, shift = fixed_point(s_acc / scale)
             data = multiply_by_fixed_point(acc, m0.reshape(col), shift.reshape(col))
             return QTensor(_check_int32(data, node.target), scale, 0, INT32)
-        q, relu = target
-        m0, shift = fixed_point(s_acc / q.scale)
-        data = multiply_by_fixed_point(acc, m0.reshape(col), shift.reshape(col)) + q.zero_point
-        data = data.clamp(q.zero_point if relu else q.qmin, q.qmax)
-        return QTensor(data, q.scale, q.zero_point, q.bound)
+        m0, shift = fixed_point(s_acc / grid.scale)
+        data = multiply_by_fixed_point(acc, m0.reshape(col), shift.reshape(col)) + grid.zero_point
+        return QTensor.on(data.clamp(*self._bounds(node, grid)), grid)
 
-    def _op(self, node, args):
-        """Every non-layer node: ReLU, add, pooling and shape operations on integers. Nodes
-        before the first quantizer (only float inputs) run in float: input preprocessing."""
-        module = self.modules.get(node.target) if node.op == "call_module" else None
-        if not any(isinstance(a, QTensor) for a in args):
-            fn = module if module is not None else (
-                node.target if node.op == "call_function"
-                else lambda x, *rest, **kw: getattr(x, node.target)(*rest, **kw))
-            return fn(*args, **node.kwargs)
-        if isinstance(module, nn.Identity) or (node.op == "call_method"
-                                               and node.target == "contiguous"):
-            return args[0]
-        if self._is_relu(node):
-            return args[0].like(args[0].data.clamp(min=args[0].zero_point))
-        if node.op == "call_function" and node.target in _ADD_FUNCTIONS:
-            return _add(*args[:2], node.name, self.stream_scales[node])
-        if _is_global_pool(node, module, args):
-            v = args[0]
-            h, w = v.data.shape[-2:]
-            m0, shift = fixed_point(1.0 / (h * w))
-            keep = node.op != "call_method" or node.kwargs.get("keepdim", False)
-            total = (v.data - v.zero_point).sum((-2, -1), keepdim=bool(keep))
-            return QTensor(multiply_by_fixed_point(total, m0, shift), v.scale, 0, v.bound)
-        if isinstance(module, nn.MaxPool2d):
-            return args[0].like(module(args[0].data.double()).to(torch.int64))
-        if node.op == "call_function" and node.target is F.pad:
-            v, pad = args[0], args[1]
-            return v.like(F.pad(v.data, pad, value=v.zero_point))
-        if node.op == "call_function" and node.target is operator.getitem:
-            return args[0].like(args[0].data[args[1]])
-        if (node.op == "call_method" and node.target in _SHAPE_METHODS) or \
-                (node.op == "call_function" and node.target is torch.flatten) or \
-                isinstance(module, nn.Flatten):
-            v = args[0]
-            if isinstance(module, nn.Flatten):
-                data = module(v.data)
-            elif node.op == "call_function":
-                data = torch.flatten(v.data, *args[1:], **node.kwargs)
-            else:
-                data = getattr(v.data, node.target)(*args[1:], **node.kwargs)
-            return v.like(data)
-        what = type(module).__name__ if module is not None else \
-            getattr(node.target, "__name__", str(node.target))
-        raise ModelError(f"{node.name}: the integer engine has no integer form of {what}")
+    def _clamp(self, node, args, kwargs) -> QTensor:
+        v = args[0]
+        if node in self.clamps:  # fused: its producer already wrote the clamped integers
+            return v
+        lo, hi = clamp_bounds(node, self._module(node))
+        grid = v.grid or Grid(v.scale, 0, -INT32, INT32 - 1)
+        return v.like(v.data.clamp(grid.code(lo), grid.code(hi)))
+
+    def _lut(self, node, args, kwargs) -> QTensor:
+        v = next(a for a in args if isinstance(a, QTensor))
+        grid = self._needs_grid(node, v)
+        channels = v.data.shape[1] if v.data.dim() > 1 else 1
+        key = (node, channels)
+        if key not in self.tables:
+            self.tables[key] = self._table(node, args, kwargs, v, grid, channels)
+        table = self.tables[key]
+        index = (v.data - v.grid.qmin) * channels
+        if channels > 1:
+            index = index + torch.arange(channels).reshape(-1, *(1,) * (v.data.dim() - 2))
+        return QTensor.on(table[index], grid)
+
+    def _table(self, node, args, kwargs, v, grid, channels) -> torch.Tensor:
+        """``T[k, c] = clamp(round(f(S_in (k - Z_in)) / S_out) + Z_out)`` for every code ``k``
+        of ``v``'s grid and channel ``c`` (flattened): ``f`` is the node's own float function,
+        run on a probe batch holding code ``k`` in every element of row ``k``."""
+        src = v.grid
+        codes = torch.arange(src.qmin, src.qmax + 1, dtype=torch.float32)
+        x = (codes - src.zero_point) * torch.tensor(src.scale, dtype=torch.float32)
+        probe = x.reshape(-1, *(1,) * (v.data.dim() - 1)).expand(
+            -1, channels, *(1,) * (v.data.dim() - 2)).contiguous() if v.data.dim() > 1 else x
+        swap = lambda a: probe if a is v else a  # noqa: E731
+        y = self._call(node, [swap(a) for a in args], kwargs)
+        lo, hi = self._bounds(node, grid)
+        t = lambda n: torch.tensor(float(n))  # noqa: E731
+        out = quantize(y.float(), t(grid.scale), t(grid.zero_point), t(lo), t(hi))
+        return out.reshape(len(codes), channels).flatten().to(torch.int64)
+
+    def _add(self, node, args, kwargs) -> QTensor:
+        a, b = args[:2]
+        if not (isinstance(a, QTensor) and isinstance(b, QTensor)):
+            raise ModelError(f"{node.name}: the integer engine adds two quantized tensors only")
+        grid = self.lowering.output_grid(node)
+        if grid is None:
+            return _stream_add(a, b, node.name, self.stream_scales[node])
+        return QTensor.on(_rescale_sum((a, b), grid).clamp(*self._bounds(node, grid)), grid)
+
+    def _mul(self, node, args, kwargs) -> QTensor:
+        a, b = args[:2]
+        if not (isinstance(a, QTensor) and isinstance(b, QTensor)):
+            raise ModelError(f"{node.name}: the integer engine multiplies two quantized "
+                             "tensors only")
+        grid = self._needs_grid(node, a, b)
+        m0, shift = fixed_point(a.scale * b.scale / grid.scale)
+        product = (a.data - a.zero_point) * (b.data - b.zero_point)
+        data = multiply_by_fixed_point(product, m0, shift) + grid.zero_point
+        return QTensor.on(data.clamp(*self._bounds(node, grid)), grid)
+
+    def _concat(self, node, args, kwargs) -> QTensor:
+        values = list(args[0])
+        grid = self._needs_grid(node, *values)
+        dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+        return QTensor.on(torch.cat([_requantize_to(v, grid) for v in values], dim), grid)
+
+    def _avgpool(self, node, args, kwargs) -> QTensor:
+        v = args[0]
+        sums, count = _pool_sums(node, self._module(node), v, args, kwargs)
+        grid = self.lowering.output_grid(node)
+        if grid is None:  # a stream stays a stream at its own scale
+            m0, shift = fixed_point(1.0 / count)
+            return QTensor(multiply_by_fixed_point(sums, m0, shift), v.scale, 0, v.bound)
+        m0, shift = fixed_point(v.scale / (count * grid.scale))
+        data = multiply_by_fixed_point(sums, m0, shift) + grid.zero_point
+        return QTensor.on(data.clamp(*self._bounds(node, grid)), grid)
+
+    def _maxpool(self, node, args, kwargs) -> QTensor:
+        v = args[0]
+        return v.like(self._call(node, [v.data.double(), *args[1:]], kwargs).to(torch.int64))
+
+    def _resize(self, node, args, kwargs) -> QTensor:
+        v = args[0]
+        y = self._call(node, [(v.data - v.zero_point).double(), *args[1:]], kwargs)
+        data = torch.round(y).to(torch.int64) + v.zero_point
+        return v.like(data.clamp(v.grid.qmin, v.grid.qmax) if v.grid else data)
+
+    def _move(self, node, args, kwargs):
+        v = args[0]
+        if isinstance(v, (tuple, list)):  # an item of a chunk / split
+            return v[args[1]]
+        if isinstance(self._module(node), (nn.Identity, nn.Dropout, nn.Dropout2d)) \
+                or getattr(node.target, "__name__", "") in ("dropout", "stochastic_depth"):
+            return v  # identity, dropout (eval): nothing to move
+        if node.target is F.pad:
+            if kwargs.get("mode", "constant") != "constant" or \
+                    (args[2] if len(args) > 2 else kwargs.get("value")):
+                raise ModelError(f"{node.name}: only zero padding has an integer form")
+            return v.like(F.pad(v.data, args[1], value=v.zero_point))
+        out = self._call(node, *_integers((args, kwargs)))
+        if isinstance(out, (tuple, list)):
+            return tuple(v.like(t) for t in out)
+        return v.like(out)
 
 
-def _is_global_pool(node, module, args) -> bool:
-    """Global average pooling: ``adaptive_avg_pool2d(x, 1)`` (function or module) or
-    ``x.mean((2, 3))``."""
-    if node.op == "call_method" and node.target == "mean":
-        dims = args[1] if len(args) > 1 else node.kwargs.get("dim")
-        return tuple(dims or ()) in ((2, 3), (-2, -1))
-    if node.op == "call_function" and node.target is F.adaptive_avg_pool2d:
-        size = args[1] if len(args) > 1 else node.kwargs.get("output_size")
-    elif isinstance(module, nn.AdaptiveAvgPool2d):
-        size = module.output_size
+def _fetch(module: nn.Module, target: str):
+    for part in target.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def _what(node, modules) -> str:
+    module = modules.get(node.target) if node.op == "call_module" else None
+    return type(module).__name__ if module is not None else \
+        getattr(node.target, "__name__", str(node.target))
+
+
+def _holds_qtensor(tree) -> bool:
+    found = []
+    fx.node.map_aggregate(tree, lambda a: found.append(a) if isinstance(a, QTensor) else None)
+    return bool(found)
+
+
+def _integers(tree):
+    """``tree`` with each QTensor replaced by its integers (for sizes and pure moves)."""
+    return fx.node.map_aggregate(tree, lambda a: a.data if isinstance(a, QTensor) else a)
+
+
+def _pool_sums(node, module, v: QTensor, args, kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """(exact integer window sums of ``v - Z``, the divisor of each window) of an average
+    pooling node: global (``mean`` over H, W; adaptive to 1), adaptive to a size dividing the
+    input, or ``avg_pool2d`` with its padding rules."""
+    centered = (v.data - v.zero_point).double()
+    if node.op == "call_method":  # x.mean(dims, keepdim)
+        dims = args[1] if len(args) > 1 else kwargs.get("dim")
+        dims = tuple(d % centered.dim() for d in ((dims,) if isinstance(dims, int) else dims))
+        keep = bool(args[2] if len(args) > 2 else kwargs.get("keepdim", False))
+        count = 1
+        for d in dims:
+            count *= centered.shape[d]
+        return centered.sum(dims, keepdim=keep).round().to(torch.int64), torch.tensor(count)
+    h, w = centered.shape[-2:]
+    if isinstance(module, nn.AdaptiveAvgPool2d) or node.target is F.adaptive_avg_pool2d:
+        size = module.output_size if module is not None else \
+            (args[1] if len(args) > 1 else kwargs["output_size"])
+        oh, ow = (size, size) if isinstance(size, int) else size
+        oh, ow = oh or h, ow or w
+        if h % oh or w % ow:
+            raise ModelError(f"{node.name}: adaptive average pooling from {h}x{w} to "
+                             f"{oh}x{ow} has uneven windows; the engine pools even ones only")
+        options = dict(kernel_size=(h // oh, w // ow), stride=(h // oh, w // ow), padding=0,
+                       ceil_mode=False, count_include_pad=True, divisor_override=None)
     else:
-        return False
-    if size not in (1, (1, 1), [1, 1]):
-        raise ModelError(f"{node.name}: adaptive average pooling to {size} has no integer form "
-                         "in the engine (global pooling only)")
-    return True
+        names = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
+                 "divisor_override")
+        if module is not None:
+            options = {k: getattr(module, k) for k in names}
+        else:
+            options = dict(zip(names, args[1:]), **kwargs)
+            options.setdefault("stride", None)
+            options = {k: options.get(k, d) for k, d in zip(
+                names, (None, None, 0, False, True, None))}
+    sums = F.avg_pool2d(centered, **{**options, "divisor_override": 1})
+    ones = torch.ones_like(centered[:1, :1])
+    valid = F.avg_pool2d(ones, **{**options, "divisor_override": 1})
+    count = valid / F.avg_pool2d(ones, **options)  # the divisor torch's own kernel uses
+    return sums.round().to(torch.int64), count.round()
 
 
-def _requantize_to(v: QTensor, q: _Quant) -> torch.Tensor:
-    """``v``'s integers on a layer input's grid: ``clamp(Z + round((v - Z_v) * S_v / S))``."""
-    if v.scale == q.scale and v.zero_point == q.zero_point and \
-            int(v.data.min()) >= q.qmin and int(v.data.max()) <= q.qmax:
+def _requantize_to(v: QTensor, grid: Grid) -> torch.Tensor:
+    """``v``'s integers on ``grid``: ``clamp(Z + round((v - Z_v) * S_v / S))``."""
+    if v.grid == grid:
         return v.data
-    m0, shift = fixed_point(v.scale / q.scale)
-    data = multiply_by_fixed_point(v.data - v.zero_point, m0, shift) + q.zero_point
-    return data.clamp(q.qmin, q.qmax)
+    m0, shift = fixed_point(v.scale / grid.scale)
+    data = multiply_by_fixed_point(v.data - v.zero_point, m0, shift) + grid.zero_point
+    return data.clamp(grid.qmin, grid.qmax)
 
 
-def _add(a: QTensor, b: QTensor, name: str, scale: float | None) -> QTensor:
+def _rescale_sum(values, grid: Grid) -> torch.Tensor:
+    """``Z + round(sum S_i (q_i - Z_i) / S)`` (unclamped): each term rescaled to ``S / 2^16`` in
+    fixed point, the sum shifted down with one rounding, half up."""
+    total = 0
+    for v in values:
+        m0, shift = fixed_point(v.scale / grid.scale * 2 ** FINE_BITS)
+        total = total + multiply_by_fixed_point(v.data - v.zero_point, m0, shift)
+    return torch.bitwise_right_shift(total + 2 ** (FINE_BITS - 1), FINE_BITS) + grid.zero_point
+
+
+def _stream_add(a: QTensor, b: QTensor, name: str, scale: float | None) -> QTensor:
     """``a + b`` as a stream at ``scale``, or, if None, at ``(R_a + R_b) / 2^29`` with
     ``R = S * bound`` (zero point 0)."""
-    if not (isinstance(a, QTensor) and isinstance(b, QTensor)):
-        raise ModelError(f"{name}: the integer engine adds two quantized tensors only")
     bound = INT32
     if scale is None:
         scale, bound = (a.scale * a.bound + b.scale * b.bound) / 2 ** STREAM_BITS, 2 ** STREAM_BITS

@@ -1,43 +1,54 @@
 """QDQ ONNX export of a quantized model, run and checked in onnxruntime.
 
-The exported graph is the simulation written in ONNX operators, node for node of the traced
-model: every quantized layer input becomes ``QuantizeLinear -> DequantizeLinear`` with the
-layer's per-tensor scale and zero point, every weight an integer initializer (its real width:
-INT4 / UINT4 up to 4 bits, 8-bit or 16-bit types above; full-range int8 weights as uint8 with
-zero point 128, see :func:`_qdq_weight`) behind a per-channel ``DequantizeLinear``, every bias an int32 initializer at the accumulator scale ``S_W * S_X``
-behind its own ``DequantizeLinear`` (the grid :func:`lowbit.nn.accumulator.round_biases` puts
-it on), then ``Conv`` / ``Gemm``, and the float ops in between (``Relu``, ``Add``, ``Slice``,
-``Pad``, pooling, reshapes). Integer ranges narrower than their ONNX type (3-bit codes, the
-restricted signed range, per-channel bit widths) get a ``Clip`` on the integers between
-``QuantizeLinear`` and ``DequantizeLinear``, so onnxruntime quantizes exactly as the simulation.
+The exported graph is a :class:`lowbit.deploy.lowering.Lowering` written by PyTorch's own ONNX
+exporter: the lowering's graph, with ``QuantizeLinear -> DequantizeLinear`` after every tensor
+that has a grid (in the simulation form, the layer inputs; fully quantized, every tensor), and
+each quantized layer as ``DequantizeLinear(integer codes) -> Conv / Gemm``. So every float op the
+exporter knows (SiLU, Hardswish, Resize, Concat, pooling, reshapes, ...) exports with no code
+here, and onnxruntime quantizes exactly the tensors the simulation and the integer engine do.
 
-onnx builds the graph (``onnx.helper``); tracing, not ``torch.onnx.export``, decides the nodes,
-because lowbit's quantizers are modules holding qparams, which an exporter would either trace
-into float arithmetic or need a custom symbolic for each.
+* Weights are integer initializers at their real width (INT4 / UINT4 up to 4 bits, 8-bit or
+  16-bit types above; full-range int8 weights as uint8 with zero point 128, see
+  :class:`_ExportLayer`) behind a per-channel ``DequantizeLinear``; biases are int32 at the
+  accumulator scale ``S_W * S_X`` (the grid :func:`lowbit.nn.accumulator.round_biases` puts
+  them on) behind their own ``DequantizeLinear``.
+* Integer ranges narrower than their ONNX type (3-bit codes, the restricted signed range) get a
+  ``Clip`` on the integers between ``QuantizeLinear`` and ``DequantizeLinear``, so onnxruntime
+  rounds exactly as the simulation.
+
+The TorchScript-based exporter (``dynamo=False``) writes the graph: it exports an
+``autograd.Function``'s ``symbolic`` (the two QDQ nodes above, a few lines), needs no onnxscript,
+and writes a MobileNet in under a second where the torch.export-based exporter takes over ten
+(and cannot trace fake-quantize ops at all; it would need a custom op and a translation table).
+It emits opset 20; INT4 initializers need opset 21, whose changes to the ops used here only add
+types, so the opset is raised after export.
 """
 from __future__ import annotations
 
-import operator
+import io
+import warnings
+from dataclasses import astuple
 from pathlib import Path
 
 import numpy as np
 import onnx
 import torch
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 from torch.nn import functional as F
 
-from lowbit.errors import ExportError
+from lowbit.deploy.lowering import Grid, Lowering, lower, with_grids
+from lowbit.errors import ExportError, LowbitError
 from lowbit.io import atomic_write
 from lowbit.nn.accumulator import accumulator_scale
-from lowbit.nn.layers import QUANT_LAYERS, QuantConv2d
+from lowbit.nn.layers import QuantConv2d
 from lowbit.nn.quantizer import AffineQuantizer, CorrectedQuantizer, affine_part
-from lowbit.transforms.fold import trace
 
 OPSET = 21  # INT4 / UINT4 QuantizeLinear and DequantizeLinear
+EXPORTER_OPSET = 20  # the newest the TorchScript exporter writes
 IR_VERSION = 10  # what opset 21 needs; onnx's default (its newest) may be newer than the runtime
-_RELU = {F.relu, torch.relu}
-_ADD = {operator.add, torch.add, operator.iadd}
+_TORCH_DTYPES = {np.uint8: torch.uint8, np.int8: torch.int8, np.int16: torch.int16,
+                 np.int32: torch.int32}
 
 
 def _integer_type(qmin: int, qmax: int, four_bit: bool = True):
@@ -47,347 +58,269 @@ def _integer_type(qmin: int, qmax: int, four_bit: bool = True):
     for onnx_type, dtype, lo, hi in (*(four if four_bit else ()),
                                      (TensorProto.UINT8, np.uint8, 0, 255),
                                      (TensorProto.INT8, np.int8, -128, 127),
-                                     (TensorProto.UINT16, np.uint16, 0, 65535),
                                      (TensorProto.INT16, np.int16, -32768, 32767)):
         if lo <= qmin and qmax <= hi:
             return onnx_type, dtype, lo, hi
     raise ExportError(f"integer range [{qmin}, {qmax}] fits no ONNX quantized type")
 
 
-class _Builder:
-    """Accumulates ONNX nodes and initializers with unique names."""
-
-    def __init__(self):
-        self.nodes, self.initializers, self.count = [], [], 0
-
-    def name(self, hint: str) -> str:
-        self.count += 1
-        return f"{hint}_{self.count}"
-
-    def const(self, hint: str, array, onnx_type=None) -> str:
-        name = self.name(hint)
-        array = np.asarray(array)
-        if onnx_type in (TensorProto.INT4, TensorProto.UINT4):
-            tensor = helper.make_tensor(name, onnx_type, array.shape, array.flatten().tolist())
-        else:
-            tensor = onnx.numpy_helper.from_array(array, name)
-        self.initializers.append(tensor)
-        return name
-
-    def op(self, op_type: str, inputs, hint: str, **attrs) -> str:
-        out = self.name(hint)
-        self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=out, **attrs))
-        return out
+def _constant(g, array: np.ndarray):
+    return g.op("Constant", value_t=torch.from_numpy(np.ascontiguousarray(array)))
 
 
-def _qdq_input(b: _Builder, x: str, q: AffineQuantizer, name: str) -> str:
-    if q.scale.dim():
-        raise ExportError(f"{name}: per-channel activation scales have no QDQ Conv form; "
-                          "quantize with a_per_channel: false")
-    qmin, qmax, zero = int(q.quant_min), int(q.quant_max), int(q.zero_point)
-    onnx_type, dtype, lo, hi = _integer_type(qmin, qmax)
-    if (qmin, qmax) != (lo, hi):  # narrower than its type: a Clip, which has no 4-bit form
-        onnx_type, dtype, lo, hi = _integer_type(qmin, qmax, four_bit=False)
-    scale = b.const(f"{name}.input_scale", np.float32(q.scale.item()))
-    zp = b.const(f"{name}.input_zero_point", np.array(zero, dtype=dtype), onnx_type)
-    codes = b.op("QuantizeLinear", [x, scale, zp], f"{name}.input_q")
-    if (qmin, qmax) != (lo, hi):
-        codes = b.op("Clip", [codes, b.const("qmin", np.array(qmin, dtype=dtype)),
-                              b.const("qmax", np.array(qmax, dtype=dtype))], f"{name}.input_clip")
-    return b.op("DequantizeLinear", [codes, scale, zp], f"{name}.input_dq")
+class _QDQ(torch.autograd.Function):
+    """Fake quantization onto a grid; exported as ``QuantizeLinear -> [Clip] -> DequantizeLinear``
+    (8- and 16-bit types: activations run the runtime's integer kernels at those widths)."""
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, qmin, qmax):
+        return Grid(scale, zero_point, qmin, qmax).fake_quantize(x)
+
+    @staticmethod
+    def symbolic(g, x, scale, zero_point, qmin, qmax):
+        _, dtype, lo, hi = _integer_type(qmin, qmax, four_bit=False)
+        s = _constant(g, np.array(scale, dtype=np.float32))
+        z = _constant(g, np.array(zero_point, dtype=dtype))
+        codes = g.op("QuantizeLinear", x, s, z)
+        if (qmin, qmax) != (lo, hi):
+            codes = g.op("Clip", codes, _constant(g, np.array(qmin, dtype=dtype)),
+                         _constant(g, np.array(qmax, dtype=dtype)))
+        return g.op("DequantizeLinear", codes, s, z)
 
 
-def _qdq_weight(b: _Builder, layer, name: str) -> str:
-    slot = layer.weight_quantizer
-    q = affine_part(slot)
-    if q is None:
-        raise ExportError(f"{name}: {type(slot).__name__} weights have no QDQ form (affine "
-                          "integer codes only)")
-    if not q.calibrated:
-        raise ExportError(f"{name}: the weight quantizer was never calibrated")
-    w = layer.weight.detach()
-    rows = w.shape[0]
-    codes = q.codes(w).to(torch.int64).numpy()
-    qmin, qmax = int(q.quant_min.min()), int(q.quant_max.max())
-    onnx_type, dtype, _, _ = _integer_type(qmin, qmax)
-    scale = q.scale.float().expand(rows) if q.scale.dim() == 0 else q.scale.float()
-    zero = q.zero_point.expand(rows) if q.zero_point.dim() == 0 else q.zero_point
-    if onnx_type == TensorProto.INT8 and (qmin < -64 or qmax > 63):
-        # x86 CPUs without AVX-512 VNNI multiply uint8 x int8 in pairs summed in saturating int16
-        # (vpmaddubsw): 255 * 127 * 2 overflows, and onnxruntime's fused QLinearConv is then
-        # wrong by several steps. uint8 codes with zero point 128 are the same q - Z, exactly,
-        # and take the uint8 x uint8 kernel, which does not saturate.
-        codes, zero, onnx_type, dtype = codes + 128, zero + 128, TensorProto.UINT8, np.uint8
-    weight = b.op("DequantizeLinear", [
-        b.const(f"{name}.weight_codes", codes.astype(dtype), onnx_type),
-        b.const(f"{name}.weight_scale", scale.numpy()),
-        b.const(f"{name}.weight_zero_point", zero.numpy().astype(dtype), onnx_type)],
-        f"{name}.weight", axis=0)
-    if isinstance(slot, CorrectedQuantizer) and slot.gain.numel():
-        shape = (-1,) + (1,) * (w.dim() - 1)
-        weight = b.op("Mul", [weight, b.const(f"{name}.gain",
-                                               slot.gain.reshape(shape).float().numpy())],
-                      f"{name}.weight_gain")
-        weight = b.op("Add", [weight, b.const(f"{name}.shift",
-                                               slot.shift.reshape(shape).float().numpy())],
-                      f"{name}.weight_shift")
-    return weight
+class _Dequantize(torch.autograd.Function):
+    """``S (q - Z)`` per output channel of integer codes; exported as ``DequantizeLinear``."""
+
+    @staticmethod
+    def forward(ctx, codes, scale, zero_point):
+        shape = (-1,) + (1,) * (codes.dim() - 1)
+        return (codes.float() - zero_point.float().reshape(shape)) * scale.reshape(shape)
+
+    @staticmethod
+    def symbolic(g, codes, scale, zero_point):
+        return g.op("DequantizeLinear", codes, scale, zero_point, axis_i=0)
 
 
-def _bias(b: _Builder, layer, name: str) -> list[str]:
-    if layer.bias is None:
-        return []
-    scale = accumulator_scale(layer)
-    if scale is None:  # no integer accumulator (e.g. a float input): a float bias
-        return [b.const(f"{name}.bias", layer.bias.detach().float().numpy())]
-    codes = torch.round(layer.bias.detach().double() / scale).to(torch.int32).numpy()
-    return [b.op("DequantizeLinear", [b.const(f"{name}.bias_codes", codes),
-                                      b.const(f"{name}.bias_scale", scale.float().numpy()),
-                                      b.const(f"{name}.bias_zero", np.zeros_like(codes))],
-                 f"{name}.bias", axis=0)]
+def _qdq(x: torch.Tensor, scale: float, zero_point: int, qmin: int, qmax: int) -> torch.Tensor:
+    return _QDQ.apply(x, scale, zero_point, qmin, qmax)
 
 
-def _layer(b: _Builder, layer, x: str, name: str) -> str:
-    q = layer.input_quantizer
-    if isinstance(q, AffineQuantizer):
+class _ExportLayer(nn.Module):
+    """A quantized Conv / Linear as the exporter should see it: its input QDQ (unless its
+    producer already put the tensor on that grid), integer weight codes and int32 bias codes as
+    buffers behind :class:`_Dequantize`, then the float op."""
+
+    def __init__(self, layer, name: str, input_grid: Grid | None):
+        super().__init__()
+        self.layer_name, self.input_grid = name, input_grid
+        self.conv = isinstance(layer, QuantConv2d)
+        if self.conv:
+            if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
+                raise ExportError(f"{name}: padding {layer.padding!r} / {layer.padding_mode} is "
+                                  "not exported (numeric zero padding only)")
+            self.options = dict(stride=layer.stride, padding=layer.padding,
+                                dilation=layer.dilation, groups=layer.groups)
+        slot = layer.weight_quantizer
+        q = affine_part(slot)
+        if q is None:
+            raise ExportError(f"{name}: {type(slot).__name__} weights have no QDQ form (affine "
+                              "integer codes only)")
         if not q.calibrated:
-            raise ExportError(f"{name}: the input quantizer was never calibrated")
-        x = _qdq_input(b, x, q, name)
-    elif not isinstance(q, nn.Identity):
-        raise ExportError(f"{name}: {type(q).__name__} inputs have no QDQ form")
-    weight = _qdq_weight(b, layer, name)
-    if isinstance(layer, QuantConv2d):
-        if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
-            raise ExportError(f"{name}: padding {layer.padding!r} / {layer.padding_mode} is not "
-                              "exported (numeric zero padding only)")
-        ph, pw = layer.padding
-        return b.op("Conv", [x, weight, *_bias(b, layer, name)], name,
-                    strides=list(layer.stride), pads=[ph, pw, ph, pw],
-                    dilations=list(layer.dilation), group=layer.groups,
-                    kernel_shape=list(layer.kernel_size))
-    return b.op("Gemm", [x, weight, *_bias(b, layer, name)], name, transB=1)
+            raise ExportError(f"{name}: the weight quantizer was never calibrated")
+        w = layer.weight.detach()
+        rows = w.shape[0]
+        codes = q.codes(w).to(torch.int64)
+        self.qmin, self.qmax = int(q.quant_min.min()), int(q.quant_max.max())
+        onnx_type, dtype, _, _ = _integer_type(self.qmin, self.qmax)
+        zero = (q.zero_point.expand(rows) if q.zero_point.dim() == 0 else q.zero_point).long()
+        if onnx_type == TensorProto.INT8 and (self.qmin < -64 or self.qmax > 63):
+            # x86 CPUs without AVX-512 VNNI multiply uint8 x int8 in pairs summed in saturating
+            # int16 (vpmaddubsw): 255 * 127 * 2 overflows, and onnxruntime's fused QLinearConv is
+            # then wrong by several steps. uint8 codes with zero point 128 are the same q - Z,
+            # exactly, and take the uint8 x uint8 kernel, which does not saturate.
+            codes, zero, dtype = codes + 128, zero + 128, np.uint8
+            self.qmin, self.qmax = self.qmin + 128, self.qmax + 128
+        torch_dtype = _TORCH_DTYPES[dtype]
+        self.register_buffer("weight_codes", codes.to(torch_dtype))
+        self.register_buffer("weight_scale", (q.scale.expand(rows) if q.scale.dim() == 0
+                                              else q.scale).float().clone())
+        self.register_buffer("weight_zero_point", zero.to(torch_dtype))
+        self.gain = self.shift = None
+        if isinstance(slot, CorrectedQuantizer) and slot.gain.numel():
+            shape = (-1,) + (1,) * (w.dim() - 1)
+            self.register_buffer("weight_gain", slot.gain.reshape(shape).float().clone())
+            self.register_buffer("weight_shift", slot.shift.reshape(shape).float().clone())
+            self.gain = True
+        self.bias_kind = None
+        if layer.bias is not None:
+            scale = accumulator_scale(layer)
+            if scale is None:  # no integer accumulator (a float input, say): a float bias
+                self.register_buffer("bias", layer.bias.detach().float().clone())
+                self.bias_kind = "float"
+            else:
+                bias = torch.round(layer.bias.detach().double() / scale).to(torch.int32)
+                self.register_buffer("bias_codes", bias)
+                self.register_buffer("bias_scale", scale.float())
+                self.register_buffer("bias_zero_point", torch.zeros_like(bias))
+                self.bias_kind = "int32"
+
+    def forward(self, x):
+        if self.input_grid is not None:
+            x = _QDQ.apply(x, *astuple(self.input_grid))
+        w = _Dequantize.apply(self.weight_codes, self.weight_scale, self.weight_zero_point)
+        if self.gain:
+            w = w * self.weight_gain + self.weight_shift
+        b = None
+        if self.bias_kind == "float":
+            b = self.bias
+        elif self.bias_kind == "int32":
+            b = _Dequantize.apply(self.bias_codes, self.bias_scale, self.bias_zero_point)
+        if self.conv:
+            return F.conv2d(x, w, b, **self.options)
+        return F.linear(x, w, b)
 
 
-def _slice(b: _Builder, x: str, index, name: str) -> str:
-    index = index if isinstance(index, tuple) else (index,)
-    starts, ends, axes, steps = [], [], [], []
-    for axis, s in enumerate(index):
-        if not isinstance(s, slice):
-            raise ExportError(f"{name}: only slice indexing is exported, got {s!r}")
-        if s == slice(None):
+def export_module(lowering: Lowering) -> nn.Module:
+    """The lowering as the module PyTorch's exporter writes: QDQ after every gridded tensor,
+    :class:`_ExportLayer` for every quantized layer."""
+    layers = {}
+    for node in lowering.graph_module.graph.nodes:
+        if lowering.kinds[node] != "layer":
             continue
-        starts.append(s.start or 0)
-        ends.append(s.stop if s.stop is not None else np.iinfo(np.int64).max)
-        axes.append(axis)
-        steps.append(s.step or 1)
-    ints = lambda v: b.const("slice", np.array(v, dtype=np.int64))  # noqa: E731
-    return b.op("Slice", [x, ints(starts), ints(ends), ints(axes), ints(steps)], name)
+        layer = lowering.modules[node.target]
+        q = layer.input_quantizer
+        grid = None
+        if isinstance(q, AffineQuantizer):
+            if not q.calibrated:
+                raise ExportError(f"{node.target}: the input quantizer was never calibrated")
+            if q.scale.dim():
+                raise ExportError(f"{node.target}: per-channel activation scales have no QDQ "
+                                  "Conv form; quantize with a_per_channel: false")
+            grid = Grid.of(q)
+            source = node.args[0]
+            if lowering.grids.get(source) == grid:
+                grid = None  # the producer's QDQ already rounds onto this grid
+        elif not isinstance(q, nn.Identity):
+            raise ExportError(f"{node.target}: {type(q).__name__} inputs have no QDQ form")
+        layers[node.target] = _ExportLayer(layer, node.target, grid)
+    return with_grids(lowering, lambda graph, node, grid: graph.call_function(
+        _qdq, (node, *astuple(grid))), layers)
 
 
-def _pad(b: _Builder, x: str, pad, rank: int, name: str) -> str:
-    """torch's (last-dim begin, end, previous-dim begin, end, ...) -> ONNX (begins..., ends...)."""
-    begins, ends = [0] * rank, [0] * rank
-    for i in range(len(pad) // 2):
-        begins[rank - 1 - i], ends[rank - 1 - i] = pad[2 * i], pad[2 * i + 1]
-    return b.op("Pad", [x, b.const("pads", np.array(begins + ends, dtype=np.int64))], name,
-                mode="constant")
-
-
-def to_onnx(qmodel: nn.Module, input_shape, residual_calib=None) -> onnx.ModelProto:
+def to_onnx(qmodel: nn.Module | Lowering, input_shape, calib=None, act_bits: int = 8,
+            residual_calib=None) -> onnx.ModelProto:
     """The QDQ ONNX model of ``qmodel`` for inputs of ``input_shape`` (any batch size).
 
-    By default the graph is the simulation exactly: residual adds in float. With
-    ``residual_calib`` (input batches) it is *fully quantized*, as integer runtimes need to run
-    every op in int8: the output of each residual add (after its ReLU) and each layer output that
-    feeds an add get a uint8 ``QuantizeLinear -> DequantizeLinear``, with the qparams of the
-    8-bit layer input it feeds if there is one (then the pair is the simulation's own rounding),
-    else a min-max range over ``residual_calib``. That rounding of the residual path is the one
-    place this graph departs from the simulation; benchmarks report its accuracy.
+    By default the graph is the simulation exactly. Given ``calib`` (input batches) it is the
+    fully quantized form (see :mod:`lowbit.deploy.lowering`): every tensor an integer, as integer
+    runtimes need to fuse every op into their integer kernels. A
+    :class:`~lowbit.deploy.lowering.Lowering` may be passed instead of the model.
+    ``residual_calib`` is the former name of ``calib`` (deprecated).
     """
-    traced, reason = trace(qmodel)
-    if traced is None:
-        raise ExportError(f"the model cannot be traced, so it cannot be exported: {reason}")
-    modules = dict(traced.named_modules())
-    with torch.no_grad():
-        shapes = _observe(traced, [torch.zeros(1, *input_shape[1:])])[0]
-    requantize = {}
     if residual_calib is not None:
-        points = _residual_points(traced.graph, modules)
-        roots = set(points.values())
-        with torch.no_grad():
-            _, ranges = _observe(traced, residual_calib, roots)
-        params = {root: _residual_qparams(root, modules, *ranges[root]) for root in roots}
-        requantize = {node: params[root] for node, root in points.items()}
-    b, env = _Builder(), {}
-    graph_input = helper.make_tensor_value_info("input", TensorProto.FLOAT,
-                                                ["batch", *input_shape[1:]])
-    output = None
-    for node in traced.graph.nodes:
-        args = [env.get(a, a) if isinstance(a, torch.fx.Node) else a for a in node.args]
-        module = modules.get(node.target) if node.op == "call_module" else None
-        if node.op == "placeholder":
-            env[node] = "input"
-        elif node.op == "output":
-            output, out_shape = args[0], ["batch", *shapes[node.args[0]].shape[1:]]
-        elif isinstance(module, QUANT_LAYERS):
-            env[node] = _layer(b, module, args[0], node.target)
-        else:
-            env[node] = _other(b, node, module, args, shapes)
-        if node in requantize:
-            env[node] = _qdq(b, env[node], *requantize[node], f"{node.name}.residual")
-    out_info = helper.make_tensor_value_info(output, TensorProto.FLOAT, out_shape)
-    graph = helper.make_graph(b.nodes, "lowbit", [graph_input], [out_info], b.initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
-                              producer_name="lowbit", ir_version=IR_VERSION)
+        warnings.warn("to_onnx(residual_calib=...) is now to_onnx(calib=...)",
+                      DeprecationWarning, stacklevel=2)
+        calib = residual_calib if calib is None else calib
+    try:
+        lowering = lower(qmodel, calib, act_bits)
+    except LowbitError as e:
+        raise ExportError(str(e)) from None
+    module = export_module(lowering)
+    example = torch.zeros(1, *input_shape[1:])
+    buffer = io.BytesIO()
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            # the TorchScript exporter warns that it is deprecated (see the module docstring)
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, (example,), buffer, dynamo=False,
+                              opset_version=EXPORTER_OPSET, input_names=["input"],
+                              output_names=["output"], do_constant_folding=False,
+                              dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
+    except Exception as e:  # the exporter raises SymbolicValueError, RuntimeError, ...
+        raise ExportError(f"PyTorch's ONNX exporter failed: {' '.join(str(e).split())[:300]}") \
+            from None
+    model = onnx.load_from_string(buffer.getvalue())
+    _unshare_initializers(model)
+    _scalar_qparams(model)
+    _narrow_weights(model, module)
+    model.opset_import[0].version = OPSET
+    model.ir_version = IR_VERSION
+    model.producer_name = "lowbit"
     onnx.checker.check_model(model)
     return model
 
 
-def _is_relu(node, modules) -> bool:
-    return (node.op == "call_function" and node.target in _RELU) or \
-        (node.op == "call_method" and node.target in ("relu", "relu_")) or \
-        (node.op == "call_module" and isinstance(modules[node.target], nn.ReLU))
-
-
-def _residual_points(graph, modules) -> dict:
-    """The float tensors of residual paths, each mapped to the tensor whose qparams it takes:
-    each add's output (its ReLU's, if that is its only user) and, followed back through slicing,
-    padding and identities, what each add adds. Slices and pads of a quantized tensor take its
-    qparams (zero padding is exact: 0 is on every grid), so the runtime adds integers. Global
-    average pooling outputs too (with the classifier's input qparams they cost nothing)."""
-    points = {}
-    for node in graph.nodes:
-        if not (node.op == "call_function" and node.target in _ADD):
-            continue
-        users = list(node.users)
-        out = users[0] if len(users) == 1 and _is_relu(users[0], modules) else node
-        points[out] = out
-        for operand in node.args[:2]:
-            chain = []
-            while isinstance(operand, torch.fx.Node) and (
-                    (operand.op == "call_function" and operand.target in (operator.getitem, F.pad))
-                    or (operand.op == "call_module"
-                        and isinstance(modules[operand.target], nn.Identity))):
-                chain.append(operand)
-                operand = operand.args[0]
-            if isinstance(operand, torch.fx.Node) and operand.op != "placeholder":
-                points[operand] = operand
-                points.update((link, operand) for link in chain
-                              if link.op == "call_function" and link.target is F.pad)
-    for node in graph.nodes:  # pooled features, so the runtime pools integers
-        module = modules.get(node.target) if node.op == "call_module" else None
-        if (node.op == "call_function" and node.target is F.adaptive_avg_pool2d) or \
-                isinstance(module, nn.AdaptiveAvgPool2d) or \
-                (node.op == "call_method" and node.target == "mean"):
-            points[node] = node
-            pooled = node.args[0]  # and what is pooled: a ReLU of a layer, say
-            if isinstance(pooled, torch.fx.Node) and pooled.op != "placeholder":
-                points.setdefault(pooled, pooled)
-    return points
-
-
-def _consumers(node, modules):
-    """``node``'s users, looking through flatten / view / reshape."""
-    for user in node.users:
-        if (user.op == "call_method" and user.target in ("flatten", "view", "reshape")) or \
-                (user.op == "call_function" and user.target is torch.flatten) or \
-                (user.op == "call_module" and isinstance(modules[user.target], nn.Flatten)):
-            yield from _consumers(user, modules)
+def _unshare_initializers(model: onnx.ModelProto) -> None:
+    """Undo the exporter's sharing of identical initializers (``Identity`` nodes from one
+    layer's buffer to another's name): each layer keeps its own named codes and qparams."""
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    kept = []
+    for node in graph.node:
+        if node.op_type == "Identity" and node.input[0] in initializers:
+            copy = onnx.TensorProto()
+            copy.CopyFrom(initializers[node.input[0]])
+            copy.name = node.output[0]
+            graph.initializer.append(copy)
+            initializers[copy.name] = copy
         else:
-            yield user
+            kept.append(node)
+    del graph.node[:]
+    graph.node.extend(kept)
 
 
-def _residual_qparams(node, modules, lo: float, hi: float):
-    """(scale, zero point) of uint8 for a residual tensor: an 8-bit consumer's, else min-max."""
-    for user in _consumers(node, modules):
-        q = getattr(modules.get(user.target), "input_quantizer", None) \
-            if user.op == "call_module" else None
-        if isinstance(q, AffineQuantizer) and q.calibrated and q.scale.dim() == 0 and \
-                (int(q.quant_min), int(q.quant_max)) == (0, 255):
-            return float(q.scale), int(q.zero_point)
-    lo, hi = min(lo, 0.0), max(hi, 0.0)
-    scale = (hi - lo) / 255 or 1.0
-    return scale, int(np.clip(round(-lo / scale), 0, 255))
+def _scalar_qparams(model: onnx.ModelProto) -> None:
+    """Turn the exporter's one-element ``Constant`` nodes feeding QuantizeLinear /
+    DequantizeLinear / Clip into scalar initializers: onnxruntime fuses a DQ -> Add -> Q group
+    into ``QLinearAdd`` only when its qparams are scalar initializers."""
+    graph = model.graph
+    constants = {n.output[0]: n for n in graph.node if n.op_type == "Constant"}
+    moved = set()
+    for node in graph.node:
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear", "Clip"):
+            continue
+        for name in node.input[1:]:
+            if name in constants and name not in moved:
+                value = numpy_helper.to_array(constants[name].attribute[0].t)
+                if value.size == 1:
+                    graph.initializer.append(numpy_helper.from_array(value.reshape(()), name))
+                    moved.add(name)
+    kept = [n for n in graph.node if not (n.op_type == "Constant" and n.output[0] in moved)]
+    del graph.node[:]
+    graph.node.extend(kept)
 
 
-def _qdq(b: _Builder, x: str, scale: float, zero: int, name: str) -> str:
-    scale_name = b.const(f"{name}_scale", np.float32(scale))
-    zp = b.const(f"{name}_zero_point", np.array(zero, dtype=np.uint8))
-    return b.op("DequantizeLinear", [b.op("QuantizeLinear", [x, scale_name, zp], f"{name}_q"),
-                                     scale_name, zp], f"{name}_dq")
+def _narrow_weights(model: onnx.ModelProto, module: nn.Module) -> None:
+    """Store the codes and zero points of <= 4-bit weights as INT4 / UINT4 initializers (torch
+    has no 4-bit dtype to export them with)."""
+    types = {}
+    for name, layer in module.named_modules():
+        if isinstance(layer, _ExportLayer):
+            onnx_type = _integer_type(layer.qmin, layer.qmax)[0]
+            if onnx_type in (TensorProto.INT4, TensorProto.UINT4):
+                types[f"{name}.weight_codes"] = onnx_type
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    narrowed = set()
+    for node in graph.node:
+        if node.op_type != "DequantizeLinear" or node.input[0] not in types:
+            continue
+        onnx_type = types[node.input[0]]
+        for slot in (0, 2):
+            tensor = initializers[node.input[slot]]
+            values = numpy_helper.to_array(tensor)
+            tensor.CopyFrom(helper.make_tensor(tensor.name, onnx_type, values.shape,
+                                               values.flatten().tolist()))
+        narrowed.add(node.name)
+    if len(narrowed) != len(types):
+        raise ExportError(f"{len(types) - len(narrowed)} 4-bit weights were not found in the "
+                          "exported graph")
 
 
-def _other(b: _Builder, node, module, args, shapes) -> str:
-    """The ONNX form of a non-layer node, or an ExportError naming it."""
-    x = args[0] if args else None
-    if isinstance(module, nn.Identity) or (node.op == "call_method"
-                                           and node.target == "contiguous"):
-        return x
-    if (node.op == "call_function" and node.target in _RELU) or isinstance(module, nn.ReLU) \
-            or (node.op == "call_method" and node.target in ("relu", "relu_")):
-        return b.op("Relu", [x], node.name)
-    if node.op == "call_function" and node.target in _ADD:
-        return b.op("Add", args[:2], node.name)
-    if (node.op == "call_function" and node.target is F.adaptive_avg_pool2d
-            and tuple(np.atleast_1d(args[1])) in ((1,), (1, 1))) or \
-            (isinstance(module, nn.AdaptiveAvgPool2d)
-             and tuple(np.atleast_1d(module.output_size)) in ((1,), (1, 1))):
-        return b.op("GlobalAveragePool", [x], node.name)
-    if node.op == "call_method" and node.target == "mean":
-        dims = tuple(args[1] if len(args) > 1 else node.kwargs.get("dim"))
-        keep = bool(node.kwargs.get("keepdim", False))
-        if dims in ((2, 3), (-2, -1)) and len(shapes[node.args[0]].shape) == 4:
-            pooled = b.op("GlobalAveragePool", [x], node.name)  # integer runtimes have this one
-            return pooled if keep else b.op("Flatten", [pooled], f"{node.name}_flat", axis=1)
-        return b.op("ReduceMean", [x, b.const("axes", np.array(dims, dtype=np.int64))],
-                    node.name, keepdims=int(keep))
-    if isinstance(module, nn.MaxPool2d) and not module.ceil_mode and module.dilation in (1, (1, 1)):
-        k, s, p = (np.broadcast_to(v, 2).tolist() for v in
-                   (module.kernel_size, module.stride, module.padding))
-        return b.op("MaxPool", [x], node.name, kernel_shape=k, strides=s, pads=p + p)
-    if (node.op == "call_function" and node.target is torch.flatten) or \
-            (node.op == "call_method" and node.target == "flatten") or \
-            isinstance(module, nn.Flatten):
-        start = module.start_dim if module is not None else (args[1] if len(args) > 1 else 0)
-        if start != 1 or len(shapes[node].shape) != 2:
-            raise ExportError(f"{node.name}: only flatten(1) to a matrix is exported")
-        return b.op("Flatten", [x], node.name, axis=1)
-    if node.op == "call_method" and node.target in ("view", "reshape"):
-        shape = [-1, *shapes[node].shape[1:]]
-        return b.op("Reshape", [x, b.const("shape", np.array(shape, dtype=np.int64))], node.name)
-    if node.op == "call_function" and node.target is operator.getitem:
-        return _slice(b, x, args[1], node.name)
-    if node.op == "call_function" and node.target is F.pad and \
-            node.kwargs.get("mode", "constant") == "constant" and not node.kwargs.get("value"):
-        return _pad(b, x, args[1], len(shapes[node.args[0]].shape), node.name)
-    what = type(module).__name__ if module is not None else \
-        getattr(node.target, "__name__", str(node.target))
-    raise ExportError(f"{node.name}: {what} has no ONNX export in lowbit")
-
-
-def _observe(traced, inputs, nodes=()) -> tuple[dict, dict]:
-    """Run ``traced`` on each input batch: (every node's output on the last batch, the running
-    (min, max) of each of ``nodes``)."""
-    outputs, ranges = {}, {}
-    interpreter = torch.fx.Interpreter(traced)
-    original = interpreter.run_node
-
-    def record(node):
-        outputs[node] = value = original(node)
-        if node in nodes:
-            lo, hi = ranges.get(node, (float("inf"), float("-inf")))
-            ranges[node] = (min(lo, value.min().item()), max(hi, value.max().item()))
-        return value
-
-    interpreter.run_node = record
-    for batch in inputs:
-        interpreter.run(batch[0] if isinstance(batch, (tuple, list)) else batch)
-    return outputs, ranges
-
-
-def export_onnx(qmodel: nn.Module, path, input_shape, residual_calib=None) -> Path:
+def export_onnx(qmodel: nn.Module, path, input_shape, calib=None, act_bits: int = 8,
+                residual_calib=None) -> Path:
     """Write ``qmodel`` as a QDQ ONNX file (atomically; see :func:`to_onnx`); returns the path."""
-    model = to_onnx(qmodel, input_shape, residual_calib)
+    model = to_onnx(qmodel, input_shape, calib, act_bits, residual_calib)
     return atomic_write(path, lambda tmp: onnx.save(model, tmp))
 
 

@@ -52,7 +52,8 @@ PARAMS_PER_FILE_BYTE, PARAMS_SLACK = 8, 2 ** 20
 
 
 def resolve_model(spec: str, trust_model_code: bool | str = True) -> ModelInfo:
-    """The registry entry of a model spec, or an entry for ``package.module:factory``.
+    """The registry entry of a model spec, or an entry for ``package.module:factory``
+    (``torchvision:NAME`` names torchvision's builder ``NAME``).
 
     ``trust_model_code`` says whether importing ``package.module`` is allowed: True (a spec the
     caller wrote itself), False (a spec read from a file: only lowbit's registry and
@@ -66,6 +67,8 @@ def resolve_model(spec: str, trust_model_code: bool | str = True) -> ModelInfo:
         raise ModelError(f"unknown model {spec!r}: use one of {', '.join(MODELS)} "
                          "or package.module:factory")
     module_name, _, attr = spec.partition(":")
+    if module_name == "torchvision":  # torchvision:NAME, short for torchvision.models:NAME
+        module_name = "torchvision.models"
     builder = _torchvision_builder(module_name, attr)
     if builder is not None:
         return ModelInfo(builder, 0, None, None)

@@ -7,7 +7,10 @@ A BN fed by a conv (or linear) whose output has no other user is folded into it:
 """
 from __future__ import annotations
 
+import os
+import traceback
 import warnings
+from pathlib import Path
 
 import torch
 from torch import fx, nn
@@ -21,7 +24,18 @@ def trace(model: nn.Module) -> tuple[fx.GraphModule | None, str]:
     try:
         return fx.symbolic_trace(model), ""
     except Exception as e:  # fx raises TraceError, TypeError, NotImplementedError, ...
-        return None, f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        return None, f"{type(e).__name__}: {str(e).splitlines()[0][:160]}{_where(e)}"
+
+
+def _where(error: Exception) -> str:
+    """`` at FILE:LINE (code)``: the model's own line where tracing failed (the last frame
+    outside torch), or "" if none."""
+    frames = [f for f in traceback.extract_tb(error.__traceback__)
+              if f"{os.sep}torch{os.sep}" not in f.filename]
+    if not frames:
+        return ""
+    f = frames[-1]
+    return f" at {Path(f.filename).name}:{f.lineno} ({(f.line or '').strip()[:80]})"
 
 
 def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, str]:

@@ -1,0 +1,393 @@
+"""One description of a quantized network for every backend: simulation, integer engine, ONNX.
+
+:func:`lower` traces a quantized model (from :func:`lowbit.quantize` or a training method) and
+returns a :class:`Lowering`: the FX graph, and for every node
+
+* its **kind**, one entry of :data:`KINDS` (found by :func:`kind_of` from one table of
+  functions, methods and module types): what the node means on an integer device;
+* its **grid**, a :class:`Grid` ``(S, Z, q_min, q_max)`` when the device holds that tensor as
+  integers ``q`` standing for ``S (q - Z)``, or None: a float tensor (before the first
+  quantizer), the last layer's int32 accumulator (the output, dequantized once), or, in the
+  simulation form, an int32 "stream" that the engine keeps at a fine scale.
+
+Every backend is a small translator of that description. The simulation
+(:meth:`Lowering.simulation`) runs the graph in float and fake-quantizes every tensor that has a
+grid; the integer engine (:class:`lowbit.deploy.IntegerEngine`) gives each kind an integer kernel;
+the ONNX writer (:func:`lowbit.deploy.to_onnx`) puts ``QuantizeLinear -> DequantizeLinear`` on
+the same tensors and lets PyTorch's exporter write every float op. Adding an op is one table
+entry here and, if it moves integers in a new way, one kernel in the engine. Since the three
+read one set of grids, "the simulation quantizes exactly what the device quantizes" holds by
+construction.
+
+Two forms, one set of rules:
+
+* **simulation form** (``calib=None``): grids only where the model's own quantizers round, so the
+  simulation computes what the model computes. Residual adds and pooling stay off any 8-bit grid
+  (the engine keeps them as int32 streams, ONNX as float).
+* **fully quantized** (``calib`` batches): every tensor after the first quantizer is an integer,
+  as integer runtimes need. Where a tensor's grid is not fixed by the rules below, it gets an
+  ``act_bits`` asymmetric min-max grid from a running min / max over ``calib`` (no activations
+  are stored).
+
+The rules (TFLite's integer conventions; Jacob et al. 2018):
+
+1. **Moves** (reshapes, slicing, chunks, zero padding, dropout, max pooling, nearest upsampling)
+   and **clamps** on a grid keep their input's grid: they move or clamp integers. Bilinear
+   resizing also keeps it (and rounds onto it, as TFLite's ``RESIZE_BILINEAR``).
+2. A clamp (ReLU, ReLU6, hardtanh, clamp) that is the only user of a rescaling node is *fused*
+   into it: the node writes straight onto the clamp's output grid, the clamp's bounds becoming
+   integer bounds. This is exact: rounding is monotone, so
+   ``fq(clamp(y, lo, hi)) == clamp(round(y / S) + Z, Z + round(lo / S), Z + round(hi / S))``.
+3. A **rescaling** node (Conv / Linear, add, mul, concat, average pooling, a lookup-table
+   activation, batch norm left unfolded) writes onto the input grid of its consumers when those
+   are quantized layers sharing one grid (seen through moves), so the device's requantization is
+   the layer's own input rounding and costs nothing; else onto a calibrated grid (fully
+   quantized) or none (simulation form).
+4. A layer whose only consumer is the graph output keeps its int32 accumulator.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import astuple, dataclass
+
+import torch
+from torch import fx, nn
+from torch.nn import functional as F
+
+from lowbit.errors import CalibrationError, DataError, ModelError
+from lowbit.nn.layers import QUANT_LAYERS
+from lowbit.nn.quantizer import AffineQuantizer, affine_part
+from lowbit.quant.affine import affine_qparams, fake_quantize
+from lowbit.transforms.fold import trace
+
+# What each kind means on an integer device (the engine has one kernel per kind).
+KINDS = {
+    "layer": "Conv / Linear: int32 accumulation, fixed-point requantization",
+    "clamp": "ReLU, ReLU6, hardtanh, clamp: integer bounds",
+    "lut": "a smooth elementwise function: a table over the input's integer codes",
+    "add": "elementwise sum: operands rescaled to the output grid",
+    "mul": "elementwise product (squeeze-excite): one fixed-point rescale",
+    "concat": "inputs requantized to the output grid",
+    "avgpool": "average pooling: integer sums times 1/n",
+    "maxpool": "max pooling on integers",
+    "resize": "nearest (integer copies) or bilinear (interpolated integers) upsampling",
+    "move": "reshape, permute, slice, chunk, pad, dropout: integers moved, not changed",
+    "meta": "a non-tensor value (a size, an index)",
+}
+MOVES = {"move", "maxpool"}            # pure data movement: the output is on the input's grid
+KEEPS_GRID = MOVES | {"clamp", "resize"}
+
+_CLAMP = {F.relu: (0.0, math.inf), torch.relu: (0.0, math.inf), F.relu6: (0.0, 6.0),
+          F.hardtanh: (-1.0, 1.0), torch.clamp: (-math.inf, math.inf),
+          torch.clip: (-math.inf, math.inf)}
+_CLAMP_METHODS = {"relu": (0.0, math.inf), "relu_": (0.0, math.inf),
+                  "clamp": (-math.inf, math.inf), "clip": (-math.inf, math.inf)}
+_FUNCTIONS = {
+    **{f: "lut" for f in (F.hardswish, F.hardsigmoid, F.silu, F.gelu, F.leaky_relu, F.elu,
+                          F.sigmoid, torch.sigmoid, F.tanh, torch.tanh, F.mish, F.softplus,
+                          F.prelu)},
+    operator.add: "add", torch.add: "add", operator.iadd: "add",
+    operator.mul: "mul", torch.mul: "mul", operator.imul: "mul",
+    operator.sub: "sub", torch.sub: "sub", operator.truediv: "div", torch.div: "div",
+    torch.cat: "concat", torch.concat: "concat",
+    F.adaptive_avg_pool2d: "avgpool", F.avg_pool2d: "avgpool",
+    F.max_pool2d: "maxpool", F.interpolate: "resize",
+    torch.flatten: "move", torch.reshape: "move", torch.transpose: "move",
+    torch.permute: "move", torch.squeeze: "move", torch.unsqueeze: "move",
+    torch.chunk: "move", torch.split: "move", operator.getitem: "move", F.pad: "move",
+    F.dropout: "move",
+    getattr: "meta", operator.floordiv: "meta",
+}
+_METHODS = {
+    **{m: "move" for m in ("flatten", "view", "reshape", "permute", "transpose", "contiguous",
+                           "squeeze", "unsqueeze", "chunk", "split")},
+    "sigmoid": "lut", "tanh": "lut", "add": "add", "mul": "mul", "mean": "avgpool",
+    "size": "meta", "dim": "meta",
+}
+_MODULES = (
+    ((nn.ReLU, nn.ReLU6, nn.Hardtanh), "clamp"),
+    ((nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.SiLU, nn.GELU, nn.Tanh, nn.LeakyReLU,
+      nn.PReLU, nn.ELU, nn.Mish, nn.Softplus, nn.BatchNorm1d, nn.BatchNorm2d), "lut"),
+    ((nn.AdaptiveAvgPool2d, nn.AvgPool2d), "avgpool"),
+    ((nn.MaxPool2d,), "maxpool"),
+    ((nn.Upsample,), "resize"),
+    ((nn.Flatten, nn.Identity, nn.Dropout, nn.Dropout2d), "move"),
+)
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Per-tensor integer qparams: ``q`` in ``[qmin, qmax]`` stands for ``scale * (q - zero_point)``
+    (``scale`` a float32 value, as the quantizers hold it)."""
+
+    scale: float
+    zero_point: int
+    qmin: int
+    qmax: int
+
+    @classmethod
+    def of(cls, q: nn.Module) -> "Grid | None":
+        """The grid of a calibrated per-tensor affine quantizer, else None."""
+        if not (isinstance(q, AffineQuantizer) and q.calibrated and q.scale.dim() == 0):
+            return None
+        return cls(float(q.scale), int(q.zero_point), int(q.quant_min), int(q.quant_max))
+
+    @classmethod
+    def covering(cls, lo: float, hi: float, bits: int) -> "Grid":
+        """The asymmetric unsigned ``bits``-bit grid of [lo, hi] (widened to hold 0)."""
+        qmax = 2 ** bits - 1
+        scale, zero = affine_qparams(torch.tensor(lo), torch.tensor(hi), 0, qmax, symmetric=False)
+        return cls(float(scale), int(zero), 0, qmax)
+
+    @property
+    def bound(self) -> int:
+        """The largest ``|q - Z|`` on the grid."""
+        return max(abs(self.qmin - self.zero_point), abs(self.qmax - self.zero_point))
+
+    def code(self, value: float) -> int:
+        """The code of a real value, clamped to the grid (infinities to its ends)."""
+        if math.isinf(value):
+            return self.qmax if value > 0 else self.qmin
+        return int(min(max(round(value / self.scale) + self.zero_point, self.qmin), self.qmax))
+
+    def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
+        """``S (clamp(round(x / S) + Z, q_min, q_max) - Z)``, as the layer quantizers compute it."""
+        t = lambda v: torch.tensor(float(v), dtype=torch.float32)  # noqa: E731
+        return fake_quantize(x, t(self.scale), t(self.zero_point), t(self.qmin), t(self.qmax))
+
+
+def clamp_bounds(node: fx.Node, module: nn.Module | None) -> tuple[float, float]:
+    """(lo, hi) of a clamp node, read from its module (None for a function or method) or its
+    arguments."""
+    if isinstance(module, nn.Hardtanh):  # ReLU6 is a Hardtanh(0, 6)
+        return float(module.min_val), float(module.max_val)
+    if isinstance(module, nn.ReLU):
+        return 0.0, math.inf
+    lo, hi = (_CLAMP_METHODS if node.op == "call_method" else _CLAMP)[node.target]
+    names = ("min_val", "max_val") if node.target is F.hardtanh else ("min", "max")
+    given = list(node.args[1:3])
+    given += [None] * (2 - len(given))
+    for i, key in enumerate(names):
+        if key in node.kwargs:
+            given[i] = node.kwargs[key]
+    if node.target in (F.relu, torch.relu, F.relu6) or node.target in ("relu", "relu_"):
+        return lo, hi
+    lo = float(given[0]) if given[0] is not None else lo
+    hi = float(given[1]) if given[1] is not None else hi
+    return lo, hi
+
+
+def _tensor_args(node: fx.Node) -> list[fx.Node]:
+    """The node arguments of ``node`` (inside lists too, as ``torch.cat`` takes them)."""
+    found = []
+    fx.node.map_arg((node.args, node.kwargs), lambda a: found.append(a) or a)
+    return found
+
+
+def kind_of(node: fx.Node, modules: dict, meta: set) -> str | None:
+    """The :data:`KINDS` entry of a node, or None for an op lowbit has no integer form of.
+    ``meta`` holds the nodes already known to compute non-tensor values."""
+    inputs = _tensor_args(node)
+    if node.op == "call_module":
+        module = modules[node.target]
+        if isinstance(module, QUANT_LAYERS):
+            return "layer"
+        return next((kind for types, kind in _MODULES if isinstance(module, types)), None)
+    if node.op == "call_method":
+        kind = "clamp" if node.target in _CLAMP_METHODS else _METHODS.get(node.target)
+    elif node.op == "call_function":
+        kind = "clamp" if node.target in _CLAMP else _FUNCTIONS.get(node.target)
+        if getattr(node.target, "__name__", "") == "stochastic_depth" and \
+                node.kwargs.get("training", node.args[3] if len(node.args) > 3 else True) is False:
+            kind = "move"  # torchvision's StochasticDepth in eval mode is the identity
+    else:
+        return None
+    if inputs and all(a in meta for a in inputs):
+        return "meta"  # arithmetic on sizes
+    tensors = [a for a in inputs if a not in meta]
+    if kind in ("add", "mul", "sub", "div"):
+        # one tensor and constants: an elementwise function of one integer tensor
+        return "lut" if len(tensors) == 1 else (kind if kind in ("add", "mul") else None)
+    return kind
+
+
+@dataclass
+class Lowering:
+    """A traced quantized model with each node's kind and each tensor's grid (see the module
+    docstring). ``fused[n]`` is the clamp node that node ``n`` writes through."""
+
+    graph_module: fx.GraphModule
+    modules: dict
+    kinds: dict
+    grids: dict
+    fused: dict
+    quantized: set
+    fully_quantized: bool
+
+    def layer_grid(self, node: fx.Node) -> Grid | None:
+        """The input grid of a quantized layer node (its quantizer's)."""
+        return Grid.of(self.modules[node.target].input_quantizer)
+
+    def output_grid(self, node: fx.Node) -> Grid | None:
+        """The grid that ``node``'s computation writes onto: its own, or its fused clamp's."""
+        return self.grids.get(self.fused.get(node, node))
+
+    def simulation(self) -> fx.GraphModule:
+        """The fake-quant simulation of this form: the model with every gridded tensor
+        fake-quantized (in the simulation form, the model itself up to idempotent roundings)."""
+        return with_grids(self, lambda graph, node, grid: graph.call_function(
+            _fake_quantize, (node, *astuple(grid))))
+
+
+def _fake_quantize(x: torch.Tensor, scale: float, zero_point: int, qmin: int, qmax: int):
+    """:meth:`Grid.fake_quantize` as a graph function (generated code holds plain numbers)."""
+    return Grid(scale, zero_point, qmin, qmax).fake_quantize(x)
+
+
+def with_grids(lowering: Lowering, quantize, layers: dict | None = None) -> fx.GraphModule:
+    """A copy of the lowered graph where ``quantize(graph, node, grid)`` adds a node after every
+    tensor that has a grid, and the layer modules named in ``layers`` are replaced."""
+    source = lowering.graph_module
+    graph = fx.Graph()
+    env: dict = {}
+    for node in source.graph.nodes:
+        new = graph.node_copy(node, lambda a: env[a])
+        grid = lowering.grids.get(node)
+        if grid is not None:
+            with graph.inserting_after(new):
+                new = quantize(graph, new, grid)
+        env[node] = new
+    root = dict(source.named_modules())
+    root.update(layers or {})
+    module = fx.GraphModule(root, graph, class_name="LoweredModel")
+    return module.eval()
+
+
+def lower(qmodel: nn.Module, calib=None, act_bits: int = 8) -> Lowering:
+    """The :class:`Lowering` of ``qmodel``: the simulation form, or, given ``calib`` (an iterable
+    of input batches or ``(input, target)`` pairs), the fully quantized form with
+    ``act_bits``-bit grids where the rules leave a tensor free."""
+    if isinstance(qmodel, Lowering):
+        return qmodel
+    traced, reason = trace(qmodel)
+    if traced is None:
+        raise ModelError(f"the model cannot be traced, so it cannot be lowered to integers: "
+                         f"{reason}; wrap the untraceable call with torch.fx.wrap, or make its "
+                         "module a leaf of the tracer")
+    if not 2 <= act_bits <= 16:
+        raise ModelError(f"act_bits must be in 2..16, got {act_bits}")
+    modules = dict(traced.named_modules())
+    nodes = list(traced.graph.nodes)
+    kinds, meta = {}, set()
+    for node in nodes:
+        kinds[node] = kind_of(node, modules, meta)
+        if kinds[node] == "meta":
+            meta.add(node)
+    quantized = _quantized_region(nodes, modules, kinds)
+    lowering = Lowering(traced, modules, kinds, {}, {}, quantized, calib is not None)
+    free = _assign_grids(lowering, nodes)
+    if calib is not None and free:
+        ranges = _observe_ranges(traced, calib, free)
+        for node in free:
+            lowering.grids[node] = Grid.covering(*ranges[node], act_bits)
+    return lowering
+
+
+def _quantized_region(nodes, modules, kinds) -> set:
+    """The nodes whose value is an integer tensor on the device: quantized layers with affine
+    integer weights and inputs, and every tensor node computed from one."""
+    region = set()
+    for node in nodes:
+        if kinds[node] == "meta":
+            continue
+        if kinds[node] == "layer":
+            layer = modules[node.target]
+            if affine_part(layer.weight_quantizer) is not None and \
+                    isinstance(layer.input_quantizer, AffineQuantizer):
+                region.add(node)
+        elif any(a in region for a in _tensor_args(node)):
+            region.add(node)
+    return region
+
+
+def _consumer_grid(lowering: Lowering, node) -> Grid | None:
+    """The one input grid of ``node``'s consumers when all are quantized layers (seen through
+    moves), else None."""
+    grids, frontier = set(), list(node.users)
+    while frontier:
+        user = frontier.pop()
+        kind = lowering.kinds.get(user)
+        if kind in MOVES:
+            frontier.extend(user.users)
+        elif kind == "layer" and user in lowering.quantized and lowering.layer_grid(user):
+            grids.add(lowering.layer_grid(user))
+        else:
+            return None
+    return grids.pop() if len(grids) == 1 else None
+
+
+def _assign_grids(lowering: Lowering, nodes) -> list:
+    """Rules 1-4 of the module docstring; returns the nodes left for calibration (fully
+    quantized form only)."""
+    free = []
+    for node in nodes:
+        if node not in lowering.quantized or node.op == "output" or \
+                node in lowering.fused.values():
+            continue
+        kind = lowering.kinds[node]
+        users = list(node.users)
+        if kind in KEEPS_GRID:
+            source = next((a for a in _tensor_args(node) if a in lowering.quantized), None)
+            if source is not None and lowering.output_grid(source) is not None:
+                lowering.grids[node] = lowering.output_grid(source)
+            continue
+        target = users[0] if len(users) == 1 and _fusable_clamp(lowering, users[0]) else node
+        if kind == "layer" and all(u.op == "output" for u in target.users):
+            continue  # the output accumulator
+        grid = _consumer_grid(lowering, target)
+        if grid is None and not lowering.fully_quantized:
+            continue
+        if target is not node:
+            lowering.fused[node] = target
+        if grid is None:
+            free.append(target)
+        else:
+            lowering.grids[target] = grid
+    return free
+
+
+def _fusable_clamp(lowering: Lowering, node) -> bool:
+    """A clamp that is the only user of a rescaling node (rule 2)."""
+    if lowering.kinds.get(node) != "clamp":
+        return False
+    source = node.args[0] if node.args else None
+    return isinstance(source, fx.Node) and len(source.users) == 1 and \
+        lowering.kinds.get(source) not in KEEPS_GRID | {None, "meta"} and \
+        source in lowering.quantized
+
+
+@torch.no_grad()
+def _observe_ranges(traced: fx.GraphModule, calib, nodes) -> dict:
+    """Running (min, max) of each node in ``nodes`` over the calibration batches."""
+    ranges, wanted = {}, set(nodes)
+    interpreter = fx.Interpreter(traced)
+    run_node = interpreter.run_node
+
+    def record(node):
+        value = run_node(node)
+        if node in wanted:
+            if not torch.isfinite(value).all():
+                raise CalibrationError(f"{node.name}: NaN or Inf in the calibration activations")
+            lo, hi = ranges.get(node, (math.inf, -math.inf))
+            ranges[node] = (min(lo, value.min().item()), max(hi, value.max().item()))
+        return value
+
+    interpreter.run_node = record
+    seen = 0
+    for batch in calib:
+        interpreter.run(batch[0] if isinstance(batch, (tuple, list)) else batch)
+        seen += 1
+    if not seen:
+        raise DataError("the calibration data for the fully quantized form is empty")
+    return ranges
