@@ -75,5 +75,5 @@ class Neck(nn.Module):
         y = self.bn(y + x)
         y = y * torch.sigmoid(self.gate(F.adaptive_avg_pool2d(y, 1)))
         y = torch.clamp(F.pad(y[:, :, 1:, 1:], (0, 1, 0, 1)), -3.0, 3.0)
-        y = F.adaptive_avg_pool2d(y, 2).permute(0, 2, 3, 1).reshape(len(y), -1)
+        y = F.adaptive_avg_pool2d(y, 2).permute(0, 2, 3, 1).reshape(y.shape[0], -1)
         return self.head(F.dropout(y, 0.1, self.training))

@@ -54,6 +54,9 @@ Where simulation and engine can differ (every one is below half an output step):
   simulation (``int_bias``), otherwise the two differ by up to half a step of ``S_W * S_X``.
 * The residual stream has a finite step (``2^-16`` of the next rounding step), where the
   simulation's float path has none; so has the add's intermediate sum.
+* Bilinear upsampling by 2 puts many values exactly on a half step (weights 1/4 and 3/4): the
+  engine rounds those exact ties half to even, the float simulation sees them a float32 error
+  away and rounds either way (a few percent of the upsampled values, one step each).
 * Zero points are subtracted before the products (the device's offset trick gives the same
   integers), and zero padding pads with ``Z_X``, which is real zero, as in the simulation.
 
@@ -180,6 +183,7 @@ class IntegerEngine:
     :class:`~lowbit.deploy.lowering.Lowering` may be passed instead of the model, so the engine,
     the simulation and the ONNX graph share one. ``engine(x)`` returns float logits (the last
     accumulator, dequantized); ``engine.run(x)`` returns them as a :class:`QTensor`.
+    ``engine.fused`` maps each node to the clamp it writes through.
     """
 
     def __init__(self, qmodel: nn.Module | Lowering, calib=None, act_bits: int = 8):
@@ -187,7 +191,8 @@ class IntegerEngine:
         graph_module = self.lowering.graph_module
         self.graph, self.modules = graph_module.graph, self.lowering.modules
         self.kinds = self.lowering.kinds
-        self.clamps = set(self.lowering.fused.values())
+        self.fused = self.lowering.fused
+        self.clamps = set(self.fused.values())
         self.layers, self.tables = {}, {}
         for node in self.graph.nodes:
             if self.kinds[node] == "layer":
@@ -220,8 +225,10 @@ class IntegerEngine:
         return self.run(x).dequantize()
 
     @torch.no_grad()
-    def run(self, x: torch.Tensor) -> QTensor:
-        env: dict = {}
+    def run(self, x: torch.Tensor, values: dict | None = None) -> QTensor:
+        """The output as a :class:`QTensor`; ``values``, if given, receives every node's value
+        (to inspect or test one kernel at a time)."""
+        env: dict = {} if values is None else values
         for node in self.graph.nodes:
             if node.op == "placeholder":
                 env[node] = x
@@ -276,7 +283,7 @@ class IntegerEngine:
 
     def _bounds(self, node, grid: Grid) -> tuple[int, int]:
         """The integer bounds of ``node``'s output: its fused clamp's, else the grid's."""
-        clamp = self.lowering.fused.get(node)
+        clamp = self.fused.get(node)
         if clamp is None:
             return grid.qmin, grid.qmax
         lo, hi = clamp_bounds(clamp, self._module(clamp))

@@ -291,6 +291,7 @@ def lower(qmodel: nn.Module, calib=None, act_bits: int = 8) -> Lowering:
         ranges = _observe_ranges(traced, calib, free)
         for node in free:
             lowering.grids[node] = Grid.covering(*ranges[node], act_bits)
+    _inherit_grids(lowering, nodes)
     return lowering
 
 
@@ -328,7 +329,7 @@ def _consumer_grid(lowering: Lowering, node) -> Grid | None:
 
 
 def _assign_grids(lowering: Lowering, nodes) -> list:
-    """Rules 1-4 of the module docstring; returns the nodes left for calibration (fully
+    """Rules 2-4 of the module docstring; returns the nodes left for calibration (fully
     quantized form only)."""
     free = []
     for node in nodes:
@@ -338,10 +339,7 @@ def _assign_grids(lowering: Lowering, nodes) -> list:
         kind = lowering.kinds[node]
         users = list(node.users)
         if kind in KEEPS_GRID:
-            source = next((a for a in _tensor_args(node) if a in lowering.quantized), None)
-            if source is not None and lowering.output_grid(source) is not None:
-                lowering.grids[node] = lowering.output_grid(source)
-            continue
+            continue  # its source's grid, once known: _inherit_grids
         target = users[0] if len(users) == 1 and _fusable_clamp(lowering, users[0]) else node
         if kind == "layer" and all(u.op == "output" for u in target.users):
             continue  # the output accumulator
@@ -355,6 +353,24 @@ def _assign_grids(lowering: Lowering, nodes) -> list:
         else:
             lowering.grids[target] = grid
     return free
+
+
+def _yields_tuple(node) -> bool:
+    return node.target in ("chunk", "split") if node.op == "call_method" else \
+        node.target in (torch.chunk, torch.split)
+
+
+def _inherit_grids(lowering: Lowering, nodes) -> None:
+    """Rule 1: moves, clamps and resizes take their quantized input's grid (a chunk's items take
+    the chunked tensor's; the tuple itself has none)."""
+    for node in nodes:
+        if node in lowering.quantized and lowering.kinds[node] in KEEPS_GRID and \
+                node not in lowering.fused.values() and not _yields_tuple(node):
+            source = next(a for a in _tensor_args(node) if a in lowering.quantized)
+            while _yields_tuple(source):
+                source = next(a for a in _tensor_args(source) if a in lowering.quantized)
+            if lowering.output_grid(source) is not None:
+                lowering.grids[node] = lowering.output_grid(source)
 
 
 def _fusable_clamp(lowering: Lowering, node) -> bool:

@@ -34,7 +34,8 @@ import numpy as np
 import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
-from torch import nn
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn import functional as F
 
 from lowbit.deploy.lowering import Grid, Lowering, lower, with_grids
@@ -85,7 +86,9 @@ class _QDQ(torch.autograd.Function):
         if (qmin, qmax) != (lo, hi):
             codes = g.op("Clip", codes, _constant(g, np.array(qmin, dtype=dtype)),
                          _constant(g, np.array(qmax, dtype=dtype)))
-        return g.op("DequantizeLinear", codes, s, z)
+        out = g.op("DequantizeLinear", codes, s, z)
+        out.setType(x.type())  # keep the shape known: later symbolics (adaptive pooling) need it
+        return out
 
 
 class _Dequantize(torch.autograd.Function):
@@ -98,7 +101,9 @@ class _Dequantize(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, codes, scale, zero_point):
-        return g.op("DequantizeLinear", codes, scale, zero_point, axis_i=0)
+        out = g.op("DequantizeLinear", codes, scale, zero_point, axis_i=0)
+        out.setType(codes.type().with_dtype(torch.float32))
+        return out
 
 
 def _qdq(x: torch.Tensor, scale: float, zero_point: int, qmin: int, qmax: int) -> torch.Tensor:
@@ -180,9 +185,9 @@ class _ExportLayer(nn.Module):
         return F.linear(x, w, b)
 
 
-def export_module(lowering: Lowering) -> nn.Module:
+def export_module(lowering: Lowering, example: torch.Tensor) -> nn.Module:
     """The lowering as the module PyTorch's exporter writes: QDQ after every gridded tensor,
-    :class:`_ExportLayer` for every quantized layer."""
+    :class:`_ExportLayer` for every quantized layer (``example``: an input, for shapes)."""
     layers = {}
     for node in lowering.graph_module.graph.nodes:
         if lowering.kinds[node] != "layer":
@@ -203,8 +208,33 @@ def export_module(lowering: Lowering) -> nn.Module:
         elif not isinstance(q, nn.Identity):
             raise ExportError(f"{node.target}: {type(q).__name__} inputs have no QDQ form")
         layers[node.target] = _ExportLayer(layer, node.target, grid)
-    return with_grids(lowering, lambda graph, node, grid: graph.call_function(
+    module = with_grids(lowering, lambda graph, node, grid: graph.call_function(
         _qdq, (node, *astuple(grid))), layers)
+    _even_adaptive_pools(module, example)
+    return module
+
+
+def _even_adaptive_pools(module: fx.GraphModule, example: torch.Tensor) -> None:
+    """Adaptive average pooling to a size that divides the input, as the ``avg_pool2d`` it is:
+    the exporter reads input sizes for adaptive pooling and cannot see them through the QDQ
+    symbolics (global pooling needs none and stays as it is)."""
+    ShapeProp(module).propagate(example)
+    for node in module.graph.nodes:
+        target = module.get_submodule(node.target) if node.op == "call_module" else node.target
+        if isinstance(target, nn.AdaptiveAvgPool2d):
+            size = target.output_size
+        elif target is F.adaptive_avg_pool2d:
+            size = node.args[1] if len(node.args) > 1 else node.kwargs["output_size"]
+        else:
+            continue
+        h, w = node.args[0].meta["tensor_meta"].shape[-2:]
+        oh, ow = (size, size) if isinstance(size, int) else size
+        oh, ow = oh or h, ow or w
+        if (oh, ow) != (1, 1) and h % oh == 0 and w % ow == 0:
+            kernel = (h // oh, w // ow)
+            node.op, node.target = "call_function", F.avg_pool2d
+            node.args, node.kwargs = (node.args[0], kernel, kernel), {}
+    module.recompile()
 
 
 def to_onnx(qmodel: nn.Module | Lowering, input_shape, calib=None, act_bits: int = 8,
@@ -225,8 +255,15 @@ def to_onnx(qmodel: nn.Module | Lowering, input_shape, calib=None, act_bits: int
         lowering = lower(qmodel, calib, act_bits)
     except LowbitError as e:
         raise ExportError(str(e)) from None
-    module = export_module(lowering)
     example = torch.zeros(1, *input_shape[1:])
+    try:
+        with torch.no_grad():
+            module = export_module(lowering, example)
+    except LowbitError:
+        raise
+    except Exception as e:  # the model's own shape checks raise RuntimeError, ValueError, ...
+        raise ExportError(f"the model rejects an input of shape {tuple(example.shape)}: "
+                          f"{' '.join(str(e).split())[:200]}") from None
     buffer = io.BytesIO()
     try:
         with torch.no_grad(), warnings.catch_warnings():

@@ -16,13 +16,25 @@ import torch
 from torch import fx, nn
 from torch.fx.experimental.optimization import fuse
 
+from lowbit.nn.layers import QUANT_LAYERS
+
+
+class _Tracer(fx.Tracer):
+    """FX's tracer, keeping lowbit's quantized layers whole (one ``call_module`` node each, which
+    the deploy backends read) wherever they sit in the model."""
+
+    def is_leaf_module(self, m: nn.Module, qualified_name: str) -> bool:
+        return isinstance(m, QUANT_LAYERS) or super().is_leaf_module(m, qualified_name)
+
 
 def trace(model: nn.Module) -> tuple[fx.GraphModule | None, str]:
     """``(graph_module, "")`` or ``(None, reason)`` when the model cannot be traced."""
     if isinstance(model, fx.GraphModule):
         return model, ""
     try:
-        return fx.symbolic_trace(model), ""
+        tracer = _Tracer()
+        graph = tracer.trace(model)
+        return fx.GraphModule(tracer.root, graph, type(model).__name__), ""
     except Exception as e:  # fx raises TraceError, TypeError, NotImplementedError, ...
         return None, f"{type(e).__name__}: {str(e).splitlines()[0][:160]}{_where(e)}"
 
