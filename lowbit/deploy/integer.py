@@ -77,9 +77,10 @@ from torch.nn import functional as F
 
 from lowbit.deploy.lowering import Grid, Lowering, clamp_bounds, lower
 from lowbit.errors import ConfigError, ModelError, NumericalError
-from lowbit.nn.accumulator import weight_scale
+from lowbit.nn.accumulator import integer_codes, weight_scale
 from lowbit.nn.layers import QuantConv2d
-from lowbit.nn.quantizer import AffineQuantizer, affine_part
+from lowbit.nn.lsq import LSQQuantizer
+from lowbit.nn.quantizer import AffineQuantizer, CorrectedQuantizer
 from lowbit.quant.affine import broadcast_along, quantize
 
 STREAM_BITS = 29  # a bound-scaled stream stays below 2^29: the sum of two still fits in int32
@@ -141,37 +142,36 @@ def _check_int32(t: torch.Tensor, what: str) -> torch.Tensor:
 
 def _input_grid(layer, name: str) -> Grid:
     q = layer.input_quantizer
-    if not isinstance(q, AffineQuantizer):
+    if integer_codes(q) is None:
+        if isinstance(q, (AffineQuantizer, LSQQuantizer)):
+            raise ConfigError(f"{name}: the input quantizer was never calibrated")
         raise ConfigError(f"{name}: its input is not quantized ({type(q).__name__}); the integer "
                           "engine needs every Conv / Linear input quantized (set a_bits)")
-    if not q.calibrated:
-        raise ConfigError(f"{name}: the input quantizer was never calibrated")
-    if q.scale.dim():
+    grid = Grid.of(q)
+    if grid is None:
         raise ConfigError(f"{name}: per-channel activation scales cannot be taken out of an "
                           "integer dot product; quantize with a_per_channel: false")
-    return Grid.of(q)
+    return grid
 
 
 def integer_weight(layer, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``(q_W - Z_W as int64, per-output-channel scale as float64)`` of a quantized layer; a
     bias-correction gain is a per-channel factor, folded into the scale."""
     slot = layer.weight_quantizer
-    q = affine_part(slot)
+    q = integer_codes(slot)
     if q is None:
+        inner = slot.quantizer if isinstance(slot, CorrectedQuantizer) else slot
+        if isinstance(inner, (AffineQuantizer, LSQQuantizer)):
+            raise ConfigError(f"{name}: the weight quantizer was never calibrated")
         raise ConfigError(f"{name}: {type(slot).__name__} weights are not affine integer codes")
-    if not q.calibrated:
-        raise ConfigError(f"{name}: the weight quantizer was never calibrated")
     w = layer.weight.detach()
-    integers = (q.codes(w) - broadcast_along(q.zero_point, w, q.axis if q.scale.dim() else None)
-                ).to(torch.int64)
+    integers = (q.codes(w) - broadcast_along(q.zero_point, w, q.axis)).to(torch.int64)
     scale = weight_scale(layer)
     if scale is None:  # calibrated affine codes, so: a per-channel shift
         raise ConfigError(f"{name}: Banner's weight bias correction (mean or mean_std) shifts "
                           "every weight of a channel by a float; an integer engine cannot store "
                           "that. Use empirical_bias_correction (it moves only the bias)")
     return integers, scale
-
-
 
 
 class IntegerEngine:

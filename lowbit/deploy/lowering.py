@@ -57,7 +57,7 @@ from torch.nn import functional as F
 
 from lowbit.errors import CalibrationError, DataError, ModelError
 from lowbit.nn.layers import QUANT_LAYERS
-from lowbit.nn.quantizer import AffineQuantizer, affine_part
+from lowbit.nn.accumulator import integer_codes
 from lowbit.quant.affine import affine_qparams, fake_quantize
 from lowbit.transforms.fold import trace
 
@@ -128,10 +128,12 @@ class Grid:
 
     @classmethod
     def of(cls, q: nn.Module) -> "Grid | None":
-        """The grid of a calibrated per-tensor affine quantizer, else None."""
-        if not (isinstance(q, AffineQuantizer) and q.calibrated and q.scale.dim() == 0):
+        """The grid of a calibrated per-tensor affine (or LSQ) quantizer, else None."""
+        codes = integer_codes(q)
+        if codes is None or codes.scale.dim():
             return None
-        return cls(float(q.scale), int(q.zero_point), int(q.quant_min), int(q.quant_max))
+        return cls(float(codes.scale), int(codes.zero_point), int(codes.quant_min),
+                   int(codes.quant_max))
 
     @classmethod
     def covering(cls, lo: float, hi: float, bits: int) -> "Grid":
@@ -304,8 +306,8 @@ def _quantized_region(nodes, modules, kinds) -> set:
             continue
         if kinds[node] == "layer":
             layer = modules[node.target]
-            if affine_part(layer.weight_quantizer) is not None and \
-                    isinstance(layer.input_quantizer, AffineQuantizer):
+            if integer_codes(layer.weight_quantizer) is not None and \
+                    integer_codes(layer.input_quantizer) is not None:
                 region.add(node)
         elif any(a in region for a in _tensor_args(node)):
             region.add(node)

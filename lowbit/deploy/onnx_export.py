@@ -41,9 +41,10 @@ from torch.nn import functional as F
 from lowbit.deploy.lowering import Grid, Lowering, lower, with_grids
 from lowbit.errors import ExportError, LowbitError
 from lowbit.io import atomic_write
-from lowbit.nn.accumulator import accumulator_scale
+from lowbit.nn.accumulator import accumulator_scale, integer_codes
 from lowbit.nn.layers import QuantConv2d
-from lowbit.nn.quantizer import AffineQuantizer, CorrectedQuantizer, affine_part
+from lowbit.nn.lsq import LSQQuantizer
+from lowbit.nn.quantizer import AffineQuantizer, CorrectedQuantizer
 
 OPSET = 21  # INT4 / UINT4 QuantizeLinear and DequantizeLinear
 EXPORTER_OPSET = 20  # the newest the TorchScript exporter writes
@@ -126,12 +127,10 @@ class _ExportLayer(nn.Module):
             self.options = dict(stride=layer.stride, padding=layer.padding,
                                 dilation=layer.dilation, groups=layer.groups)
         slot = layer.weight_quantizer
-        q = affine_part(slot)
+        q = integer_codes(slot)
         if q is None:
             raise ExportError(f"{name}: {type(slot).__name__} weights have no QDQ form (affine "
-                              "integer codes only)")
-        if not q.calibrated:
-            raise ExportError(f"{name}: the weight quantizer was never calibrated")
+                              "or LSQ integer codes only; a never-calibrated quantizer has none)")
         w = layer.weight.detach()
         rows = w.shape[0]
         codes = q.codes(w).to(torch.int64)
@@ -195,10 +194,11 @@ def export_module(lowering: Lowering, example: torch.Tensor) -> nn.Module:
         layer = lowering.modules[node.target]
         q = layer.input_quantizer
         grid = None
-        if isinstance(q, AffineQuantizer):
-            if not q.calibrated:
+        if isinstance(q, (AffineQuantizer, LSQQuantizer)):
+            codes = integer_codes(q)
+            if codes is None:
                 raise ExportError(f"{node.target}: the input quantizer was never calibrated")
-            if q.scale.dim():
+            if codes.scale.dim():
                 raise ExportError(f"{node.target}: per-channel activation scales have no QDQ "
                                   "Conv form; quantize with a_per_channel: false")
             grid = Grid.of(q)

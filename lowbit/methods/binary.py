@@ -12,10 +12,13 @@
 Binary inputs need signed values: for ``bnn`` and ``xnor`` every ReLU is removed (the block
 becomes BN -> sign -> binary conv, XNOR-Net's order; see :mod:`lowbit.transforms.activations`).
 The first and last layers follow the shared policy: at ``first_last_bits`` (8) with STE fake
-quantization of weights (per-channel min-max) and inputs (EMA), or binary too when None.
+quantization of weights (per-channel min-max) and inputs (EMA), or binary too when None. With
+binary inputs, grouped and depthwise convs (MobileNet, ShuffleNet, EfficientNet) stay at that
+precision too, with a warning naming them (see :meth:`BinaryMethod._keep_grouped`).
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -28,7 +31,7 @@ from lowbit.nn.binary import (BinaryWeight, ScaledBinaryWeight, SignActivation, 
                               TTQWeight, XNORConv2d)
 from lowbit.nn.layers import WRAPPERS
 from lowbit.nn.observed import ObservedQuantizer
-from lowbit.policy import LayerPolicy
+from lowbit.policy import LayerBits, LayerPolicy
 from lowbit.quant.affine import QScheme, check_bits
 from lowbit.transforms import layer_order, remove_relus, swap_layers
 
@@ -80,6 +83,8 @@ class BinaryMethod(TrainingMethod):
         order = layer_order(model, example)
         # w_bits 1 marks the binary layers; first / last keep first_last_bits
         self.plan = LayerPolicy(c.first_last_bits, list(c.skip)).resolve(order, 1, 1)
+        if c.kind in BINARY_INPUTS:
+            self._keep_grouped(model)
 
         def wrap(name, layer):
             bits = self.plan.get(name)
@@ -98,6 +103,20 @@ class BinaryMethod(TrainingMethod):
                 self.clipped.append(layer.weight)
             return cls.from_float(layer, self._binary_weight(), inputs)
         return swap_layers(model, wrap)
+
+    def _keep_grouped(self, model: nn.Module) -> None:
+        """Grouped and depthwise convs keep ``first_last_bits`` (8 if None) where inputs are
+        binary: a depthwise filter sums 9 products of signs (its output takes 10 values), which
+        no later layer recovers from, and the XNOR-popcount kernel takes groups 1 only."""
+        bits = self.config.first_last_bits or 8
+        kept = [name for name, bits_of in self.plan.items() if bits_of.w_bits == 1
+                and getattr(model.get_submodule(name), "groups", 1) > 1]
+        for name in kept:
+            self.plan[name] = LayerBits(bits, bits)
+        if kept:
+            warnings.warn(f"{self.config.kind}: {len(kept)} grouped / depthwise convs kept at "
+                          f"{bits} bits, not binary ({', '.join(kept[:3])}"
+                          f"{', ...' if len(kept) > 3 else ''})", stacklevel=3)
 
     @torch.no_grad()
     def after_step(self, model: nn.Module) -> None:

@@ -9,11 +9,54 @@ and the bias's rounding flips that share of the next quantizer's rounding decisi
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from lowbit.nn.layers import QUANT_LAYERS
-from lowbit.nn.quantizer import AffineQuantizer, CorrectedQuantizer, affine_part
+from lowbit.nn.lsq import LSQQuantizer
+from lowbit.nn.quantizer import AffineQuantizer, CorrectedQuantizer
+
+
+@dataclass(frozen=True)
+class IntegerCodes:
+    """What an integer device stores of a quantizer: codes ``q`` in ``[quant_min, quant_max]``
+    standing for ``scale * (q - zero_point)``, per tensor or per channel along ``axis``.
+    Affine quantizers (PTQ, STE QAT) and LSQ (``scale`` = its step, zero point 0) both are."""
+
+    quantizer: nn.Module
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+    quant_min: torch.Tensor
+    quant_max: torch.Tensor
+    axis: int | None
+
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        """The codes (as floats) the quantizer's own forward rounds ``x`` to."""
+        q = self.quantizer
+        if isinstance(q, LSQQuantizer):  # LSQ divides: round(clamp(x / s, -Q_N, Q_P))
+            shape = [1] * x.dim()
+            if self.axis is not None:
+                shape[self.axis] = -1
+            step = q.step.detach().reshape(shape) if q.step.dim() else q.step.detach()
+            return torch.clamp(x / step, float(self.quant_min), float(self.quant_max)).round()
+        return q.codes(x)
+
+
+def integer_codes(slot: nn.Module) -> IntegerCodes | None:
+    """The :class:`IntegerCodes` of a calibrated affine or initialised LSQ quantizer (inside a
+    bias correction too), or None for anything else (k-means, binary, an identity slot)."""
+    q = slot.quantizer if isinstance(slot, CorrectedQuantizer) else slot
+    if isinstance(q, AffineQuantizer) and q.calibrated:
+        return IntegerCodes(q, q.scale, q.zero_point, q.quant_min, q.quant_max,
+                            q.axis if q.scale.dim() else None)
+    if isinstance(q, LSQQuantizer) and bool(q.initialized):
+        q_n, q_p = q.bounds
+        step = q.step.detach().float()
+        return IntegerCodes(q, step, torch.zeros_like(step), torch.tensor(-float(q_n)),
+                            torch.tensor(float(q_p)), q.axis if step.dim() else None)
+    return None
 
 
 def weight_scale(layer) -> torch.Tensor | None:
@@ -21,8 +64,8 @@ def weight_scale(layer) -> torch.Tensor | None:
     weight is not calibrated affine integer codes or carries a mean/std shift (a float added to
     every weight of a channel, which no integer kernel stores)."""
     slot = layer.weight_quantizer
-    qw = affine_part(slot)
-    if qw is None or not qw.calibrated:
+    qw = integer_codes(slot)
+    if qw is None:
         return None
     rows = layer.weight.shape[0]
     scale = qw.scale.double().expand(rows).clone() if qw.scale.dim() == 0 else qw.scale.double()
@@ -37,9 +80,8 @@ def accumulator_scale(layer) -> torch.Tensor | None:
     """``S_W * S_X`` per output channel (float64, a bias-correction gain included), or None when
     the layer has no integer accumulator (an input or weight that is not affine per-tensor /
     per-channel integer codes, or a mean/std weight shift)."""
-    qx, scale = layer.input_quantizer, weight_scale(layer)
-    if scale is None or not (isinstance(qx, AffineQuantizer) and qx.calibrated
-                             and qx.scale.dim() == 0):
+    qx, scale = integer_codes(layer.input_quantizer), weight_scale(layer)
+    if scale is None or qx is None or qx.scale.dim():
         return None
     return scale * float(qx.scale)
 
