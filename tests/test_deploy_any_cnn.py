@@ -3,13 +3,13 @@ every op kind, through one lowering to the simulation, the integer engine and on
 import pytest
 import torch
 from onnx import TensorProto
-from torch import fx, nn
+from torch import nn
 
 import lowbit
 from lowbit.deploy import IntegerEngine, OnnxRunner, lower, to_onnx
-from lowbit.deploy.integer import QTensor
 from lowbit.deploy.lowering import KINDS
 from lowbit.errors import ExportError, ModelError
+from tests.deploy_checks import assert_kernels_exact
 from tests.user_models import Neck, trained_like
 
 ARCHITECTURES = ["mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0",
@@ -28,32 +28,6 @@ def _quantized(model, w_bits=8, size=SIZE):
                            _batches(8, 0, size))
 
 
-def _local_mismatches(lowering, engine, x) -> dict:
-    """Each node of the engine checked on its own integer inputs: its float op (and fused clamp)
-    on the dequantized inputs, rounded onto its output grid, against the engine's integers.
-    Returns, per kind, [elements off by more than half a step, elements checked, worst error in
-    steps]."""
-    values, found = {}, {}
-    engine.run(x, values)
-    real = lambda a: a.dequantize() if isinstance(a, QTensor) else a  # noqa: E731
-    for node in lowering.graph_module.graph.nodes:
-        out = values.get(node)
-        grid = out.grid if isinstance(out, QTensor) else None
-        if grid is None or node.op == "placeholder" or node in engine.clamps:
-            continue
-        args = fx.node.map_aggregate(fx.node.map_arg(node.args, lambda a: values[a]), real)
-        kwargs = fx.node.map_aggregate(fx.node.map_arg(node.kwargs, lambda a: values[a]), real)
-        y = engine._call(node, args, kwargs)
-        if node in engine.fused:
-            y = engine._call(engine.fused[node], [y], {})
-        steps = (grid.fake_quantize(y) - out.dequantize()).abs() / grid.scale
-        kind = found.setdefault(lowering.kinds[node], [0, 0, 0.0])
-        kind[0] += int((steps > 0.5).sum())
-        kind[1] += steps.numel()
-        kind[2] = max(kind[2], float(steps.max().detach()))
-    return found
-
-
 def _check_agreement(q, lowering, x):
     sim = lowering.simulation()(x)
     engine = IntegerEngine(lowering)
@@ -63,12 +37,7 @@ def _check_agreement(q, lowering, x):
         steps = (out - sim).abs() / step
         assert (out.argmax(1) == sim.argmax(1)).float().mean() >= 0.9, name
         assert steps.median() <= 1.0, name
-    for kind, (off, seen, worst) in _local_mismatches(lowering, engine, x).items():
-        assert worst <= 1.0 + 1e-4, kind  # never more than a rounding apart
-        # a rounding flips only where float32 error moves a value across a half step; bilinear
-        # weights (1/4, 3/4) land many values exactly on half steps, which the float
-        # simulation then breaks either way (see lowbit.deploy.integer)
-        assert off <= (0.05 if kind == "resize" else 1e-3) * seen, (kind, off, seen)
+    assert_kernels_exact(lowering, engine, x)
 
 
 @pytest.mark.parametrize("name", ARCHITECTURES)

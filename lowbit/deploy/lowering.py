@@ -47,6 +47,7 @@ The rules (TFLite's integer conventions; Jacob et al. 2018):
 """
 from __future__ import annotations
 
+import copy
 import math
 import operator
 from dataclasses import astuple, dataclass
@@ -235,11 +236,29 @@ class Lowering:
         """The grid that ``node``'s computation writes onto: its own, or its fused clamp's."""
         return self.grids.get(self.fused.get(node, node))
 
-    def simulation(self) -> fx.GraphModule:
+    def simulation(self, dtype: torch.dtype = torch.float32) -> nn.Module:
         """The fake-quant simulation of this form: the model with every gridded tensor
-        fake-quantized (in the simulation form, the model itself up to idempotent roundings)."""
-        return with_grids(self, lambda graph, node, grid: graph.call_function(
+        fake-quantized (in the simulation form, the model itself up to idempotent roundings).
+
+        ``dtype=torch.float64`` runs it in double precision (float32 logits out): its sums are
+        then exact for the integer engine's purposes, so it tells float32 rounding noise from
+        engine error (the engine matches it to float32 output precision)."""
+        module = with_grids(self, lambda graph, node, grid: graph.call_function(
             _fake_quantize, (node, *astuple(grid))))
+        if dtype == torch.float32:
+            return module
+        return _InDtype(copy.deepcopy(module).to(dtype), dtype)
+
+
+class _InDtype(nn.Module):
+    """``module`` run in ``dtype``: inputs cast to it, outputs back to float32."""
+
+    def __init__(self, module: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.module, self.dtype = module, dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x.to(self.dtype)).float()
 
 
 def _fake_quantize(x: torch.Tensor, scale: float, zero_point: int, qmin: int, qmax: int):
