@@ -87,6 +87,16 @@ def test_cli_exports_and_evaluates_onnx(tmp_path, capsys):
     assert main(["eval", "--model", "digits_cnn", "--checkpoint", str(tmp_path / "m.onnx"),
                  "--data", "digits"]) == 0
     assert "onnxruntime" in capsys.readouterr().out
+    assert main(["export", "--checkpoint", str(out / "quantized.pt"), "--format", "onnx",
+                 "--data", "digits", "--calib", "64", "--out", str(tmp_path / "full.onnx")]) == 0
+    assert "fully quantized" in capsys.readouterr().out
+    quantized = [sum(n.op_type == "QuantizeLinear" for n in onnx.load(str(tmp_path / f)).graph.node)
+                 for f in ("m.onnx", "full.onnx")]
+    assert quantized[1] > quantized[0]  # the last ReLU, which feeds pooling, is an integer too
+    assert main(["export", "--checkpoint", str(out / "quantized.pt"), "--format", "onnx",
+                 "--data", "digits", "--calib", "0", "--out", str(tmp_path / "bad.onnx")]) == 2
+    assert "--calib must be a positive" in capsys.readouterr().err
+    assert not (tmp_path / "bad.onnx").exists()
 
 
 def test_fully_quantized_graph_runs_integer_kernels_and_keeps_accuracy(tmp_path, calib):
