@@ -1,9 +1,7 @@
 """Every method on a real torchvision architecture (MobileNetV3-small: depthwise convs,
 Hardswish, squeeze-excite) and exported by every path its codes allow; the full matrix over all
 architectures is ``benchmarks/method_matrix.py``."""
-import tempfile
 import warnings
-from pathlib import Path
 
 import pytest
 import torch

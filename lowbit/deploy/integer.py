@@ -68,7 +68,6 @@ accumulator fits in int32). Pooling sums run the same way in float64.
 """
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 
 import torch

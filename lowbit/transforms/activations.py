@@ -8,30 +8,24 @@ estimator plays the activation's role.
 """
 from __future__ import annotations
 
-import torch
 from torch import fx, nn
-from torch.nn import functional as F
 
 from lowbit.errors import ModelError
 from lowbit.transforms.fold import trace
-
-_RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_, F.relu6}
-
+from lowbit.transforms.ops import clamp_bounds, kind_of
 
 def remove_relus(model: nn.Module) -> tuple[fx.GraphModule, int]:
-    """(traced model with every ReLU bypassed, how many were removed)."""
+    """(traced model with every ReLU bypassed, how many were removed): every clamp of
+    :mod:`lowbit.transforms.ops` whose lower bound is >= 0 (ReLU, ReLU6, hardtanh(0, x),
+    clamp(min=0), as module, function or method)."""
     traced, reason = trace(model)
     if traced is None:
         raise ModelError(f"binary activations need a traceable model to remove its ReLUs: {reason}")
     modules = dict(traced.named_modules())
     removed = 0
     for node in list(traced.graph.nodes):
-        is_relu = (node.op == "call_function" and node.target in _RELU_FUNCTIONS) or \
-            (node.op == "call_module" and isinstance(modules[node.target], nn.ReLU)) or \
-            (node.op == "call_module" and isinstance(modules[node.target], nn.Hardtanh)
-             and modules[node.target].min_val >= 0) or \
-            (node.op == "call_method" and node.target in ("relu", "relu_"))
-        if is_relu:
+        module = modules.get(node.target) if node.op == "call_module" else None
+        if kind_of(node, modules, set()) == "clamp" and clamp_bounds(node, module)[0] >= 0:
             node.replace_all_uses_with(node.args[0])
             traced.graph.erase_node(node)
             removed += 1
