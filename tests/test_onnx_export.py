@@ -113,6 +113,8 @@ def test_fully_quantized_graph_runs_integer_kernels_and_keeps_accuracy(tmp_path,
     ops = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
     assert ops.count("QLinearAdd") == 3 and "Add" not in ops       # the residual adds
     assert ops.count("QLinearConv") == 8 and "Conv" not in ops
+    assert "QLinearGlobalAveragePool" in ops and "ReduceMean" not in ops  # x.mean((2, 3))
+    assert "MatMulIntegerToFloat" in ops  # the classifier reads integers too
     x = torch.randn(64, 3, 12, 12, generator=torch.Generator().manual_seed(3))
     a, b = q(x), OnnxRunner(model)(x)
     assert (a.argmax(1) == b.argmax(1)).float().mean() >= 0.9

@@ -279,6 +279,7 @@ def to_onnx(qmodel: nn.Module | Lowering, input_shape, calib=None, act_bits: int
     model = onnx.load_from_string(buffer.getvalue())
     _unshare_initializers(model)
     _scalar_qparams(model)
+    _global_pools(model)
     _narrow_weights(model, module)
     model.opset_import[0].version = OPSET
     model.ir_version = IR_VERSION
@@ -325,6 +326,93 @@ def _scalar_qparams(model: onnx.ModelProto) -> None:
     kept = [n for n in graph.node if not (n.op_type == "Constant" and n.output[0] in moved)]
     del graph.node[:]
     graph.node.extend(kept)
+
+
+def _global_pools(model: onnx.ModelProto) -> None:
+    """``ReduceMean`` over H and W of a 4-D tensor (how the exporter writes ``x.mean((2, 3))``)
+    as ``GlobalAveragePool`` (then ``Flatten`` where the mean drops the dims): onnxruntime has
+    an integer kernel for that one (QLinearGlobalAveragePool), none for ReduceMean."""
+    graph = model.graph
+    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in
+             onnx.shape_inference.infer_shapes(model).graph.value_info}
+    ranks.update({v.name: len(v.type.tensor_type.shape.dim) for v in graph.input})
+    producers = {out: n for n in graph.node for out in n.output}
+    initializers = {t.name: t for t in graph.initializer}
+    nodes = []
+    for node in graph.node:
+        axes = node.input[1] if node.op_type == "ReduceMean" and len(node.input) > 1 else None
+        value = None
+        if axes in initializers:
+            value = numpy_helper.to_array(initializers[axes])
+        elif axes in producers and producers[axes].op_type == "Constant":
+            value = numpy_helper.to_array(producers[axes].attribute[0].t)
+        keep = next((a.i for a in node.attribute if a.name == "keepdims"), 1)
+        if value is None or ranks.get(node.input[0]) != 4 or \
+                sorted(int(v) % 4 for v in value.flatten()) != [2, 3]:
+            nodes.append(node)
+            continue
+        pooled = node.output[0] if keep else f"{node.output[0]}_pooled"
+        nodes.append(helper.make_node("GlobalAveragePool", [node.input[0]], [pooled],
+                                      name=f"{node.name}_global"))
+        if not keep:
+            nodes.append(helper.make_node("Flatten", [pooled], [node.output[0]], axis=1,
+                                          name=f"{node.name}_flatten"))
+    del graph.node[:]
+    graph.node.extend(nodes)
+    _flatten_after_qdq(graph)
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    kept = [n for n in graph.node if n.op_type != "Constant" or n.output[0] in used]
+    del graph.node[:]
+    graph.node.extend(kept)
+    kept = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+
+
+def _flatten_after_qdq(graph) -> None:
+    """``Flatten -> Q -> DQ`` as ``Q -> DQ -> Flatten -> Q -> DQ`` (a per-tensor QDQ commutes
+    with a reshape and is idempotent), so the pooling before it sits between DQ and Q and the
+    layer after it reads a DQ: the patterns onnxruntime fuses into integer kernels."""
+    users = {}
+    for n in graph.node:
+        for i in n.input:
+            users.setdefault(i, []).append(n)
+    for flat in [n for n in graph.node if n.op_type == "Flatten"]:
+        q = users.get(flat.output[0], [])
+        if len(q) != 1 or q[0].op_type != "QuantizeLinear":
+            continue
+        dq = users.get(q[0].output[0], [])
+        if len(dq) != 1 or dq[0].op_type != "DequantizeLinear":
+            continue
+        source, flat_out, out = flat.input[0], flat.output[0], dq[0].output[0]
+        q[0].input[0] = source
+        dq[0].output[0] = f"{out}_unflattened"
+        flat.input[0] = dq[0].output[0]
+        again = helper.make_node("QuantizeLinear", [flat_out, *q[0].input[1:]],
+                                 [f"{out}_codes"], name=f"{q[0].name}_flat")
+        graph.node.append(again)
+        graph.node.append(helper.make_node("DequantizeLinear", [again.output[0],
+                                                                *dq[0].input[1:]], [out],
+                                           name=f"{dq[0].name}_flat"))
+    nodes = [onnx.NodeProto() for _ in graph.node]
+    for copy, n in zip(nodes, graph.node):
+        copy.CopyFrom(n)
+    made = {o: i for i, n in enumerate(nodes) for o in n.output}
+    order, seen = [], set()
+
+    def visit(i):  # keep the node list topologically sorted after the rewiring
+        if i in seen:
+            return
+        seen.add(i)
+        for name in nodes[i].input:
+            if name in made:
+                visit(made[name])
+        order.append(i)
+
+    for i in range(len(nodes)):
+        visit(i)
+    del graph.node[:]
+    graph.node.extend(nodes[i] for i in order)
 
 
 def _narrow_weights(model: onnx.ModelProto, module: nn.Module) -> None:
