@@ -570,8 +570,9 @@ def matrix_section(res: dict) -> list[str]:
              f"{meta['round_iters']} steps per layer): P packed file reloaded bit-identical, O "
              "ONNX in onnxruntime (fully quantized), E integer engine, X XNOR-popcount kernel. A "
              "path missing from a cell refused the model with a one-line reason (in the JSON): "
-             "binary, ternary and k-means codes have no QDQ form, W4A32 (PSG) and per-channel "
-             "activations (Banner) no integer engine.", "",
+             "sign inputs (BNN, XNOR), TTQ's two scales and k-means codebooks have no QDQ form; "
+             "float inputs (W4A32 PSG, BC / BWN / TWN) and per-channel activations (Banner) no "
+             "integer engine.", "",
              "| method | " + " | ".join(archs) + " |", "|---|" + "---|" * len(archs)]
     for m in methods:
         lines.append(f"| {m} | " + " | ".join(mark(res[a][m]) if m in res[a] else "-"

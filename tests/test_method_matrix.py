@@ -5,6 +5,7 @@ import warnings
 
 import pytest
 import torch
+from onnx import TensorProto
 
 import lowbit
 from lowbit.data.core import Dataset, Split
@@ -16,6 +17,7 @@ from lowbit.methods.psg import PSGMethod, ptq_config
 from lowbit.nn.binary import SignActivation
 
 AFFINE = ("qat", "lsq", "psg", "ptq-w8a8", "ptq-w4a4-deploy")
+FLOAT_INPUTS = ("bc", "bc-stochastic", "bwn", "twn")  # +-1 / ternary codes on float inputs
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +84,15 @@ def test_every_method_runs_and_exports_on_mobilenet_v3(torchvision_models, image
             # to the exact simulation as the float32 simulation itself
             ort = OnnxRunner(to_onnx(lowering, (1, 3, 32, 32)))(x)
             assert top1(ort) >= top1(lowering.simulation()(x)) - 0.1
+        elif method in FLOAT_INPUTS:  # weights as INT4 codes in {-1, 0, 1}: ONNX, no engine
+            model = to_onnx(q, (1, 3, 32, 32))
+            assert any(t.data_type == TensorProto.INT4 for t in model.graph.initializer)
+            x = torch.cat(calib)
+            exact = lower(q).simulation(torch.float64)(x)
+            top1 = lambda out: (out.argmax(1) == exact.argmax(1)).float().mean()  # noqa: E731
+            assert top1(OnnxRunner(model)(x)) >= top1(q(x)) - 0.1
+            with pytest.raises(LowbitError, match="input is not quantized"):
+                IntegerEngine(q)
         else:  # not affine integer codes: ONNX refuses by name
             with pytest.raises(LowbitError, match=r"features\.|classifier\."):
                 to_onnx(q, (1, 3, 32, 32))

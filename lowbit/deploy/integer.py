@@ -157,7 +157,7 @@ def integer_weight(layer, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``(q_W - Z_W as int64, per-output-channel scale as float64)`` of a quantized layer; a
     bias-correction gain is a per-channel factor, folded into the scale."""
     slot = layer.weight_quantizer
-    q = integer_codes(slot)
+    q = integer_codes(slot, layer.weight)
     if q is None:
         inner = slot.quantizer if isinstance(slot, CorrectedQuantizer) else slot
         if isinstance(inner, (AffineQuantizer, LSQQuantizer)):

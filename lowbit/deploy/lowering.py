@@ -216,7 +216,7 @@ def _quantized_region(nodes, modules, kinds) -> set:
             continue
         if kinds[node] == "layer":
             layer = modules[node.target]
-            if integer_codes(layer.weight_quantizer) is not None and \
+            if integer_codes(layer.weight_quantizer, layer.weight) is not None and \
                     integer_codes(layer.input_quantizer) is not None:
                 region.add(node)
         elif any(a in region for a in tensor_args(node)):

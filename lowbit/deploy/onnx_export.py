@@ -7,7 +7,8 @@ each quantized layer as ``DequantizeLinear(integer codes) -> Conv / Gemm``. So e
 exporter knows (SiLU, Hardswish, Resize, Concat, pooling, reshapes, ...) exports with no code
 here, and onnxruntime quantizes exactly the tensors the simulation and the integer engine do.
 
-* Weights are integer initializers at their real width (INT4 / UINT4 up to 4 bits, 8-bit or
+* Weights (affine, LSQ, or BinaryConnect / BWN / TWN codes in {-1, 0, 1}: see
+  :class:`lowbit.nn.accumulator.IntegerCodes`) are integer initializers at their real width (INT4 / UINT4 up to 4 bits, 8-bit or
   16-bit types above; full-range int8 weights as uint8 with zero point 128, see
   :class:`_ExportLayer`) behind a per-channel ``DequantizeLinear``; biases are int32 at the
   accumulator scale ``S_W * S_X`` (the grid :func:`lowbit.nn.accumulator.round_biases` puts
@@ -127,10 +128,11 @@ class _ExportLayer(nn.Module):
             self.options = dict(stride=layer.stride, padding=layer.padding,
                                 dilation=layer.dilation, groups=layer.groups)
         slot = layer.weight_quantizer
-        q = integer_codes(slot)
+        q = integer_codes(slot, layer.weight)
         if q is None:
             raise ExportError(f"{name}: {type(slot).__name__} weights have no QDQ form (affine "
-                              "or LSQ integer codes only; a never-calibrated quantizer has none)")
+                              "or LSQ integer codes and {-1, 0, 1} binary / ternary codes only; a never-calibrated "
+                              "quantizer has none)")
         w = layer.weight.detach()
         rows = w.shape[0]
         codes = q.codes(w).to(torch.int64)

@@ -10,52 +10,65 @@ and the bias's rounding flips that share of the next quantizer's rounding decisi
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
 
+from lowbit.nn.binary import BinaryWeight, ScaledBinaryWeight, TernaryWeight
 from lowbit.nn.layers import QUANT_LAYERS
 from lowbit.nn.lsq import LSQQuantizer
 from lowbit.nn.quantizer import AffineQuantizer, CorrectedQuantizer
+from lowbit.quant.binary import binarize
 
 
 @dataclass(frozen=True)
 class IntegerCodes:
     """What an integer device stores of a quantizer: codes ``q`` in ``[quant_min, quant_max]``
     standing for ``scale * (q - zero_point)``, per tensor or per channel along ``axis``.
-    Affine quantizers (PTQ, STE QAT) and LSQ (``scale`` = its step, zero point 0) both are."""
+    Affine quantizers (PTQ, STE QAT), LSQ (``scale`` its step, zero point 0) and the weights of
+    BinaryConnect, BWN and TWN (codes in {-1, 0, 1}, ``scale`` 1, alpha per filter, alpha)
+    all are; TTQ (two scales) and k-means (a codebook) are not."""
 
-    quantizer: nn.Module
+    codes: Callable[[torch.Tensor], torch.Tensor]  # the codes (as floats) the quantizer rounds to
     scale: torch.Tensor
     zero_point: torch.Tensor
     quant_min: torch.Tensor
     quant_max: torch.Tensor
     axis: int | None
 
-    def codes(self, x: torch.Tensor) -> torch.Tensor:
-        """The codes (as floats) the quantizer's own forward rounds ``x`` to."""
-        q = self.quantizer
-        if isinstance(q, LSQQuantizer):  # LSQ divides: round(clamp(x / s, -Q_N, Q_P))
-            shape = [1] * x.dim()
-            if self.axis is not None:
-                shape[self.axis] = -1
-            step = q.step.detach().reshape(shape) if q.step.dim() else q.step.detach()
-            return torch.clamp(x / step, float(self.quant_min), float(self.quant_max)).round()
-        return q.codes(x)
 
-
-def integer_codes(slot: nn.Module) -> IntegerCodes | None:
+def integer_codes(slot: nn.Module, weight: torch.Tensor | None = None) -> IntegerCodes | None:
     """The :class:`IntegerCodes` of a calibrated affine or initialised LSQ quantizer (inside a
-    bias correction too), or None for anything else (k-means, binary, an identity slot)."""
+    bias correction too), or, given the ``weight`` it quantizes, of a binary / ternary weight
+    quantizer; None for anything else (k-means, TTQ, sign inputs, an identity slot)."""
     q = slot.quantizer if isinstance(slot, CorrectedQuantizer) else slot
     if isinstance(q, AffineQuantizer) and q.calibrated:
-        return IntegerCodes(q, q.scale, q.zero_point, q.quant_min, q.quant_max,
+        return IntegerCodes(q.codes, q.scale, q.zero_point, q.quant_min, q.quant_max,
                             q.axis if q.scale.dim() else None)
     if isinstance(q, LSQQuantizer) and bool(q.initialized):
         q_n, q_p = q.bounds
         step = q.step.detach().float()
-        return IntegerCodes(q, step, torch.zeros_like(step), torch.tensor(-float(q_n)),
-                            torch.tensor(float(q_p)), q.axis if step.dim() else None)
+        axis = q.axis if step.dim() else None
+
+        def lsq_codes(x):  # LSQ divides: round(clamp(x / s, -Q_N, Q_P))
+            shape = [1] * x.dim()
+            if axis is not None:
+                shape[axis] = -1
+            s = step.reshape(shape) if step.dim() else step
+            return torch.clamp(x / s, -float(q_n), float(q_p)).round()
+        return IntegerCodes(lsq_codes, step, torch.zeros_like(step), torch.tensor(-float(q_n)),
+                            torch.tensor(float(q_p)), axis)
+    if isinstance(q, (BinaryWeight, ScaledBinaryWeight, TernaryWeight)) and weight is not None:
+        # the deployed (deterministic) weight is alpha * {-1, 0, 1}: alpha per filter
+        deployed = (lambda w: binarize(w)) if isinstance(q, BinaryWeight) else q
+        with torch.no_grad():
+            alpha = deployed(weight.detach()).abs().reshape(len(weight), -1).amax(1)
+            alpha = torch.where(alpha > 0, alpha, torch.ones_like(alpha))
+        shape = (-1,) + (1,) * (weight.dim() - 1)
+        return IntegerCodes(lambda w: torch.round(deployed(w.detach()) / alpha.reshape(shape)),
+                            alpha, torch.zeros_like(alpha), torch.tensor(-1.0), torch.tensor(1.0),
+                            0)
     return None
 
 
@@ -64,7 +77,7 @@ def weight_scale(layer) -> torch.Tensor | None:
     weight is not calibrated affine integer codes or carries a mean/std shift (a float added to
     every weight of a channel, which no integer kernel stores)."""
     slot = layer.weight_quantizer
-    qw = integer_codes(slot)
+    qw = integer_codes(slot, layer.weight)
     if qw is None:
         return None
     rows = layer.weight.shape[0]
