@@ -130,8 +130,8 @@ class _ExportLayer(nn.Module):
         slot = layer.weight_quantizer
         q = integer_codes(slot, layer.weight)
         if q is None:
-            raise ExportError(f"{name}: {type(slot).__name__} weights have no QDQ form (affine "
-                              "or LSQ integer codes and {-1, 0, 1} binary / ternary codes only; a never-calibrated "
+            raise ExportError(f"{name}: {type(slot).__name__} weights have no QDQ form (affine, "
+                              "LSQ and {-1, 0, 1} binary / ternary codes only; a never-calibrated "
                               "quantizer has none)")
         w = layer.weight.detach()
         rows = w.shape[0]
