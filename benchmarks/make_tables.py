@@ -637,7 +637,11 @@ def train_speed_section(res: dict) -> list[str]:
              "median seconds per step after 3 warm-up steps, the modes interleaved round by "
              "round; speed-up against eager in the same run. First step: the extra time of the "
              "first step (compilation; inductor's on-disk cache was warm from an earlier run "
-             "for fp, so a first compile on a new machine takes longer).", ""]
+             "for fp, so a first compile on a new machine takes longer). " +
+             (f"Taken with {res['training_paused']} long training runs paused (SIGSTOP, "
+              "`benchmarks/pause.py`)." if res.get("training_paused") else
+              "Taken before the long runs' pause mechanism existed (`benchmarks/pause.py`); "
+              "rerun with training paused to refresh."), ""]
     lines += _header("method", modes)
     for method, rows in res["methods"].items():
         lines.append(_row(method, [f"{r['seconds_per_step']:.2f} s ({r['speedup']:.2f}x; first "

@@ -26,6 +26,8 @@ from lowbit.methods import training_method
 from lowbit.models import MODELS, build_model
 from lowbit.training import TrainConfig, train
 
+from pause import paused  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "train_speed.json"
 MODES = {"eager": {}, "channels_last": {"channels_last": True}, "compile": {"compile": True},
@@ -75,21 +77,22 @@ def main():
     data = Dataset("random", Split(images, labels), test, 100)
     times = {m: {mode: [] for mode in MODES} for m in METHODS}
     first = {m: {mode: [] for mode in MODES} for m in METHODS}
-    for _ in range(args.rounds):
-        for method in METHODS:
-            for mode, settings in MODES.items():
-                t = step_times(method, settings, data, args.steps)
-                times[method][mode] += t[WARMUP:]
-                first[method][mode].append(t[0])
-                print(f"{method:4s} {mode:24s} median {statistics.median(t[WARMUP:]):.3f} s, "
-                      f"first step {t[0]:.1f} s", flush=True)
+    with paused() as stopped:  # no timing beside a long training run
+        for _ in range(args.rounds):
+            for method in METHODS:
+                for mode, settings in MODES.items():
+                    t = step_times(method, settings, data, args.steps)
+                    times[method][mode] += t[WARMUP:]
+                    first[method][mode].append(t[0])
+                    print(f"{method:4s} {mode:24s} median {statistics.median(t[WARMUP:]):.3f} "
+                          f"s, first step {t[0]:.1f} s", flush=True)
     result = {"model": "psg_resnet32", "batch": 128, "threads": args.threads,
               "machine": cpu_description(),
               "command": f"python benchmarks/train_speed.py --threads {args.threads} --steps "
                          f"{args.steps} --rounds {args.rounds}",
               "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                                        capture_output=True, text=True).stdout.strip(),
-              "methods": {}}
+              "training_paused": len(stopped), "methods": {}}
     for method in METHODS:
         base = statistics.median(times[method]["eager"])
         result["methods"][method] = {mode: {
