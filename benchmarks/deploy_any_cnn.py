@@ -3,6 +3,7 @@ integer engine and onnxruntime, all reading one lowering, compared on real CIFAR
 
     python benchmarks/deploy_any_cnn.py [--archs mobilenet_v2,...] [--bits 8,4] [--images 1000]
                                         [--train-epochs 4] [--runs DIR] [--threads 1]
+                                        [--size 224]
 
 For each architecture and weight width (W8A8, W4A8; first / last layer 8-bit): top-1 agreement
 and the largest logit difference in 8-bit output steps between each pair, export time, and the
@@ -34,6 +35,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 import lowbit
 from lowbit.data import Batches, load_dataset
@@ -80,8 +82,18 @@ def trained(arch: str, data, args) -> nn.Module:
     MobileNetV3 uses momentum 0.01, whose running statistics are still far from the data after
     a few hundred steps (MobileNetV3-small after 4 epochs of 10,000 images: 9.5% top-1 before, 34.9% after)."""
     model = _trained(arch, data, args)
-    return estimate_bn_statistics(model, Batches(data.train.subset(2048, seed=2),
-                                                 data.normalization(), 128))
+    return estimate_bn_statistics(model, resized(Batches(data.train.subset(2048, seed=2),
+                                                         data.normalization(), 128), args.size))
+
+
+def resized(batches, size: int) -> list:
+    """The batches with their images resized (bilinear) to ``size`` pixels: the CIFAR-trained
+    models run at ImageNet's 224 px on the same images (batch-norm statistics estimated at that
+    size), to measure the deploy paths at that scale."""
+    if size == 32:
+        return batches
+    return [(F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False), y)
+            for x, y in batches]
 
 
 def _trained(arch: str, data, args) -> nn.Module:
@@ -102,15 +114,16 @@ def _trained(arch: str, data, args) -> nn.Module:
 
 def run(arch: str, w_bits: int, data, args) -> dict:
     norm = data.normalization()
-    calib = Batches(data.train.subset(512, seed=0), norm, 128)
-    test = Batches(data.test.subset(args.images, seed=1), norm, 100)
+    calib = resized(Batches(data.train.subset(512, seed=0), norm, 128), args.size)
+    test = resized(Batches(data.test.subset(args.images, seed=1), norm, 100 if args.size == 32
+                           else 10), args.size)
     model = trained(arch, data, args)
     q = lowbit.quantize(model, lowbit.PTQConfig(w_bits=w_bits, a_bits=8), calib)
     start = time.perf_counter()
     lowering = lower(q, calib)
     lower_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    onnx_model = to_onnx(lowering, (1, 3, 32, 32))
+    onnx_model = to_onnx(lowering, (1, 3, args.size, args.size))
     export_seconds = time.perf_counter() - start
     with tempfile.TemporaryDirectory() as tmp:
         packed = export_packed(q, Path(tmp) / "m.lowbit", f"torchvision:{arch}", 10)
@@ -139,6 +152,7 @@ def main():
     ap.add_argument("--archs", default=",".join(ARCHITECTURES))
     ap.add_argument("--bits", default="8,4")
     ap.add_argument("--images", type=int, default=1000)
+    ap.add_argument("--size", type=int, default=32, help="input pixels (CIFAR images resized)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--train-epochs", type=int, default=4)
     ap.add_argument("--runs", default=str(Path.home() / "lowbit-runs" / "deploy-any-cnn"))
@@ -155,7 +169,8 @@ def main():
             row = run(arch, w_bits, data, args)
             row.update(seconds=time.perf_counter() - start, images=args.images,
                        train_epochs=args.train_epochs, commit=commit())
-            record(RESULTS, arch, f"W{w_bits}A8", row)
+            record(RESULTS, arch if args.size == 32 else f"{arch} at {args.size} px",
+                   f"W{w_bits}A8", row)
             print(arch, w_bits, {k: (v["top1_agreement"], round(v["max_logit_diff_steps"], 2))
                                  if isinstance(v, dict) else v for k, v in row.items()},
                   flush=True)
