@@ -22,7 +22,11 @@ The TorchScript-based exporter (``dynamo=False``) writes the graph: it exports a
 and writes a MobileNet in under a second where the torch.export-based exporter takes over ten
 (and cannot trace fake-quantize ops at all; it would need a custom op and a translation table).
 It emits opset 20; INT4 initializers need opset 21, whose changes to the ops used here only add
-types, so the opset is raised after export.
+types, so the opset is raised after export. A few passes then shape the graph for onnxruntime:
+each layer keeps its own initializers (the exporter shares identical ones), 4-bit weights become
+INT4 / UINT4, QDQ qparams become scalar initializers (its QLinearAdd fusion needs them), and a
+spatial mean becomes ``GlobalAveragePool`` with any flatten moved behind its QDQ (so pooling and
+the classifier run its integer kernels).
 """
 from __future__ import annotations
 
