@@ -26,6 +26,7 @@ moves a value across a half step; how often that flips a top-1 depends on the mo
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -161,8 +162,10 @@ def main():
     warnings.simplefilter("ignore")
     data = load_dataset(DATA["cifar10"])
     command = "python benchmarks/deploy_any_cnn.py " + " ".join(sys.argv[1:])
+    meta = json.loads(RESULTS.read_text()).get("meta", {}) if RESULTS.is_file() else {}
+    commands = {**meta.get("commands", {}), f"{args.size} px": command.strip()}
     record(RESULTS, "meta", None, {"commit": commit(), "cpu": cpu_description(),
-                                   "threads": args.threads, "command": command.strip()})
+                                   "threads": args.threads, "commands": commands})
     for arch in args.archs.split(","):
         for w_bits in map(int, args.bits.split(",")):
             start = time.perf_counter()

@@ -525,15 +525,15 @@ def any_cnn_section(res: dict) -> list[str]:
     pairs = ("engine vs simulation", "onnxruntime vs simulation", "onnxruntime vs engine",
              "engine vs float64 simulation", "float32 vs float64 simulation")
     lines = ["## Deployment on torchvision architectures (fully quantized)", "",
-             f"Command: `{meta['command']}` at commit `{meta['commit']}`, {meta['cpu']}. Each "
+             "Commands: " + ", ".join(f"`{c}` ({size})" for size, c in meta["commands"].items())
+             + f"; last at commit `{meta['commit']}`, {meta['cpu']}. Each "
              "model is torchvision's own definition, trained here from scratch on the 10,000 "
              "CIFAR-10 training images of `../shared` (4 epochs; no ImageNet weights can be "
              "downloaded), then quantized by PTQ (W8A8 or W4A8, first / last layer 8-bit) and "
              "lowered once (`lowbit.deploy.lower` with calibration: every tensor an integer). "
              "The simulation, the integer engine and onnxruntime all read that lowering. "
              "Compared on 1,000 CIFAR-10 test images at 32 px (rows \"at 224 px\": 50 test images "
-             "resized to 224 px, batch-norm statistics re-estimated at that size, run with "
-             "`--size 224 --images 50`): top-1 agreement % / largest logit "
+             "resized to 224 px, batch-norm statistics re-estimated at that size): top-1 agreement % / largest logit "
              "difference in 8-bit output steps (the reference's logit range / 255). The float64 "
              "simulation is the same simulation in double precision: the engine's integer sums "
              "are exact, so it matches that one, and the float32 simulation's own distance to it "
