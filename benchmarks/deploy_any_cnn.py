@@ -43,6 +43,7 @@ from lowbit.data import Batches, load_dataset
 from lowbit.deploy import IntegerEngine, OnnxRunner, export_packed, lower, to_onnx
 from lowbit.evaluate import agreement, evaluate
 from lowbit.io import load_torch, load_weights
+from lowbit.training import estimate_bn_statistics
 
 from ptq_ablation import DATA, commit, record  # noqa: E402
 from train_speed import cpu_description  # noqa: E402
@@ -64,24 +65,10 @@ def torchvision_models():
     return torchvision.models
 
 
-@torch.no_grad()
-def estimate_bn_statistics(model: nn.Module, batches) -> nn.Module:
-    """Batch-norm running statistics set to the cumulative mean / variance over ``batches``."""
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.reset_running_stats()
-            m.momentum = None
-    model.train()
-    for x, _ in batches:
-        model(x)
-    return model.eval()
-
-
 def trained(arch: str, data, args) -> nn.Module:
     """``arch`` trained on ``data`` (or reloaded from its finished run under ``args.runs``),
-    its batch-norm statistics then estimated on 2,048 training images: torchvision's
-    MobileNetV3 uses momentum 0.01, whose running statistics are still far from the data after
-    a few hundred steps (MobileNetV3-small after 4 epochs of 10,000 images: 9.5% top-1 before, 34.9% after)."""
+    its batch-norm statistics then estimated on 2,048 training images (see
+    :func:`lowbit.training.estimate_bn_statistics`)."""
     model = _trained(arch, data, args)
     return estimate_bn_statistics(model, resized(Batches(data.train.subset(2048, seed=2),
                                                          data.normalization(), 128), args.size))

@@ -8,9 +8,9 @@ from torch import nn
 import lowbit
 from lowbit.deploy import IntegerEngine, OnnxRunner, lower, to_onnx
 from lowbit.deploy.lowering import KINDS
-from lowbit.errors import ExportError, ModelError
+from lowbit.errors import CalibrationError, ConfigError, DataError, ExportError, ModelError
 from tests.deploy_checks import assert_kernels_exact
-from tests.user_models import Neck, trained_like
+from tests.user_models import Branchy, ConvThen, Neck, UserNet, trained_like
 
 ARCHITECTURES = ["mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0",
                  "resnet18", "resnet50", "shufflenet_v2_x1_0", "regnet_x_400mf",
@@ -80,33 +80,26 @@ def test_a_neck_with_every_op_kind_deploys():
 
 
 def test_what_cannot_be_deployed_is_named(calib):
-    class Branchy(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(3, 4, 3)
-
-        def forward(self, x):
-            y = self.conv(x)
-            return y.mean((2, 3)) if y.sum() > 0 else -y.mean((2, 3))
-
     with pytest.warns(UserWarning, match="cannot be traced"):
         q = lowbit.quantize(Branchy().eval(), lowbit.PTQConfig(w_bits=8, a_bits=8), calib)
     with pytest.raises(ModelError, match=r"torch.fx.wrap.*|y.sum\(\) > 0"):
         IntegerEngine(q)
 
-    class Cumulative(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(3, 4, 3)
-            self.fc = nn.Linear(4, 2)
-
-        def forward(self, x):
-            return self.fc(torch.cumsum(self.conv(x), 1).mean((2, 3)))
-
-    q = lowbit.quantize(Cumulative().eval(), lowbit.PTQConfig(w_bits=8, a_bits=8), calib)
+    cumulative = ConvThen(lambda y: torch.cumsum(y, 1))
+    q = lowbit.quantize(cumulative.eval(), lowbit.PTQConfig(w_bits=8, a_bits=8), calib)
     with pytest.raises(ModelError, match="cumsum: the integer engine has no integer form of "
                                          "cumsum"):
         IntegerEngine(q, calib)(calib[0])
     assert OnnxRunner(to_onnx(q, (1, 3, 12, 12), calib=calib))(calib[0]).shape == (32, 2)
     with pytest.raises(ExportError, match=r"rejects an input of shape \(1, 5, 12, 12\)"):
         to_onnx(q, (1, 5, 12, 12))
+
+
+def test_bad_calibration_for_the_fully_quantized_form_is_one_clear_error(calib):
+    q = lowbit.quantize(trained_like(UserNet()), lowbit.PTQConfig(w_bits=8, a_bits=8), calib)
+    with pytest.raises(DataError, match="calibration data .* is empty"):
+        lower(q, [])
+    with pytest.raises(CalibrationError, match="NaN or Inf"):
+        lower(q, [torch.full((2, 3, 12, 12), float("nan"))])
+    with pytest.raises(ConfigError, match="act_bits must be in 2..16"):
+        lower(q, calib, act_bits=1)

@@ -14,7 +14,7 @@ from lowbit.deploy.integer import IntegerEngine, fixed_point, multiply_by_fixed_
 from lowbit.errors import ConfigError, ModelError, NumericalError
 from lowbit.evaluate import agreement
 from lowbit.nn.accumulator import accumulator_scale
-from tests.user_models import UserNet, trained_like
+from tests.user_models import ConvThen, UserNet, trained_like
 
 
 @settings(max_examples=300, deadline=None)
@@ -77,16 +77,7 @@ def test_what_has_no_integer_form_is_refused_by_name(digits_fp, cfg, message):
 
 
 def test_unsupported_op_is_named(calib):
-    class Sigmoid(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(3, 4, 3)
-            self.fc = nn.Linear(4, 2)
-
-        def forward(self, x):
-            return self.fc(torch.sigmoid(self.conv(x)).mean((2, 3)))
-
-    q = lowbit.quantize(Sigmoid().eval(), lowbit.PTQConfig(w_bits=8, a_bits=8), calib)
+    q = lowbit.quantize(ConvThen(torch.sigmoid).eval(), lowbit.PTQConfig(w_bits=8, a_bits=8), calib)
     with pytest.raises(ModelError, match="sigmoid"):
         IntegerEngine(q)(calib[0])
 

@@ -15,6 +15,7 @@ from lowbit.errors import LowbitError
 from lowbit.methods import TRAINING_METHODS, training_method
 from lowbit.methods.psg import PSGMethod, ptq_config
 from lowbit.nn.binary import SignActivation
+from lowbit.training import estimate_bn_statistics
 
 AFFINE = ("qat", "lsq", "psg", "ptq-w8a8", "ptq-w4a4-deploy")
 FLOAT_INPUTS = ("bc", "bc-stochastic", "bwn", "twn")  # +-1 / ternary codes on float inputs
@@ -28,25 +29,13 @@ def images():
     return Dataset("synthetic", split, split, 10)
 
 
-@torch.no_grad()
-def _live(model, batches):
-    """Batch-norm statistics estimated on the data, so a randomly initialised network's
-    activations keep their scale through its depth (its logits then vary with the input)."""
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.reset_running_stats()
-            m.momentum = None
-    model.train()
-    for x in batches:
-        model(x)
-    return model.eval()
-
-
 def _run(tv, data, method):
     torch.manual_seed(0)
     norm = data.normalization()
     calib = [x for x, _ in lowbit.data.Batches(data.train, norm, 16)]
-    model = _live(tv.get_model("mobilenet_v3_small", num_classes=10), calib)
+    # BN statistics from the data: a random network then keeps its activations' scale, so its
+    # logits vary with the input
+    model = estimate_bn_statistics(tv.get_model("mobilenet_v3_small", num_classes=10), calib)
     if method.startswith("ptq-"):
         return lowbit.quantize(model, lowbit.load_recipe(method), calib), None, calib
     trainer = training_method(method)

@@ -4,7 +4,6 @@ import onnx
 import pytest
 import torch
 from onnx import TensorProto
-from torch import nn
 
 import lowbit
 from lowbit.cli import main
@@ -12,7 +11,7 @@ from lowbit.data.core import Batches
 from lowbit.deploy.onnx_export import OnnxRunner, export_onnx, to_onnx
 from lowbit.errors import ExportError
 from lowbit.evaluate import agreement
-from tests.user_models import UserNet, trained_like
+from tests.user_models import Branchy, UserNet, trained_like
 
 
 def _digits(digits_fp, **cfg):
@@ -62,15 +61,6 @@ def test_export_failures_name_the_layer(digits_fp, calib):
     q, _ = _digits(digits_fp, w_bits=8, a_bits=8, a_per_channel=True)
     with pytest.raises(ExportError, match="per-channel activation"):
         to_onnx(q, (1, 1, 8, 8))
-
-    class Branchy(nn.Module):  # data-dependent control flow: FX cannot trace it
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(3, 4, 3)
-
-        def forward(self, x):
-            y = self.conv(x)
-            return y.mean((2, 3)) if y.sum() > 0 else -y.mean((2, 3))
 
     q = lowbit.quantize(Branchy().eval(), lowbit.PTQConfig(w_bits=8, a_bits=8), calib)
     with pytest.raises(ExportError, match="torch.fx.wrap"):

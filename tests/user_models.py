@@ -77,3 +77,28 @@ class Neck(nn.Module):
         y = torch.clamp(F.pad(y[:, :, 1:, 1:], (0, 1, 0, 1)), -3.0, 3.0)
         y = F.adaptive_avg_pool2d(y, 2).permute(0, 2, 3, 1).reshape(y.shape[0], -1)
         return self.head(F.dropout(y, 0.1, self.training))
+
+
+class Branchy(nn.Module):
+    """Data-dependent control flow: FX cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y.mean((2, 3)) if y.sum() > 0 else -y.mean((2, 3))
+
+
+class ConvThen(nn.Module):
+    """conv -> ``op`` -> global mean -> linear: one op between two quantized layers."""
+
+    def __init__(self, op):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.op = op
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(self.op(self.conv(x)).mean((2, 3)))

@@ -68,6 +68,7 @@ accumulator fits in int32). Pooling sums run the same way in float64.
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -81,6 +82,7 @@ from lowbit.nn.layers import QuantConv2d
 from lowbit.nn.lsq import LSQQuantizer
 from lowbit.nn.quantizer import AffineQuantizer, CorrectedQuantizer
 from lowbit.quant.affine import broadcast_along, quantize
+from lowbit.transforms.ops import adaptive_window
 
 STREAM_BITS = 29  # a bound-scaled stream stays below 2^29: the sum of two still fits in int32
 STREAM_FRACTION_BITS = 16
@@ -232,7 +234,7 @@ class IntegerEngine:
             if node.op == "placeholder":
                 env[node] = x
             elif node.op == "get_attr":
-                env[node] = _fetch(self.lowering.graph_module, node.target)
+                env[node] = operator.attrgetter(node.target)(self.lowering.graph_module)
             elif node.op == "output":
                 out = env[node.args[0]]
                 if not isinstance(out, QTensor):
@@ -424,12 +426,6 @@ class IntegerEngine:
         return v.like(out)
 
 
-def _fetch(module: nn.Module, target: str):
-    for part in target.split("."):
-        module = getattr(module, part)
-    return module
-
-
 def _what(node, modules) -> str:
     module = modules.get(node.target) if node.op == "call_module" else None
     return type(module).__name__ if module is not None else \
@@ -462,15 +458,12 @@ def _pool_sums(node, module, v: QTensor, args, kwargs) -> tuple[torch.Tensor, to
         return centered.sum(dims, keepdim=keep).round().to(torch.int64), torch.tensor(count)
     h, w = centered.shape[-2:]
     if isinstance(module, nn.AdaptiveAvgPool2d) or node.target is F.adaptive_avg_pool2d:
-        size = module.output_size if module is not None else \
-            (args[1] if len(args) > 1 else kwargs["output_size"])
-        oh, ow = (size, size) if isinstance(size, int) else size
-        oh, ow = oh or h, ow or w
-        if h % oh or w % ow:
-            raise ModelError(f"{node.name}: adaptive average pooling from {h}x{w} to "
-                             f"{oh}x{ow} has uneven windows; the engine pools even ones only")
-        options = dict(kernel_size=(h // oh, w // ow), stride=(h // oh, w // ow), padding=0,
-                       ceil_mode=False, count_include_pad=True, divisor_override=None)
+        window = adaptive_window(node, module, h, w)
+        if window is None:
+            raise ModelError(f"{node.name}: adaptive average pooling of a {h}x{w} input has "
+                             "uneven windows; the engine pools even ones only")
+        options = dict(kernel_size=window, stride=window, padding=0, ceil_mode=False,
+                       count_include_pad=True, divisor_override=None)
     else:
         names = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
                  "divisor_override")

@@ -54,11 +54,12 @@ from dataclasses import astuple, dataclass
 import torch
 from torch import fx, nn
 
-from lowbit.errors import CalibrationError, DataError, ModelError
+from lowbit.errors import CalibrationError, ConfigError, DataError, ModelError
 from lowbit.nn.accumulator import integer_codes
 from lowbit.quant.affine import affine_qparams, fake_quantize
 from lowbit.transforms.fold import trace
-from lowbit.transforms.ops import KEEPS_GRID, KINDS, MOVES, clamp_bounds, kind_of, tensor_args
+from lowbit.transforms.ops import (KEEPS_GRID, KINDS, MOVES, clamp_bounds, kind_of, tensor_args,
+                                  yields_tuple)
 
 __all__ = ["Grid", "Lowering", "lower", "with_grids", "KINDS", "clamp_bounds"]
 
@@ -188,7 +189,7 @@ def lower(qmodel: nn.Module, calib=None, act_bits: int = 8) -> Lowering:
                          f"{reason}; wrap the untraceable call with torch.fx.wrap, or make its "
                          "module a leaf of the tracer")
     if not 2 <= act_bits <= 16:
-        raise ModelError(f"act_bits must be in 2..16, got {act_bits}")
+        raise ConfigError(f"act_bits must be in 2..16, got {act_bits}")
     modules = dict(traced.named_modules())
     nodes = list(traced.graph.nodes)
     kinds, meta = {}, set()
@@ -267,19 +268,14 @@ def _assign_grids(lowering: Lowering, nodes) -> list:
     return free
 
 
-def _yields_tuple(node) -> bool:
-    return node.target in ("chunk", "split") if node.op == "call_method" else \
-        node.target in (torch.chunk, torch.split)
-
-
 def _inherit_grids(lowering: Lowering, nodes) -> None:
     """Rule 1: moves, clamps and resizes take their quantized input's grid (a chunk's items take
     the chunked tensor's; the tuple itself has none)."""
     for node in nodes:
         if node in lowering.quantized and lowering.kinds[node] in KEEPS_GRID and \
-                node not in lowering.fused.values() and not _yields_tuple(node):
+                node not in lowering.fused.values() and not yields_tuple(node):
             source = next(a for a in tensor_args(node) if a in lowering.quantized)
-            while _yields_tuple(source):
+            while yields_tuple(source):
                 source = next(a for a in tensor_args(source) if a in lowering.quantized)
             if lowering.output_grid(source) is not None:
                 lowering.grids[node] = lowering.output_grid(source)

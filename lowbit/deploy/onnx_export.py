@@ -50,6 +50,7 @@ from lowbit.nn.accumulator import accumulator_scale, integer_codes
 from lowbit.nn.layers import QuantConv2d
 from lowbit.nn.lsq import LSQQuantizer
 from lowbit.nn.quantizer import AffineQuantizer, CorrectedQuantizer
+from lowbit.transforms.ops import adaptive_window
 
 OPSET = 21  # INT4 / UINT4 QuantizeLinear and DequantizeLinear
 EXPORTER_OPSET = 20  # the newest the TorchScript exporter writes
@@ -226,20 +227,17 @@ def _even_adaptive_pools(module: fx.GraphModule, example: torch.Tensor) -> None:
     symbolics (global pooling needs none and stays as it is)."""
     ShapeProp(module).propagate(example)
     for node in module.graph.nodes:
-        target = module.get_submodule(node.target) if node.op == "call_module" else node.target
-        if isinstance(target, nn.AdaptiveAvgPool2d):
-            size = target.output_size
-        elif target is F.adaptive_avg_pool2d:
-            size = node.args[1] if len(node.args) > 1 else node.kwargs["output_size"]
-        else:
+        layer = module.get_submodule(node.target) if node.op == "call_module" else None
+        source = node.args[0] if node.args else None
+        shape = getattr(source.meta.get("tensor_meta"), "shape", None) \
+            if isinstance(source, fx.Node) else None
+        if shape is None:  # not a tensor (a size, a chunk's tuple)
             continue
-        h, w = node.args[0].meta["tensor_meta"].shape[-2:]
-        oh, ow = (size, size) if isinstance(size, int) else size
-        oh, ow = oh or h, ow or w
-        if (oh, ow) != (1, 1) and h % oh == 0 and w % ow == 0:
-            kernel = (h // oh, w // ow)
+        size = tuple(shape[-2:])
+        window = adaptive_window(node, layer, *size)
+        if window not in (None, size):  # a window of the whole input is global pooling: kept
             node.op, node.target = "call_function", F.avg_pool2d
-            node.args, node.kwargs = (node.args[0], kernel, kernel), {}
+            node.args, node.kwargs = (source, window, window), {}
     module.recompile()
 
 

@@ -6,16 +6,20 @@ user, so rescaling its channels changes nothing else; ReLU is positively homogen
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import fx, nn
-from torch.nn import functional as F
 
 from lowbit.quant.equalize import equalization_scales
+from lowbit.transforms.ops import clamp_bounds, kind_of
 
 def _is_relu(node: fx.Node, modules: dict) -> bool:
-    if node.op == "call_function" and node.target in (F.relu, torch.relu):
-        return True
-    return node.op == "call_module" and isinstance(modules.get(node.target), nn.ReLU)
+    """A clamp at [0, inf) (ReLU as module, function or method; :mod:`lowbit.transforms.ops`):
+    positively homogeneous, unlike ReLU6's upper bound."""
+    module = modules.get(node.target) if node.op == "call_module" else None
+    return kind_of(node, modules, set()) == "clamp" and \
+        clamp_bounds(node, module) == (0.0, math.inf)
 
 
 def equalization_pairs(gm: fx.GraphModule) -> list[tuple[str, str]]:

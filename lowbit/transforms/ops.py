@@ -120,3 +120,27 @@ def kind_of(node: fx.Node, modules: dict, meta: set) -> str | None:
         # one tensor and constants: an elementwise function of one integer tensor
         return "lut" if len(tensors) == 1 else (kind if kind in ("add", "mul") else None)
     return kind
+
+
+def yields_tuple(node: fx.Node) -> bool:
+    """A move whose value is a tuple of tensors (``chunk``, ``split``), not one tensor."""
+    return node.target in ("chunk", "split") if node.op == "call_method" else \
+        node.target in (torch.chunk, torch.split)
+
+
+def adaptive_window(node: fx.Node, module: nn.Module | None, height: int, width: int):
+    """The (kernel = stride) window of an adaptive average pooling node over an input of
+    ``height`` x ``width``; None when it is not one, or its windows are uneven (they would
+    overlap or differ in size)."""
+    if isinstance(module, nn.AdaptiveAvgPool2d):
+        size = module.output_size
+    elif node.op == "call_function" and node.target is F.adaptive_avg_pool2d:
+        size = node.args[1] if len(node.args) > 1 else node.kwargs["output_size"]
+    else:
+        return None
+    oh, ow = (size, size) if isinstance(size, int) else size
+    oh, ow = oh or height, ow or width
+    if height % oh or width % ow:
+        return None
+    return height // oh, width // ow
+
