@@ -72,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "replaces the recipe's weight bias correction")
     q.add_argument("--no-fold-bn", action="store_true")
     q.add_argument("--calib", type=int, help="calibration images drawn from the training split")
+    q.add_argument("--calib-batch-size", type=int,
+                   help="images per calibration batch (64); the result does not depend on it")
+    q.add_argument("--calib-memory", help="memory for cached activations during calibration "
+                   "(2GiB); beyond it they are spilled to a temporary file (TMPDIR)")
     q.add_argument("--first-last-bits", type=_bits_or_none, default=argparse.SUPPRESS,
                    help="bits of the first and last layer (default 8), or 'none' for the target")
     q.add_argument("--skip", action="append", help="layer name or regex left in float (repeatable)")
@@ -162,7 +166,8 @@ def _config_from_args(args):
         raise ConfigError("lowbit quantize runs PTQ recipes only")
     flags = {"w_bits": args.w_bits, "clip": args.clip, "w_clip": args.w_clip,
              "percentile": args.percentile, "calib": args.calib, "seed": args.seed,
-             "bias_correction": args.bias_correction}
+             "bias_correction": args.bias_correction,
+             "calib_batch_size": args.calib_batch_size, "calib_memory": args.calib_memory}
     values.update({k: v for k, v in flags.items() if v is not None})
     for flag in ("a_bits", "first_last_bits"):  # given on the command line (None = 'none')
         if flag in vars(args):
@@ -266,7 +271,8 @@ def cmd_quantize(args) -> int:
     dataset = load_dataset(args.data)
     model = build_model(args.model, args.checkpoint)
     norm = _normalization(args.model, dataset)
-    calib = Batches(dataset.train.subset(min(config.calib, len(dataset.train)), config.seed), norm, 256)
+    calib = Batches(dataset.train.subset(min(config.calib, len(dataset.train)), config.seed), norm,
+                    config.calib_batch_size)
     test = Batches(dataset.test, norm, args.batch_size)
     fp_top1 = evaluate(model, test, args.limit, desc="eval fp")
     qmodel = quantize(model, config, calib)

@@ -1,12 +1,14 @@
 """AdaRound (Nagel et al. 2020): its pieces, and learned rounding inside PTQ."""
 import pytest
 import torch
+from torch import nn
 from torch.nn import functional as F
 
 import lowbit
 from lowbit.errors import ConfigError
 from lowbit.nn import QuantConv2d, QuantLinear
-from lowbit.quant.adaround import (AdaRoundSchedule, initial_logits, learn_rounding,
+from lowbit.quant.adaround import (AdaRoundSchedule, ReconstructionError, initial_logits,
+                                   learn_rounding, reconstruction_error,
                                    rectified_sigmoid, rounding_regularizer)
 
 
@@ -42,20 +44,65 @@ def _linear_problem(seed=0):
     return w, x, scale, zero, qmin, qmax
 
 
+def _linear_layer(w):
+    layer = nn.Linear(w.shape[1], w.shape[0], bias=False)
+    layer.weight.data.copy_(w)
+    return layer
+
+
 def test_learned_rounding_stays_on_grid_and_beats_nearest():
     w, x, scale, zero, qmin, qmax = _linear_problem()
-    forward = lambda inp, weight: F.linear(inp, weight)  # noqa: E731
-    target = forward(x, w)
-    w_ada = learn_rounding(w, scale, zero, qmin, qmax, forward, x, target,
-                           AdaRoundSchedule(iters=400, batch=64, lr=1e-2),
-                           torch.Generator().manual_seed(0))
+    target = F.linear(x, w)
+    error = ReconstructionError(_linear_layer(w), len(x))
+    error.update(x, target)
+    w_ada = learn_rounding(w, scale, zero, qmin, qmax, error,
+                           AdaRoundSchedule(iters=400, lr=1e-2))
     codes = w_ada / scale
     assert torch.allclose(codes, codes.round(), atol=1e-4)                 # on the grid
     assert ((codes.round() - torch.floor(w / scale)).abs() <= 1).all()     # floor or ceil only
     nearest = torch.clamp(torch.round(w / scale), qmin, qmax) * scale
-    err = lambda weight: (forward(x, weight) - target).pow(2).mean().item()  # noqa: E731
+    err = lambda weight: (F.linear(x, weight) - target).pow(2).mean().item()  # noqa: E731
     assert err(w_ada) < 0.8 * err(nearest)
     assert not torch.equal(w_ada, nearest)
+
+
+@pytest.mark.parametrize("layer", [
+    nn.Conv2d(6, 8, 3, stride=2, padding=1, dilation=1, groups=2),
+    nn.Conv2d(4, 4, 3, padding=2, dilation=2, groups=4, bias=False),
+    nn.Conv2d(3, 5, 3, padding=1, padding_mode="reflect"),
+    nn.Linear(12, 7),
+], ids=["grouped-strided", "depthwise-dilated", "reflect", "linear"])
+def test_quadratic_reconstruction_error_equals_the_direct_one(layer):
+    """The accumulated quadratic form is the error of running the layer on every image."""
+    g = torch.Generator().manual_seed(0)
+    shape = (10, layer.in_features) if isinstance(layer, nn.Linear) else \
+        (10, layer.in_channels, 9, 9)
+    x, w = torch.randn(*shape, generator=g), torch.randn(layer.weight.shape, generator=g)
+    with torch.no_grad():
+        target = layer(torch.randn(*shape, generator=g))
+    error = ReconstructionError(layer, len(x))
+    for part, t in zip(x.split(4), target.split(4)):
+        error.update(part, t)
+    direct = reconstruction_error(layer._conv_forward(x, w, layer.bias)
+                                  if isinstance(layer, nn.Conv2d) else F.linear(x, w, layer.bias),
+                                  target)
+    assert error(w).item() == pytest.approx(direct.item(), rel=1e-4)
+
+
+def test_sampled_reconstruction_error_does_not_depend_on_the_batching():
+    layer = nn.Conv2d(3, 4, 3, padding=1)
+    x = torch.randn(12, 3, 16, 16)
+    with torch.no_grad():
+        target = layer(x) + 0.1
+    errors = []
+    for size in (12, 5):
+        error = ReconstructionError(layer, len(x), max_patches=300)
+        for part, t in zip(x.split(size), target.split(size)):
+            error.update(part, t)
+        errors.append(error)
+    assert errors[0].count == errors[1].count == 12 * 25
+    for a, b in ((errors[0].h, errors[1].h), (errors[0].g, errors[1].g)):  # float32 partial sums
+        assert (a - b).abs().max() <= 1e-5 * a.abs().max()
 
 
 def test_ptq_adaround_rewrites_weights_onto_the_quantizer_grid(user_model, calib):

@@ -6,19 +6,27 @@ Pipeline of :func:`quantize` (each step optional except 1, 4, 5):
 
 1. copy the model, fold BN into the preceding conv (graph tracing);
 2. cross-layer equalization of conv -> ReLU -> conv pairs;
-3. record the float model's per-layer outputs (their means for empirical bias correction, the
-   whole outputs for AdaRound);
+3. keep a copy of the float (folded, equalized) model when empirical bias correction or
+   AdaRound need its per-layer outputs;
 4. weights: per-channel range (min-max / percentile / MSE), per-channel bit allocation
    (alpha^(2/3) rule with alpha = std of the channel), then Banner's weight bias correction
    (restoring each channel's mean, or mean and std);
-5. activations, at the input of every Conv / Linear: one pass over the calibration set *as one
-   batch*, in execution order, so each layer's range is fitted to the input it really receives
-   (upstream layers already quantized); ranges by min-max, EMA, percentile, MSE or ACIQ,
-   unsigned when the input is non-negative, optionally per channel with bit allocation;
-   AdaRound then learns each layer's weight rounding on that quantized input against the float
-   layer's output (the weights are rewritten onto the grid points it chose); empirical bias correction (Nagel et al. 2019; Finkelstein et al. 2019) shifts each layer's
-   bias so its mean output matches the float model's, in the same pass, so the correction of
-   one layer is seen by the next;
+5. activations, at the input of every Conv / Linear, **layer by layer in execution order and
+   streaming**: the calibration set is consumed in batches of ``calib_batch_size``; the traced
+   network is cut into segments that hand one tensor to the next
+   (:mod:`lowbit.transforms.segments`), and only the current segment's input is cached over the
+   whole set (in memory up to ``calib_memory``, spilled to a temporary file beyond it:
+   :mod:`lowbit.quant.store`). Each layer's range is fitted to the input it really receives
+   (upstream layers already quantized), from streaming statistics whose result does not depend
+   on the batch size (:mod:`lowbit.quant.observer`: exact min / max, a per-image-seeded sample,
+   EMA over 64-image chunks); ranges by min-max, EMA, percentile, MSE or ACIQ, unsigned when the
+   input is non-negative, optionally per channel with bit allocation. AdaRound then learns the
+   layer's weight rounding on its cached quantized input against the float layer's output on the
+   same images (the weights are rewritten onto the grid points it chose); empirical bias
+   correction (Nagel et al. 2019; Finkelstein et al. 2019) shifts the layer's bias so its mean
+   output matches the float model's; both before the next layer is calibrated, so the correction
+   of one layer is seen by the next. A model that cannot be traced is one segment: each layer
+   then re-runs the network from its input (the same results, more time);
 6. every bias is rounded to its int32 accumulator grid ``S_W * S_X`` (``int_bias``), as an
    integer device stores it, so the simulation adds the bias the device adds; in the same pass,
    right after the layer's own correction, so later layers' corrections absorb the rounding.
@@ -29,7 +37,6 @@ from __future__ import annotations
 
 import copy
 import time
-import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -37,26 +44,24 @@ from torch import nn
 
 from lowbit.config import ConfigMixin
 from lowbit.errors import CheckpointError, ConfigError, DataError, NumericalError
-from lowbit.nn.accumulator import round_bias, round_biases
+from lowbit.methods.calibration import bits_for, calibrate_activations, calibration_images, \
+    fit_range
+from lowbit.nn.accumulator import round_biases
 from lowbit.nn.layers import QUANT_LAYERS, WRAPPERS
 from lowbit.nn.quantizer import AffineQuantizer, CorrectedQuantizer, affine_part
 from lowbit.policy import LayerBits, LayerPolicy
-from lowbit.quant.aciq import aciq_range
-from lowbit.quant.adaround import AdaRoundSchedule, learn_rounding
-from lowbit.quant.affine import QScheme, broadcast_along, check_bits, integer_range
+from lowbit.quant.affine import QScheme, check_bits
 from lowbit.quant.bias_correction import correct_weight_bias
-from lowbit.quant.bit_alloc import allocate_bits
-from lowbit.quant.ranges import bn_activation_range, channel_sample, ema_update, minmax_range, \
-    mse_range, percentile_range
+from lowbit.quant.ranges import channel_sample, minmax_range
+from lowbit.quant.store import MemoryBudget, gib, parse_bytes
 from lowbit.transforms import bn_sources, equalize_model, fold_batchnorm, layer_order, \
-    swap_layers
+    swap_layers, trace
+from lowbit.transforms.segments import segments
 
 A_CLIPS = ("minmax", "ema", "percentile", "mse", "aciq-laplace", "aciq-gauss", "bn")
 W_CLIPS = ("minmax", "percentile", "mse")
 BIAS_CORRECTIONS = (None, "mean", "mean_std")
 W_ROUNDINGS = ("nearest", "adaround")
-BIT_ALLOC_MAX_BITS = 4  # as in the reference code, allocation only below 5 bits
-EMA_CHUNK = 64  # images per EMA step when clip == "ema"
 
 
 @dataclass
@@ -86,6 +91,8 @@ class PTQConfig(ConfigMixin):
     int_bias: bool = True
     fold_bn: bool = True
     calib: int = 1024
+    calib_batch_size: int = 64
+    calib_memory: str = "2GiB"
     first_last_bits: int | None = 8
     skip: list[str] = field(default_factory=list)
     overrides: dict[str, dict] = field(default_factory=dict)
@@ -105,6 +112,11 @@ class PTQConfig(ConfigMixin):
             raise ConfigError(f"percentile must be in (50, 100], got {self.percentile}")
         if isinstance(self.calib, bool) or not isinstance(self.calib, int) or self.calib < 1:
             raise ConfigError(f"calib must be a positive number of images, got {self.calib!r}")
+        if isinstance(self.calib_batch_size, bool) or not isinstance(self.calib_batch_size, int) \
+                or self.calib_batch_size < 1:
+            raise ConfigError(f"calib_batch_size must be a positive number of images, "
+                              f"got {self.calib_batch_size!r}")
+        parse_bytes(self.calib_memory)
         if self.a_bit_alloc and self.a_bits is None:
             raise ConfigError("a_bit_alloc needs a_bits")
         if self.w_round == "adaround" and self.bias_correction is not None:
@@ -176,32 +188,7 @@ def prepare(model: nn.Module, config: PTQConfig, plan: dict[str, LayerBits], fol
 
 
 # ---------------------------------------------------------------------------------------------
-# Calibration
-
-
-def calibration_tensor(calib_data, limit: int) -> torch.Tensor:
-    """Concatenate up to ``limit`` inputs from an iterable of tensors or (input, target) batches."""
-    if isinstance(calib_data, torch.Tensor):
-        calib_data = [calib_data]
-    chunks, n = [], 0
-    for batch in calib_data:
-        x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        if not isinstance(x, torch.Tensor):
-            raise DataError(f"calibration batches must be tensors or (input, target) pairs, "
-                            f"got {type(x).__name__}")
-        chunks.append(x[: limit - n].float())
-        n += len(chunks[-1])
-        if n >= limit:
-            break
-    if n == 0:
-        raise DataError("the calibration set is empty: give at least one input image")
-    x = torch.cat(chunks)
-    if not torch.isfinite(x).all():
-        raise DataError("the calibration data contains NaN or Inf values")
-    if n < 32:
-        warnings.warn(f"only {n} calibration images: ranges may be poor (1,024 is typical)",
-                      stacklevel=3)
-    return x
+# Calibration (activations: lowbit.methods.calibration)
 
 
 def check_finite(model: nn.Module) -> None:
@@ -209,34 +196,6 @@ def check_finite(model: nn.Module) -> None:
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise NumericalError(f"{name} contains NaN or Inf values; fix the checkpoint first")
-
-
-def _bits_for(sample: torch.Tensor, bits: int, enabled: bool, proxy: str) -> int | torch.Tensor:
-    """Per-channel bits from the allocation rule (on a [C, K] sample), or the plain width."""
-    if not enabled or bits > BIT_ALLOC_MAX_BITS or sample.shape[0] < 2:
-        return bits
-    # alpha_i is proportional to the channel's spread (Banner: std, or b for the Laplace prior)
-    if proxy == "laplace":
-        alpha = (sample - sample.mean(1, keepdim=True)).abs().mean(1)
-    else:
-        alpha = sample.std(1)
-    return allocate_bits(alpha, bits)
-
-
-def _range(sample: torch.Tensor, exact: tuple, method: str, bits, quantizer: AffineQuantizer,
-           signed: bool, percentile: float, per_channel: bool):
-    """(lo, hi) by ``method`` from a [C, K] sample (min-max uses the ``exact`` extremes);
-    scalars when not per channel."""
-    if method == "minmax":
-        return exact
-    axis = 0 if per_channel else None
-    if method == "percentile":
-        return percentile_range(sample, percentile, axis)
-    if method == "mse":
-        qmin, qmax = integer_range(torch.as_tensor(bits), signed, quantizer.scheme.narrow)
-        return mse_range(sample, qmin, qmax, quantizer.scheme.symmetric, axis)
-    prior = method.split("-")[1]
-    return aciq_range(sample, bits, prior, axis, rectified=not signed)
 
 
 @torch.no_grad()
@@ -250,127 +209,13 @@ def calibrate_weights(model: nn.Module, config: PTQConfig) -> None:
         per_channel = quantizer.axis is not None
         exact = minmax_range(w, 0 if per_channel else None)
         rows = channel_sample(w, 0, max_total=w.numel())  # every weight, one row per channel
-        bits = _bits_for(rows, quantizer.scheme.bits, config.w_bit_alloc and per_channel, "std")
+        bits = bits_for(rows, quantizer.scheme.bits, config.w_bit_alloc and per_channel, "std")
         sample = rows if per_channel else rows.reshape(1, -1)
-        lo, hi = _range(sample, exact, config.w_clip, bits, quantizer, quantizer.scheme.signed,
+        lo, hi = fit_range(sample, exact, config.w_clip, bits, quantizer, quantizer.scheme.signed,
                         config.percentile, per_channel)
         quantizer.set_range(lo, hi, bits)
         if isinstance(slot, CorrectedQuantizer):
             slot.set_correction(*correct_weight_bias(w, quantizer(w), config.bias_correction))
-
-
-def _set_input_range(quantizer: AffineQuantizer, x: torch.Tensor, config: PTQConfig,
-                     bn=None) -> None:
-    """Fit an input quantizer to ``x``; with ``clip="bn"`` and a BatchNorm ``bn`` feeding this
-    non-negative input the range is data-free: [0, beta + n gamma] (max over channels unless
-    per channel)."""
-    per_channel = quantizer.axis is not None and x.dim() >= 2
-    axis = 1 if per_channel else None
-    dims = [d for d in range(x.dim()) if d != 1]
-    exact = (x.amin(dims), x.amax(dims)) if per_channel else tuple(torch.aminmax(x))
-    signed = bool(exact[0].min() < 0)
-    sample = channel_sample(x, axis, seed=config.seed)
-    prior = config.clip[5:] if config.clip.startswith("aciq-") else "std"
-    bits = _bits_for(sample, quantizer.scheme.bits, config.a_bit_alloc and per_channel, prior)
-    if config.clip == "bn" and bn is not None and not signed:  # a ReLU'd BatchNorm output
-        lo, hi = bn_activation_range(bn.bias, bn.weight, config.bn_clip_n,
-                                     config.bn_signed_gamma, per_channel)
-    elif config.clip == "ema":
-        lo = hi = None
-        for chunk in x.split(EMA_CHUNK):
-            c_lo, c_hi = minmax_range(chunk, axis)
-            lo, hi = ema_update(lo, c_lo, 0.01), ema_update(hi, c_hi, 0.01)
-    elif config.clip == "bn":  # no ReLU'd BatchNorm feeds this input (e.g. the image)
-        lo, hi = exact
-    else:
-        lo, hi = _range(sample, exact, config.clip, bits, quantizer, signed, config.percentile,
-                        per_channel)
-    if not per_channel and quantizer.axis is not None:
-        quantizer.axis = None  # e.g. a per-channel quantizer that met a 1-D input
-    quantizer.set_range(lo, hi, bits, signed=signed)
-
-
-def _output_means(y: torch.Tensor) -> torch.Tensor:
-    """Per-channel mean of a layer output (channels on axis 1)."""
-    return y.mean([d for d in range(y.dim()) if d != 1]) if y.dim() > 1 else y
-
-
-@torch.no_grad()
-def float_outputs(model: nn.Module, x: torch.Tensor, names, keep: bool) -> dict[str, tuple]:
-    """Per named float layer on ``x``: (per-channel output mean, whole output if ``keep``)."""
-    outputs, handles = {}, []
-    modules = dict(model.named_modules())
-    for name in names:
-        handles.append(modules[name].register_forward_hook(
-            lambda _m, _i, y, name=name: outputs.__setitem__(
-                name, (_output_means(y), y if keep else None))))
-    try:
-        model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return outputs
-
-
-def _adaround(layer, x: torch.Tensor, target: torch.Tensor, config: PTQConfig,
-              generator: torch.Generator) -> None:
-    """Replace ``layer.weight`` by the grid values AdaRound chose (its quantizer reproduces
-    them exactly: they are S * integer)."""
-    q = layer.weight_quantizer
-    w = layer.weight
-    qparams = [broadcast_along(t, w, q.axis if t.dim() else None)
-               for t in (q.scale, q.zero_point, q.quant_min, q.quant_max)]
-    x_q = layer.input_quantizer(x)
-    if x_q.dim() == 4:  # CPU convolutions (and their weight gradient) run faster this way
-        x_q, target = (t.contiguous(memory_format=torch.channels_last) for t in (x_q, target))
-    layer.weight.copy_(learn_rounding(w, *qparams, layer.forward_with, x_q, target,
-                                      AdaRoundSchedule(iters=config.round_iters), generator))
-
-
-@torch.no_grad()
-def calibrate_activations(model: nn.Module, x: torch.Tensor, config: PTQConfig,
-                          float_out: dict[str, tuple] | None, bns: dict | None = None) -> None:
-    """One pass in execution order: fit each input range, then (optionally) learn the weight
-    rounding and correct the bias, so every later layer sees this layer's final output."""
-    handles, rounded = [], set()
-    generator = torch.Generator().manual_seed(config.seed)
-
-    def fit_input(name):
-        def hook(layer, args):
-            q = layer.input_quantizer
-            if isinstance(q, AffineQuantizer) and not q.calibrated:
-                if not torch.isfinite(torch.stack(torch.aminmax(args[0]))).all():  # NaN spreads
-                    raise NumericalError(f"{q.name} receives NaN or Inf activations")
-                _set_input_range(q, args[0], config, (bns or {}).get(name))
-            if config.w_round == "adaround" and name not in rounded:  # a reused layer: once
-                rounded.add(name)
-                _adaround(layer, args[0], float_out[name][1], config, generator)
-        return hook
-
-    def finish_bias(name):
-        """Empirical bias correction, then the bias onto its accumulator grid: both before any
-        later layer is calibrated, so each later correction also absorbs this rounding."""
-        def hook(layer, _args, y):
-            if layer.bias is None:
-                return y
-            before = layer.bias.clone()
-            if config.empirical_bias_correction:
-                layer.bias.add_(float_out[name][0] - _output_means(y))
-            if config.int_bias:
-                round_bias(layer)
-            return y + (layer.bias - before).reshape(1, -1, *([1] * (y.dim() - 2)))
-        return hook
-
-    for name, layer in model.named_modules():
-        if isinstance(layer, QUANT_LAYERS):
-            handles.append(layer.register_forward_pre_hook(fit_input(name)))
-            if config.empirical_bias_correction or config.int_bias:
-                handles.append(layer.register_forward_hook(finish_bias(name)))
-    try:
-        model(x)
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def quantize(model: nn.Module, config: PTQConfig | None = None, calib_data=None) -> nn.Module:
@@ -385,8 +230,22 @@ def quantize(model: nn.Module, config: PTQConfig | None = None, calib_data=None)
         raise DataError("quantize needs calibration data (an iterable of input batches)")
     start = time.perf_counter()
     torch.manual_seed(config.seed)
-    x = calibration_tensor(calib_data, config.calib)
     check_finite(model)
+    with MemoryBudget(parse_bytes(config.calib_memory)) as budget:
+        images = calibration_images(calib_data, config.calib, config.calib_batch_size, budget)
+        qmodel, plan, notes, folded, pairs = _quantize(model, config, images, budget)
+    notes.append(f"calibration: {len(images)} images in batches of {config.calib_batch_size}"
+                 + (f", {gib(budget.spilled)} of activations spilled to disk"
+                    if budget.spilled else ""))
+    qmodel.lowbit = QuantInfo("ptq", config.to_dict(), plan, folded, notes,
+                              time.perf_counter() - start, pairs)
+    return qmodel
+
+
+def _quantize(model: nn.Module, config: PTQConfig, images, budget):
+    """The pipeline of the module docstring on cached calibration ``images``; returns
+    ``(qmodel, plan, notes, folded, equalized pairs)``."""
+    example = next(iter(images))
     qmodel = copy.deepcopy(model).eval()
     notes = []
     folded = False
@@ -405,24 +264,40 @@ def quantize(model: nn.Module, config: PTQConfig | None = None, calib_data=None)
         pairs = len(equalize_model(qmodel))
     elif config.equalize:
         notes.append("equalization skipped: it needs a traced (folded) model")
-    order = layer_order(qmodel, x)
+    order = layer_order(qmodel, example)
     if not order:
         raise ConfigError("the model has no Conv2d or Linear layer to quantize")
     plan = config.policy().resolve(order, config.w_bits, config.a_bits)
     if config.a_bits is not None and not any(b.a_bits for b in plan.values()):
         raise ConfigError("a_bits is set but no layer has an input to quantize "
                           "(all skipped or overridden); drop a_bits or quantize a layer")
-    float_out = None
-    if config.empirical_bias_correction or config.w_round == "adaround":
-        float_out = float_outputs(qmodel, x, plan, keep=config.w_round == "adaround")
+    graphs, reason = _segment_graphs(qmodel, example, plan)
+    if reason:
+        notes.append(f"calibrated without segments ({reason}): each layer re-runs the network")
+    float_model = copy.deepcopy(qmodel) \
+        if config.empirical_bias_correction or config.w_round == "adaround" else None
     qmodel = prepare(qmodel, config, plan, folded=False)
     calibrate_weights(qmodel, config)
-    calibrate_activations(qmodel, x, config, float_out, bns)
+    calibrate_activations(qmodel, images, config, list(plan), budget, float_model, graphs, bns)
     if config.int_bias:  # layers the calibration pass did not reach
         round_biases(qmodel)
-    qmodel.lowbit = QuantInfo("ptq", config.to_dict(), plan, folded, notes,
-                              time.perf_counter() - start, pairs)
-    return qmodel
+    return qmodel, plan, notes, folded, pairs
+
+
+def _segment_graphs(model: nn.Module, example: torch.Tensor, plan: dict) -> tuple[list | None, str]:
+    """The segments of the (float) model for layer-by-layer calibration, or ``(None, reason)``
+    when it cannot be cut (the whole model is then one segment)."""
+    traced, reason = trace(model)
+    if traced is None:
+        return None, f"not traceable: {reason}"
+    graphs = segments(traced, example, set(plan))
+    if graphs is None:
+        return None, "the traced model does not take one input"
+    called = {n.target for g in graphs for n in g.nodes if n.op == "call_module"}
+    missing = [name for name in plan if name not in called]
+    if missing:
+        return None, f"{missing[0]} is not called from the traced graph"
+    return graphs, ""
 
 
 def restore(model: nn.Module, info: QuantInfo) -> nn.Module:
