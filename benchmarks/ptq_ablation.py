@@ -124,10 +124,15 @@ def main():
     ap.add_argument("--models", default=",".join(MODELS_TO_RUN))
     ap.add_argument("--limit", type=int)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--rerun", action="store_true",
+                    help="recompute every quantized row of --models (after a calibration change)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore", UserWarning)
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    if args.rerun:
+        for name in args.models.split(","):
+            results[name] = {k: v for k, v in results.get(name, {}).items() if k == "FP32"}
     previous = results.get("meta", {}).get("commit")
     for name in MODELS_TO_RUN:  # rows remember the commit that computed them
         for row in results.get(name, {}).values():
@@ -139,7 +144,8 @@ def main():
                 del results[name][label]
     results["meta"] = {"commit": commit(), "machine": platform.processor() or platform.machine(),
                        "threads": args.threads, "calib_images": 1024, "limit": args.limit,
-                       "command": "python benchmarks/ptq_ablation.py"}
+                       "command": "python benchmarks/ptq_ablation.py"
+                       + (f" --models {args.models} --rerun" if args.rerun else "")}
     for name in args.models.split(","):
         model, calib, test = load_benchmark(name)
         done = results.setdefault(name, {})

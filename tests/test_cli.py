@@ -70,10 +70,22 @@ def test_adaround_flag_replaces_the_recipes_weight_correction(capsys, tmp_path, 
     assert config["bias_correction"] is None
 
 
+def test_streaming_flags_reach_the_config_and_spill(capsys, tmp_path, digits_ckpt):
+    code, _, err = run(capsys, "quantize", "--model", "digits_cnn", "--checkpoint", str(digits_ckpt),
+                       "--data", "digits", "--calib", "200", "--calib-batch-size", "48",
+                       "--calib-memory", "0", "--limit", "50", "--out", str(tmp_path / "s"))
+    assert code == 0, err
+    report = json.loads((tmp_path / "s" / "report.json").read_text())
+    assert report["config"]["calib_batch_size"] == 48 and report["config"]["calib_memory"] == "0"
+    assert any("in batches of 48" in n and "spilled to disk" in n for n in report["notes"])
+
+
 @pytest.mark.parametrize("extra,message", [
     (["--w-bits", "17"], "w_bits must be an integer from 1 to 16"),
     (["--recipe", "missing-recipe"], "recipe 'missing-recipe' not found"),
     (["--clip", "magic"], "clip must be one of"),
+    (["--calib-memory", "lots"], "a memory size must be a number of bytes"),
+    (["--calib-batch-size", "0"], "calib_batch_size must be a positive number"),
 ])
 def test_bad_flags_give_one_line_and_keep_old_output(capsys, tmp_path, digits_ckpt, extra, message):
     out = tmp_path / "keep"
