@@ -31,6 +31,13 @@ def _add_data_args(p, model_required=True):
                                                   "folder=PATH or digits")
     p.add_argument("--limit", type=int, help="evaluate on the first N test images only")
     p.add_argument("--batch-size", type=int, default=500)
+    _add_folder_args(p)
+
+
+def _add_folder_args(p):
+    p.add_argument("--input-size", type=int, help="folder=PATH: resize the shorter side to "
+                   "SIZE/0.875 and center-crop SIZE x SIZE (torchvision's evaluation transform)")
+    p.add_argument("--workers", type=int, help="folder=PATH: image-decoding processes (up to 4)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "integer, as integer runtimes need), calibrated on this "
                                    "dataset's training images")
     ex.add_argument("--calib", type=int, default=256, help="calibration images for --data (256)")
+    _add_folder_args(ex)
 
     pw = sub.add_parser("plot-weights", help="per-layer weight histograms of models on the "
                                              "quantization grid (PNG + HTML)")
@@ -210,7 +218,7 @@ def cmd_eval(args) -> int:
 
     if not args.checkpoint and not args.model:
         raise ConfigError("eval needs --model (with an optional --checkpoint) or a lowbit checkpoint")
-    dataset = load_dataset(args.data)
+    dataset = load_dataset(args.data, args.input_size, args.workers)
     if args.checkpoint and str(args.checkpoint).endswith(".onnx"):
         return _eval_onnx(args, dataset)
     trust = args.model or False  # a file's own model code runs only if --model names it
@@ -268,7 +276,7 @@ def cmd_quantize(args) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a folder")
-    dataset = load_dataset(args.data)
+    dataset = load_dataset(args.data, args.input_size, args.workers)
     model = build_model(args.model, args.checkpoint)
     norm = _normalization(args.model, dataset)
     calib = Batches(dataset.train.subset(min(config.calib, len(dataset.train)), config.seed), norm,
@@ -353,7 +361,8 @@ def cmd_train(args) -> int:
                           "choose another --out")
     report = run_training(model_spec=args.model, checkpoint=args.checkpoint, data_spec=args.data,
                           method=method, method_values=values, config=config, out=out,
-                          resume=args.resume, train_limit=args.train_limit, test_limit=args.limit)
+                          resume=args.resume, train_limit=args.train_limit, test_limit=args.limit,
+                          input_size=args.input_size, workers=args.workers)
     extra = "".join(f", {k} {v:.2f}%" for k, v in report.items() if k.startswith("ptq_"))
     size = f"{report['bytes'] / 1024:.1f} KiB (float {report['fp_bytes'] / 1024:.1f} KiB" + (
         f", Huffman-coded {report['huffman_bytes'] / 1024:.1f} KiB" if "huffman_bytes" in report
@@ -426,7 +435,7 @@ def _export_onnx(qmodel, payload, args) -> int:
 
         if args.calib < 1:
             raise ConfigError(f"--calib must be a positive number of images, got {args.calib}")
-        dataset = load_dataset(args.data)
+        dataset = load_dataset(args.data, args.input_size, args.workers)
         calib = Batches(dataset.train.subset(min(args.calib, len(dataset.train)), 0),
                         _normalization(payload["model"], dataset, args.model or False), 256)
     path = export_onnx(qmodel, Path(args.out), (1, *shape), calib=calib)
@@ -494,7 +503,7 @@ def cmd_bench_infer(args) -> int:
 
     threads, sizes = integers(args.threads, "threads"), integers(args.batch_sizes, "batch-sizes")
     config = load_recipe(args.recipe)
-    dataset = load_dataset(args.data)
+    dataset = load_dataset(args.data, args.input_size, args.workers)
     model = build_model(args.model, args.checkpoint).eval()
     norm = _normalization(args.model, dataset)
     calib = Batches(dataset.train.subset(min(config.calib, len(dataset.train)), config.seed),

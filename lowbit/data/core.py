@@ -8,6 +8,9 @@ import torch
 from lowbit.errors import DataError
 
 
+NORMALIZATION_SAMPLE = 1024
+
+
 @dataclass
 class Split:
     images: torch.Tensor  # uint8 [N, C, H, W]
@@ -24,6 +27,16 @@ class Split:
         idx = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:n]
         return Split(self.images[idx], self.labels[idx])
 
+    @property
+    def channels(self) -> int:
+        return self.images.shape[1]
+
+    def batches(self, order: torch.Tensor, batch_size: int):
+        """``(uint8 images, labels)`` batches in ``order``."""
+        for i in range(0, len(order), batch_size):
+            idx = order[i:i + batch_size]
+            yield self.images[idx], self.labels[idx]
+
 
 @dataclass
 class Dataset:
@@ -33,9 +46,15 @@ class Dataset:
     num_classes: int
 
     def normalization(self):
-        """Per-channel (mean, std) of the training images scaled to [0, 1]."""
-        x = self.train.images.float() / 255.0
-        return tuple(x.mean((0, 2, 3)).tolist()), tuple(x.std((0, 2, 3)).clamp(min=1e-3).tolist())
+        """Per-channel (mean, std) of the training images scaled to [0, 1] (for a streamed
+        image folder, of a seeded sample of :data:`NORMALIZATION_SAMPLE` of them)."""
+        if getattr(self, "_normalization", None) is None:
+            train = self.train if isinstance(self.train, Split) \
+                else self.train.subset(NORMALIZATION_SAMPLE, seed=0)
+            x = train.images.float() / 255.0
+            self._normalization = (tuple(x.mean((0, 2, 3)).tolist()),
+                                   tuple(x.std((0, 2, 3)).clamp(min=1e-3).tolist()))
+        return self._normalization
 
 
 def normalization_tensors(normalization, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,7 +73,7 @@ class Batches:
         if len(split) == 0:
             raise DataError("the dataset split is empty")
         self.split, self.batch_size, self.shuffle, self.seed = split, batch_size, shuffle, seed
-        self.mean, self.std = normalization_tensors(normalization, split.images.shape[1])
+        self.mean, self.std = normalization_tensors(normalization, split.channels)
         self.epoch = 0
 
     def __len__(self):
@@ -67,10 +86,8 @@ class Batches:
             self.epoch += 1
         else:
             order = torch.arange(n)
-        for i in range(0, n, self.batch_size):
-            idx = order[i:i + self.batch_size]
-            x = (self.split.images[idx].float() / 255.0 - self.mean) / self.std
-            yield x, self.split.labels[idx]
+        for images, labels in self.split.batches(order, self.batch_size):
+            yield (images.float() / 255.0 - self.mean) / self.std, labels
 
 
 def parse_data_spec(spec: str) -> tuple[str, str | None]:
@@ -79,13 +96,15 @@ def parse_data_spec(spec: str) -> tuple[str, str | None]:
     return name.strip().lower(), (path or None)
 
 
-def load_dataset(spec: str) -> Dataset:
-    """Load a dataset from ``name=PATH`` (cifar10, cifar100, mnist, folder) or ``digits``."""
+def load_dataset(spec: str, input_size: int | None = None, workers: int | None = None) -> Dataset:
+    """Load a dataset from ``name=PATH`` (cifar10, cifar100, mnist, folder) or ``digits``;
+    ``input_size`` and ``workers`` apply to ``folder`` (streamed: :mod:`lowbit.data.folder`)."""
     from lowbit.data import cifar, digits, folder, idx
 
     name, path = parse_data_spec(spec)
     loaders = {"cifar10": lambda p: cifar.load_cifar(p, 10), "cifar100": lambda p: cifar.load_cifar(p, 100),
-               "mnist": idx.load_mnist, "folder": folder.load_folder}
+               "mnist": idx.load_mnist,
+               "folder": lambda p: folder.load_folder(p, input_size, workers)}
     if name == "digits":
         return digits.load_digits()
     if name not in loaders:

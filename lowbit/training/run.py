@@ -34,8 +34,9 @@ SPARSITY_THRESHOLDS = (1e-3, 1e-2, 3e-2)
 
 def run_training(*, model_spec: str, checkpoint: str | None, data_spec: str, method: str,
                  method_values: dict, config: TrainConfig, out: Path, resume: bool = False,
-                 train_limit: int | None = None, test_limit: int | None = None) -> dict:
-    dataset = load_dataset(data_spec)
+                 train_limit: int | None = None, test_limit: int | None = None,
+                 input_size: int | None = None, workers: int | None = None) -> dict:
+    dataset = load_dataset(data_spec, input_size, workers)
     train_split = dataset.train if train_limit is None else \
         dataset.train.subset(min(train_limit, len(dataset.train)), config.seed)
     data = Dataset(dataset.name, train_split, dataset.test.head(test_limit), dataset.num_classes)
