@@ -29,3 +29,15 @@ def test_resnet_parameter_counts():
     count = lambda m: sum(p.numel() for p in m.parameters())
     assert count(build_model("resnet20")) == 269_722  # He et al. 2016: 0.27M
     assert count(build_model("resnet56")) == 853_018  # 0.85M
+
+
+@pytest.mark.parametrize("name, width", [("mobilenet_v2_cifar", 1.0),
+                                         ("mobilenet_v2_cifar_050", 0.5)])
+def test_cifar_mobilenet_v2_has_torchvisions_layout(torchvision_models, name, width):
+    """Same state-dict keys and shapes as torchvision's mobilenet_v2 (so its checkpoints load),
+    with the CIFAR strides: a 32 px input reaches the last stage at 4 x 4."""
+    model = build_model(name, None).eval()
+    reference = torchvision_models.mobilenet_v2(num_classes=100, width_mult=width).state_dict()
+    assert {k: v.shape for k, v in model.state_dict().items()} == \
+        {k: v.shape for k, v in reference.items()}
+    assert model.features(torch.randn(1, 3, 32, 32)).shape[-2:] == (4, 4)

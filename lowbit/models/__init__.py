@@ -10,6 +10,7 @@ from torch.overrides import TorchFunctionMode
 
 from lowbit.errors import ModelError
 from lowbit.io import extract_state_dict, load_torch, load_weights
+from lowbit.models.mobilenet_cifar import mobilenet_v2_cifar, mobilenet_v2_cifar_050
 from lowbit.models.psg_resnet import psg_resnet32
 from lowbit.models.resnet_cifar import resnet20, resnet32, resnet44, resnet56
 from lowbit.models.small import digits_cnn
@@ -40,6 +41,8 @@ MODELS = {
     "resnet56": ModelInfo(resnet56, 10, CIFAR10_NORM),
     "psg_resnet32": ModelInfo(psg_resnet32, 100, PSG_NORM, reflect_pad=True),
     "vgg16_bn": ModelInfo(vgg16_bn, 10, CIFAR10_NORM),
+    "mobilenet_v2_cifar": ModelInfo(mobilenet_v2_cifar, 100, None),
+    "mobilenet_v2_cifar_050": ModelInfo(mobilenet_v2_cifar_050, 100, None),
     "digits_cnn": ModelInfo(digits_cnn, 10, None, (1, 8, 8)),
 }
 
