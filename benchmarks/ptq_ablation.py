@@ -39,17 +39,19 @@ DATA = {"cifar10": "cifar10=" + str(SHARED / "data" / "cifar-10-python-batch1-te
 BANNER_ALL = dict(a_per_channel=True, clip="aciq-laplace", w_bit_alloc=True, a_bit_alloc=True,
                   bias_correction="mean")
 # lowbit's additions: Banner's steps + cross-layer equalization + MSE weight ranges with mean+std
-# weight correction + empirical bias correction (per-channel activations), and a deployable
-# per-tensor-activation variant.
+# weight correction + empirical bias correction (per-channel activations), and the deployable
+# recipe: per-tensor activations and integer weights (no float weight correction), with learned
+# rounding.
 BEST = dict(BANNER_ALL, equalize=True, w_clip="mse", bias_correction="mean_std",
             empirical_bias_correction=True)
-DEPLOY = dict(equalize=True, w_clip="mse", clip="mse", bias_correction="mean_std",
-              empirical_bias_correction=True)
+DEPLOY = dict(equalize=True, w_clip="mse", clip="mse", empirical_bias_correction=True,
+              w_round="adaround", round_iters=1000)
 # Learned rounding instead of Banner's weight correction (slower: minutes, not seconds).
 ADAROUND = dict(BEST, bias_correction=None, w_round="adaround", round_iters=1000)
 ADAROUND_LABEL = "W4A4 lowbit best + AdaRound (1,000 steps per layer) instead of weight BC"
 BEST_LABEL = "W4A4 lowbit best: all combined + CLE + MSE weights + mean-std & empirical BC"
-DEPLOY_LABEL = "W4A4 lowbit per-tensor act: CLE + MSE + mean-std & empirical BC"
+DEPLOY_LABEL = ("W4A4 lowbit deployable (per-tensor act, integer weights; ptq-w4a4-deploy): "
+                "CLE + MSE + empirical BC + AdaRound")
 ROWS = [
     ("W8A8 baseline", dict(w_bits=8, a_bits=8)),
     ("W4A8 baseline", dict(w_bits=4, a_bits=8)),

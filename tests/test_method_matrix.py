@@ -37,7 +37,8 @@ def _run(tv, data, method):
     # logits vary with the input
     model = estimate_bn_statistics(tv.get_model("mobilenet_v3_small", num_classes=10), calib)
     if method.startswith("ptq-"):
-        return lowbit.quantize(model, lowbit.load_recipe(method), calib), None, calib
+        recipe = lowbit.load_recipe(method, round_iters=20)  # AdaRound's steps: seconds, not minutes
+        return lowbit.quantize(model, recipe, calib), None, calib
     trainer = training_method(method)
     config = lowbit.TrainConfig(epochs=1, batch_size=16, optimizer="adam", lr=1e-4,
                                 augment=False)
