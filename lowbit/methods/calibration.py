@@ -181,7 +181,8 @@ def calibrate_activations(qmodel: nn.Module, images: ActivationStore, config, or
     """Fit every input quantizer of ``qmodel`` (and learn the rounding / correct the bias) layer
     by layer, segment by segment (module docstring). ``order``: the layers in execution order;
     ``graphs``: the segment graphs (None: the whole model is one segment); ``float_model``: the
-    float model for AdaRound and empirical bias correction."""
+    float model for AdaRound and empirical bias correction. ``images`` is consumed: it is
+    cleared once the first segment's outputs are cached."""
     if graphs:
         runs = [(fx.GraphModule(qmodel, g),
                  fx.GraphModule(float_model, g) if float_model is not None else None,
@@ -203,8 +204,8 @@ def calibrate_activations(qmodel: nn.Module, images: ActivationStore, config, or
             q_next = _outputs(q_seg, q_in, budget, f"the input of segment {k + 2}")
             f_next = _outputs(f_seg, f_in, budget, f"the float input of segment {k + 2}") \
                 if f_seg is not None else None
-            for store in {id(s): s for s in (q_in, f_in) if s not in (None, images)}.values():
-                store.clear()
+            for store in {id(s): s for s in (q_in, f_in) if s is not None}.values():
+                store.clear()  # the images too: from here on the segments' outputs stand in
             q_in, f_in = q_next, f_next
 
 

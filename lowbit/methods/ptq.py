@@ -233,8 +233,9 @@ def quantize(model: nn.Module, config: PTQConfig | None = None, calib_data=None)
     check_finite(model)
     with MemoryBudget(parse_bytes(config.calib_memory)) as budget:
         images = calibration_images(calib_data, config.calib, config.calib_batch_size, budget)
+        count = len(images)
         qmodel, plan, notes, folded, pairs = _quantize(model, config, images, budget)
-    notes.append(f"calibration: {len(images)} images in batches of {config.calib_batch_size}"
+    notes.append(f"calibration: {count} images in batches of {config.calib_batch_size}"
                  + (f", {gib(budget.spilled)} of activations spilled to disk"
                     if budget.spilled else ""))
     qmodel.lowbit = QuantInfo("ptq", config.to_dict(), plan, folded, notes,
