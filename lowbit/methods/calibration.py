@@ -152,14 +152,14 @@ def _run_to(module: nn.Module, layer: nn.Module, x: torch.Tensor, output: bool) 
     raise CalibrationError(f"{type(layer).__name__} was not called by its segment")
 
 
-def _means(y: torch.Tensor) -> torch.Tensor:
+def _channel_sums(y: torch.Tensor) -> torch.Tensor:
     """Per-channel sum of a layer output (channels on axis 1), in float64."""
     return y.double().sum([d for d in range(y.dim()) if d != 1]) if y.dim() > 1 \
         else y.double()
 
 
 def _per_image(y: torch.Tensor) -> int:
-    """How many values per channel one image adds to :func:`_means`."""
+    """How many values per channel one image adds to :func:`_channel_sums`."""
     return y[0, 0].numel() if y.dim() > 1 else 1
 
 
@@ -246,11 +246,11 @@ def _calibrate_layer(name: str, layer, float_layer, q_seg, f_seg, q_in: Activati
             y = _run_to(f_seg, float_layer, x, output=True)
             if learn:
                 error.update(layer.input_quantizer(v), y)
-            float_sum, count = float_sum + _means(y), count + len(y) * _per_image(y)
+            float_sum, count = float_sum + _channel_sums(y), count + len(y) * _per_image(y)
         if learn:
             _adaround(layer, error, config)
         if correct:
-            q_sum = sum(_means(layer(v)) for v in inputs)
+            q_sum = sum(_channel_sums(layer(v)) for v in inputs)
             layer.bias.add_(((float_sum - q_sum) / count).to(layer.bias.dtype))
         inputs.clear()
     if config.int_bias and layer.bias is not None:

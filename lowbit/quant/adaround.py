@@ -36,6 +36,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from lowbit.quant.observer import image_positions
+
 ZETA, GAMMA = 1.1, -0.1
 
 
@@ -93,8 +95,9 @@ class ReconstructionError:
 
     (the layer-wise Hessian of OBQ / GPTQ, H = 2 E[x x^T]). Sums run in float64 over at most
     ``max_patches`` positions of the whole set: image ``i`` contributes
-    ``ceil(max_patches / N)`` positions drawn by a generator seeded with ``(seed, i)`` (all of
-    them where they fit), so the result does not depend on the batching.
+    ``ceil(max_patches / N)`` positions (:func:`lowbit.quant.observer.image_positions`, as the
+    range observer samples; all of them where they fit), so the result does not depend on the
+    batching.
     """
 
     def __init__(self, layer: nn.Module, total_images: int, max_patches: int = 1 << 18,
@@ -150,9 +153,7 @@ class ReconstructionError:
         per_image = math.ceil(self.max_patches / self.total_images)
         if per_image >= positions:
             return None
-        return torch.stack([torch.randint(positions, (per_image,), generator=torch.Generator()
-                                          .manual_seed(self.seed * 1_000_003 + i))
-                            for i in range(self.seen, self.seen + n)])
+        return image_positions(self.seen, n, positions, per_image, self.seed)
 
     def __call__(self, weight: torch.Tensor) -> torch.Tensor:
         """The reconstruction error of the layer with ``weight`` (differentiable)."""

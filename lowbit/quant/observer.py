@@ -29,6 +29,15 @@ EMA_CHUNK = 64  # images per EMA step when clip == "ema"
 EMA_MOMENTUM = 0.01
 
 
+def image_positions(first: int, n: int, positions: int, per_image: int, seed: int) -> torch.Tensor:
+    """``[n, per_image]`` positions (of ``positions``) for images ``first .. first + n - 1``,
+    drawn with replacement by a generator seeded with ``(seed, image index)``: an image gets the
+    same positions whatever batch it arrives in."""
+    return torch.stack([torch.randint(positions, (per_image,), generator=torch.Generator()
+                                      .manual_seed(seed * 1_000_003 + i))
+                        for i in range(first, first + n)])
+
+
 class RangeObserver:
     """Running extremes, a batch-independent sample and EMA state of one input (module
     docstring); per channel along axis 1 when ``per_channel``."""
@@ -64,9 +73,7 @@ class RangeObserver:
             self._positions.append((images[:, None] * positions
                                     + torch.arange(positions)).flatten())
             return
-        picks = torch.stack([torch.randint(positions, (per_image,), generator=torch.Generator()
-                                           .manual_seed(self.seed * 1_000_003 + int(i)))
-                             for i in images])  # [n, m]
+        picks = image_positions(self.seen, n, positions, per_image, self.seed)  # [n, m]
         self._values.append(rows[:, torch.arange(n)[:, None], picks].reshape(channels, -1))
         self._positions.append((images[:, None] * positions + picks).flatten())
 
