@@ -169,7 +169,10 @@ def peers_section(res: dict, ablation: dict) -> list[str]:
 def speed_section(res: dict) -> list[str]:
     meta = res["meta"]
     lines = ["## PTQ cost on ResNet-20", "",
-             f"Command: `{meta['command']}` at commit `{meta['commit']}`, nothing else running. "
+             f"Command: `{meta['command']}` at commit `{meta['commit']}`"
+             + (f", {meta['cpu']}" if "cpu" in meta else "")
+             + (f", {meta['training_paused']} training runs paused (SIGSTOP) while timing"
+                if meta.get("training_paused") else ", nothing else running") + ". "
              f"Calibration: one `lowbit.quantize` call on {meta['calib_images']} images (best of "
              f"{meta['repeats']}). Ratio: fake-quant / FP32 evaluation time on "
              f"{meta['test_images']} test images, alternated in one process, best of "

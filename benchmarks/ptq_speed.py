@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -17,13 +18,16 @@ from pathlib import Path
 import torch
 
 import lowbit
+from pause import paused
 from ptq_ablation import commit, load_benchmark
+from train_speed import cpu_description
 
 RESULTS = Path(__file__).resolve().parent / "results" / "ptq_speed.json"
 RECIPES = {"W8A8 min-max": lowbit.PTQConfig(),
            "W4A4 Banner all combined": lowbit.load_recipe("ptq-w4a4-banner"),
            "W4A4 lowbit best": lowbit.load_recipe("ptq-w4a4-best"),
-           "W4A4 lowbit per-tensor (deploy)": lowbit.load_recipe("ptq-w4a4-deploy")}
+           "W4A4 lowbit best + AdaRound": lowbit.load_recipe("ptq-w4a4-adaround"),
+           "W4A4 deployable (ptq-w4a4-deploy, AdaRound)": lowbit.load_recipe("ptq-w4a4-deploy")}
 
 
 def timed(fn):
@@ -40,8 +44,16 @@ def main():
     warnings.simplefilter("ignore", UserWarning)
     model, calib, test = load_benchmark("resnet20")
     calib, test = list(calib), list(test)[:4]  # 2,000 test images
-    out = {"meta": {"commit": commit(), "command": "python benchmarks/ptq_speed.py",
+    command = "python benchmarks/ptq_speed.py " + " ".join(sys.argv[1:])
+    out = {"meta": {"commit": commit(), "command": command.strip(), "cpu": cpu_description(),
                     "repeats": args.repeats, "test_images": 2000, "calib_images": 1024}}
+    with paused() as stopped:
+        out["meta"]["training_paused"] = len(stopped)
+        measure(model, calib, test, args, out)
+    RESULTS.write_text(json.dumps(out, indent=1))
+
+
+def measure(model, calib, test, args, out: dict) -> None:
     for threads in map(int, args.threads.split(",")):
         torch.set_num_threads(threads)
         rows = out[f"{threads} thread(s)"] = {}
@@ -57,7 +69,6 @@ def main():
                            "q_eval_seconds": min(q_s), "eval_ratio": min(q_s) / min(fp_s)}
             print(f"{threads} thr  {label:34s} calib {calib_s:5.2f}s  eval ratio "
                   f"{min(q_s) / min(fp_s):4.2f}", flush=True)
-    RESULTS.write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":
