@@ -8,7 +8,7 @@ from lowbit.errors import ConfigError, DataError
 from lowbit.methods.calibration import calibration_images
 from lowbit.quant.observer import EMA_CHUNK, RangeObserver
 from lowbit.quant.ranges import channel_sample, ema_update, minmax_range
-from lowbit.quant.store import ActivationStore, MemoryBudget, parse_bytes
+from lowbit.methods.activation_store import ActivationStore, MemoryBudget, parse_bytes
 from lowbit.transforms import trace
 from lowbit.transforms.segments import segments
 from tests.user_models import Neck, UserNet, trained_like

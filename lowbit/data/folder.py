@@ -112,15 +112,12 @@ class FolderSplit:
 
     def batches(self, order: torch.Tensor, batch_size: int):
         """``(uint8 images, labels)`` batches in ``order``, decoded by the workers."""
-        loader = DataLoader(self._take(order).decoded(), batch_size=batch_size,
+        loader = DataLoader(_Decoded(self._take(order)), batch_size=batch_size,
                             num_workers=self.workers, collate_fn=_collate)
         for images, labels, error in loader:
             if error:
                 raise DataError(error)
             yield images, labels
-
-    def decoded(self) -> _Decoded:
-        return _Decoded(self)
 
     @property
     def images(self) -> torch.Tensor:

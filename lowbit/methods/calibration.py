@@ -39,7 +39,7 @@ from lowbit.quant.affine import broadcast_along, integer_range
 from lowbit.quant.bit_alloc import allocate_bits
 from lowbit.quant.observer import RangeObserver
 from lowbit.quant.ranges import bn_activation_range, mse_range, percentile_range
-from lowbit.quant.store import ActivationStore, MemoryBudget
+from lowbit.methods.activation_store import ActivationStore, MemoryBudget
 
 BIT_ALLOC_MAX_BITS = 4  # as in the reference code, allocation only below 5 bits
 

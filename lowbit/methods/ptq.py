@@ -16,9 +16,9 @@ Pipeline of :func:`quantize` (each step optional except 1, 4, 5):
    network is cut into segments that hand one tensor to the next
    (:mod:`lowbit.transforms.segments`), and only the current segment's input is cached over the
    whole set (in memory up to ``calib_memory``, spilled to a temporary file beyond it:
-   :mod:`lowbit.quant.store`). Each layer's range is fitted to the input it really receives
-   (upstream layers already quantized), from streaming statistics whose result does not depend
-   on the batch size (:mod:`lowbit.quant.observer`: exact min / max, a per-image-seeded sample,
+   :mod:`lowbit.methods.activation_store`). Each layer's range is fitted to the input it really
+   receives (upstream layers already quantized), from streaming statistics whose result does
+   not depend on the batch size (:mod:`lowbit.quant.observer`: exact min / max, a per-image-seeded sample,
    EMA over 64-image chunks); ranges by min-max, EMA, percentile, MSE or ACIQ, unsigned when the
    input is non-negative, optionally per channel with bit allocation. AdaRound then learns the
    layer's weight rounding on its cached quantized input against the float layer's output on the
@@ -53,7 +53,7 @@ from lowbit.policy import LayerBits, LayerPolicy
 from lowbit.quant.affine import QScheme, check_bits
 from lowbit.quant.bias_correction import correct_weight_bias
 from lowbit.quant.ranges import channel_sample, minmax_range
-from lowbit.quant.store import MemoryBudget, gib, parse_bytes
+from lowbit.methods.activation_store import MemoryBudget, gib, parse_bytes
 from lowbit.transforms import bn_sources, equalize_model, fold_batchnorm, layer_order, \
     swap_layers, trace
 from lowbit.transforms.segments import segments

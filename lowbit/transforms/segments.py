@@ -1,9 +1,9 @@
 """Cut a traced network into a chain of segments, each handing one tensor to the next.
 
 Layer-by-layer calibration runs the network one segment at a time over the whole calibration
-set, keeping only the current segment's input (:mod:`lowbit.quant.store`). A *cut point* is a
-place in the graph's execution order where exactly one computed value is still needed by the
-rest of the graph and that value is a tensor (known from one run of
+set, keeping only the current segment's input (:mod:`lowbit.methods.activation_store`). A
+*cut point* is a place in the graph's execution order where exactly one computed value is still
+needed by the rest of the graph and that value is a tensor (known from one run of
 ``torch.fx.passes.shape_prop.ShapeProp`` on an example): between two residual blocks, or after
 any layer of a plain chain. Inside a residual block the block input and the branch are both live,
 so no cut falls there.
