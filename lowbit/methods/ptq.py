@@ -19,8 +19,8 @@ Pipeline of :func:`quantize` (each step optional except 1, 4, 5):
    :mod:`lowbit.methods.activation_store`). Each layer's range is fitted to the input it really
    receives (upstream layers already quantized), from streaming statistics whose result does
    not depend on the batch size (:mod:`lowbit.quant.observer`: exact min / max, a
-   per-image-seeded sample, EMA over 64-image chunks); ranges by min-max, EMA, percentile, MSE or ACIQ, unsigned when the
-   input is non-negative, optionally per channel with bit allocation. AdaRound then learns the
+   per-image-seeded sample, EMA over 64-image chunks); ranges by min-max, EMA, percentile, MSE
+   or ACIQ, unsigned when the input is non-negative, optionally per channel with bit allocation. AdaRound then learns the
    layer's weight rounding on its cached quantized input against the float layer's output on the
    same images (the weights are rewritten onto the grid points it chose); empirical bias
    correction (Nagel et al. 2019; Finkelstein et al. 2019) shifts the layer's bias so its mean
