@@ -17,16 +17,16 @@ Pipeline of :func:`quantize` (each step optional except 1, 4, 5):
    (:mod:`lowbit.transforms.segments`), and only the current segment's input is cached over the
    whole set (in memory up to ``calib_memory``, spilled to a temporary file beyond it:
    :mod:`lowbit.methods.activation_store`). Each layer's range is fitted to the input it really
-   receives (upstream layers already quantized), from streaming statistics whose result does
-   not depend on the batch size (:mod:`lowbit.quant.observer`: exact min / max, a
-   per-image-seeded sample, EMA over 64-image chunks); ranges by min-max, EMA, percentile, MSE
-   or ACIQ, unsigned when the input is non-negative, optionally per channel with bit
-   allocation. AdaRound then learns the layer's weight rounding on its cached quantized input
-   against the float layer's output on the same images (the weights are rewritten onto the
-   grid points it chose); empirical bias correction (Nagel et al. 2019; Finkelstein et al.
-   2019) shifts the layer's bias so its mean output matches the float model's; both before the next layer is calibrated, so the correction
-   of one layer is seen by the next. A model that cannot be traced is one segment: each layer
-   then re-runs the network from its input (the same results, more time);
+   receives (upstream layers already quantized), from streaming statistics whose result does not
+   depend on the batch size (:mod:`lowbit.quant.observer`: exact min / max, a per-image-seeded
+   sample, EMA over 64-image chunks); ranges by min-max, EMA, percentile, MSE or ACIQ, unsigned
+   when the input is non-negative, optionally per channel with bit allocation. AdaRound then
+   learns the layer's weight rounding on its cached quantized input against the float layer's
+   output on the same images (the weights are rewritten onto the grid points it chose);
+   empirical bias correction (Nagel et al. 2019; Finkelstein et al. 2019) shifts the layer's
+   bias so its mean output matches the float model's; both before the next layer is calibrated,
+   so the correction of one layer is seen by the next. A model that cannot be traced is one
+   segment: each layer then re-runs the network from its input (the same results, more time);
 6. every bias is rounded to its int32 accumulator grid ``S_W * S_X`` (``int_bias``), as an
    integer device stores it, so the simulation adds the bias the device adds; in the same pass,
    right after the layer's own correction, so later layers' corrections absorb the rounding.
