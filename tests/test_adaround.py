@@ -7,8 +7,8 @@ from torch.nn import functional as F
 import lowbit
 from lowbit.errors import ConfigError
 from lowbit.nn import QuantConv2d, QuantLinear
-from lowbit.quant.adaround import (AdaRoundSchedule, ReconstructionError, initial_logits,
-                                   learn_rounding, reconstruction_error,
+from lowbit.quant.adaround import (AdaRoundSchedule, ReconstructionError, _rounding_gradient,
+                                   initial_logits, learn_rounding, reconstruction_error,
                                    rectified_sigmoid, rounding_regularizer)
 
 
@@ -87,6 +87,27 @@ def test_quadratic_reconstruction_error_equals_the_direct_one(layer):
                                   if isinstance(layer, nn.Conv2d) else F.linear(x, w, layer.bias),
                                   target)
     assert error(w).item() == pytest.approx(direct.item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("beta", [None, 2.0, 11.5])
+def test_rounding_gradient_is_autograds(beta):
+    """The hand-written chain rule equals autograd through the soft weight and regulariser,
+    clamped weights (at the grid's ends) and saturated h(V) included."""
+    w, x, scale, zero, qmin, qmax = _linear_problem()
+    error = ReconstructionError(_linear_layer(w), len(x))
+    error.update(x, F.linear(x, w) + 0.3)
+    floor = torch.floor(w / scale)
+    v = initial_logits(w / scale - floor) + 3 * torch.randn(w.shape)  # some h(V) saturate
+    lo, hi = qmin - zero, qmax - zero
+    hi = hi - 1  # some weights clamp at the top of the grid
+    leaf = v.clone().requires_grad_(True)
+    loss = error(torch.clamp(floor + rectified_sigmoid(leaf), lo, hi) * scale)
+    if beta is not None:
+        loss = loss + 0.01 * rounding_regularizer(leaf, beta)
+    loss.backward()
+    ours = _rounding_gradient(v, floor, lo, hi, scale, error, beta, 0.01)
+    assert (ours == 0).any() and (ours != 0).any()
+    assert torch.allclose(ours, leaf.grad, rtol=1e-4, atol=1e-6 * leaf.grad.abs().max())
 
 
 def test_sampled_reconstruction_error_does_not_depend_on_the_batching():

@@ -30,8 +30,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 import math
-from typing import Callable
-
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -155,58 +153,67 @@ class ReconstructionError:
             return None
         return image_positions(self.seen, n, positions, per_image, self.seed)
 
-    def __call__(self, weight: torch.Tensor) -> torch.Tensor:
-        """The reconstruction error of the layer with ``weight`` (differentiable)."""
-        if not isinstance(self.h, tuple):  # the sums become float32 moments once, at first use
+    def _moments(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """H, G^T and c as float32 means (the float64 sums are converted once, at first use)."""
+        if not isinstance(self.h, tuple):
             self.h = ((self.h / self.count).float(), (self.g / self.count).float().transpose(1, 2),
                       self.c / self.count)
-        h, g_t, c = self.h
-        return _QuadraticForm.apply(weight.reshape(self.groups, -1, h.shape[-1]), h, g_t) + c
+        return self.h
 
+    def __call__(self, weight: torch.Tensor) -> torch.Tensor:
+        """The reconstruction error of the layer with ``weight``."""
+        h, g_t, c = self._moments()
+        w = weight.reshape(self.groups, -1, h.shape[-1])
+        return ((w @ h) * w).sum() - 2 * (w * g_t).sum() + c
 
-class _QuadraticForm(torch.autograd.Function):
-    """``sum(W H W^T) - 2 sum(W G^T)`` for symmetric ``H``, with the gradient
-    ``2 (W H - G^T)`` from the forward's own product (autograd would multiply by H again)."""
-
-    @staticmethod
-    def forward(ctx, w, h, g_t):
-        wh = w @ h
-        ctx.save_for_backward(wh, g_t)
-        return (wh * w).sum() - 2 * (w * g_t).sum()
-
-    @staticmethod
-    def backward(ctx, grad):
-        wh, g_t = ctx.saved_tensors
-        return 2 * grad * (wh - g_t), None, None
+    def gradient(self, weight: torch.Tensor) -> torch.Tensor:
+        """d error / d weight = 2 (W H - G^T), shaped like ``weight``."""
+        h, g_t, _ = self._moments()
+        w = weight.reshape(self.groups, -1, h.shape[-1])
+        return (2 * (w @ h - g_t)).reshape(weight.shape)
 
 
 def learn_rounding(weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
-                   qmin: torch.Tensor, qmax: torch.Tensor,
-                   error: Callable[[torch.Tensor], torch.Tensor],
+                   qmin: torch.Tensor, qmax: torch.Tensor, error: ReconstructionError,
                    schedule: AdaRoundSchedule = AdaRoundSchedule()) -> torch.Tensor:
     """The dequantized weight with learned rounding (on the grid given by the qparams).
 
-    Qparams arrive shaped to broadcast against ``weight``. ``error(w)`` is the layer's
-    reconstruction error with weight ``w`` (a :class:`ReconstructionError`: the quantized
-    network's input against the float network's output).
+    Qparams arrive shaped to broadcast against ``weight``. ``error`` is the layer's
+    reconstruction error (the quantized network's input against the float network's output);
+    only its :meth:`~ReconstructionError.gradient` is used.
     """
     weight = weight.detach()
     floor = torch.floor(weight * (1.0 / scale))
     v = initial_logits(weight * (1.0 / scale) - floor).requires_grad_(True)
     lo, hi = qmin - zero_point, qmax - zero_point
+    optimizer = torch.optim.Adam([v], lr=schedule.lr, fused=True)
+    for step in range(schedule.iters):
+        v.grad = _rounding_gradient(v.detach(), floor, lo, hi, scale, error,
+                                    schedule.beta(step), schedule.reg_weight)
+        optimizer.step()
+    hard = (rectified_sigmoid(v.detach()) >= 0.5).to(weight.dtype)
+    return torch.clamp(floor + hard, lo, hi) * scale
 
-    def soft_weight(h):
-        return torch.clamp(floor + h, lo, hi) * scale
 
-    optimizer = torch.optim.Adam([v], lr=schedule.lr)
-    with torch.enable_grad():  # callers calibrate under no_grad
-        for step in range(schedule.iters):
-            loss = error(soft_weight(rectified_sigmoid(v)))
-            beta = schedule.beta(step)
-            if beta is not None:
-                loss = loss + schedule.reg_weight * rounding_regularizer(v, beta)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-    with torch.no_grad():
-        return soft_weight((rectified_sigmoid(v) >= 0.5).to(weight.dtype))
+def _rounding_gradient(v, floor, lo, hi, scale, error: ReconstructionError, beta: float | None,
+                       reg_weight: float) -> torch.Tensor:
+    """d/dV of ``error(W~) + reg_weight * rounding_regularizer(V, beta)`` (no regulariser
+    while ``beta`` is None), by the chain rule through the module docstring's W~ and h(V):
+
+        dW~/dh = S [lo <= floor + h <= hi],   dh/dV = (zeta - gamma) s (1 - s) [0 <= h_raw <= 1]
+        d reg / dh = -2 beta |2h - 1|^(beta - 1) sign(2h - 1),   s = sigmoid(V)
+
+    Written out rather than left to autograd: the step is a dozen elementwise ops on a small
+    tensor, and recording and replaying them cost more than the K x K product itself (the
+    masks are those of autograd's clamp, so the two agree; tests check it).
+    """
+    s = torch.sigmoid(v)
+    h_raw = s * (ZETA - GAMMA) + GAMMA
+    h = h_raw.clamp(0.0, 1.0)
+    q = floor + h
+    weight = q.clamp(lo, hi) * scale
+    grad_h = error.gradient(weight) * scale * ((q >= lo) & (q <= hi))
+    if beta is not None:
+        t = 2 * h - 1
+        grad_h -= reg_weight * 2 * beta * t.abs().pow(beta - 1) * t.sign()
+    return grad_h * ((ZETA - GAMMA) * s * (1 - s)) * ((h_raw >= 0) & (h_raw <= 1))
