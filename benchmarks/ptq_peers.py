@@ -167,15 +167,18 @@ def main():
 def _pad_classifier(model, attr: str):
     """Brevitas's example keeps the last layer at 8 bits only if it has 1000 outputs (ImageNet).
     Zero-padding the classifier to 1000 rows changes nothing else (weights are per output row,
-    the input quantizer is per tensor); callers slice the logits back."""
-    old = getattr(model, attr)
+    the input quantizer is per tensor); callers slice the logits back. ``attr`` may be a
+    dotted path ("classifier.1")."""
+    parent_name, _, leaf = attr.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    old = getattr(parent, leaf)
     new = torch.nn.Linear(old.in_features, 1000)
     with torch.no_grad():
         new.weight.zero_()
         new.bias.zero_()
         new.weight[: old.out_features] = old.weight
         new.bias[: old.out_features] = old.bias
-    setattr(model, attr, new)
+    setattr(parent, leaf, new)
     return old.out_features
 
 
