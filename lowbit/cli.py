@@ -51,9 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="top-1 accuracy of a float or quantized checkpoint")
     _add_data_args(ev, model_required=False)
+    ev.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
 
     q = sub.add_parser("quantize", help="post-training quantization (Banner et al. 2019 and more)")
     _add_data_args(q)
+    q.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: where calibration, "
+                   "AdaRound and evaluation run (default cpu); quantized.pt is saved for the CPU")
     q.add_argument("--out", required=True, help="folder for report.json, report.md, quantized.pt")
     q.add_argument("--recipe", help="packaged recipe name or YAML path; flags below override it")
     q.add_argument("--w-bits", type=int)
@@ -209,6 +212,7 @@ def _normalization(model_spec: str, dataset, trust_model_code: bool | str = True
 
 def cmd_eval(args) -> int:
     from lowbit.checkpoint import is_quantized_checkpoint, load_quantized
+    from lowbit.devices import resolve_device
     from lowbit.data import Batches, load_dataset
     from lowbit.evaluate import evaluate
     from lowbit.io import load_torch
@@ -242,7 +246,7 @@ def cmd_eval(args) -> int:
         model = build_model(spec, args.checkpoint)
     # the spec was loaded above (registry, torchvision, or trusted), so resolving it is safe
     test = Batches(dataset.test, _normalization(spec, dataset, spec), args.batch_size)
-    top1 = evaluate(model, test, args.limit)
+    top1 = evaluate(model.to(resolve_device(args.device)), test, args.limit)
     n = min(len(dataset.test), args.limit or len(dataset.test))
     print(f"top-1 {top1:.2f}% on {n} {dataset.name} test images")
     return 0
@@ -264,6 +268,7 @@ def _eval_onnx(args, dataset) -> int:
 
 def cmd_quantize(args) -> int:
     from lowbit.checkpoint import save_quantized
+    from lowbit.devices import resolve_device
     from lowbit.data import Batches, load_dataset
     from lowbit.evaluate import evaluate
     from lowbit.io import write_json, write_text
@@ -273,11 +278,12 @@ def cmd_quantize(args) -> int:
                                quantized_size_bytes)
 
     config = _config_from_args(args)
+    device = resolve_device(args.device)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a folder")
     dataset = load_dataset(args.data, args.input_size, args.workers)
-    model = build_model(args.model, args.checkpoint)
+    model = build_model(args.model, args.checkpoint).to(device)
     norm = _normalization(args.model, dataset)
     calib = Batches(dataset.train.subset(min(config.calib, len(dataset.train)), config.seed), norm,
                     config.calib_batch_size)
@@ -285,6 +291,7 @@ def cmd_quantize(args) -> int:
     fp_top1 = evaluate(model, test, args.limit, desc="eval fp")
     qmodel = quantize(model, config, calib)
     q_top1 = evaluate(qmodel, test, args.limit, desc="eval quantized")
+    qmodel = qmodel.cpu()  # reports and the saved file are the CPU's
     fp_bytes, q_bytes = float_size_bytes(model), quantized_size_bytes(qmodel)
     n = min(len(dataset.test), args.limit or len(dataset.test))
     headers = ["model", "w_bits", "a_bits", "top-1 %", "size KiB", "x smaller"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lowbit.devices import module_device
 from lowbit.errors import DataError
 from lowbit.progress import progress
 
@@ -12,14 +13,19 @@ from lowbit.progress import progress
 def evaluate(model, data, limit: int | None = None, desc: str = "eval") -> float:
     """Top-1 accuracy in percent of ``model`` (an ``nn.Module``, or any callable mapping a batch to
     logits, e.g. an onnxruntime session wrapper) over ``data`` (an iterable of ``(input,
-    target)`` batches), stopping after ``limit`` examples if given."""
+    target)`` batches), stopping after ``limit`` examples if given. A module runs where it is:
+    each batch is moved to its device (a callable gets the batches as they come)."""
+    device = None
     if isinstance(model, nn.Module):
         model.eval()
+        device = module_device(model)
     correct = seen = 0
     for x, y in progress(data, desc=desc):
         if limit is not None:
             x, y = x[: limit - seen], y[: limit - seen]
-        correct += (model(x).argmax(1) == y).sum().item()
+        if device is not None:
+            x = x.to(device, non_blocking=True)
+        correct += (model(x).argmax(1).cpu() == y).sum().item()
         seen += len(y)
         if limit is not None and seen >= limit:
             break

@@ -1,4 +1,6 @@
 """Streaming layer-by-layer calibration: batch-size independence, spilling, segments, bad input."""
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -132,17 +134,18 @@ def test_calibration_images_are_regrouped_and_capped():
     assert torch.equal(torch.cat(list(store)), torch.cat([images(50)] * 3)[:120])
 
 
-def test_store_gathers_rows_from_memory_and_disk(tmp_path):
+def test_store_keeps_batches_in_memory_then_on_disk():
     with MemoryBudget(3 * 10 * 4) as budget:  # room for the first batch only
         store = ActivationStore(budget, "test rows")
         data = torch.arange(60.0).reshape(20, 3)
         for part in data.split(10):
             store.append(part)
-        assert budget.spilled == 10 * 3 * 4
-        index = torch.tensor([15, 2, 19, 0, 15])
-        assert torch.equal(store[index], data[index])
+        assert budget.spilled == 10 * 3 * 4 and budget.used == 10 * 3 * 4
+        assert torch.equal(torch.cat(list(store)), data) and len(store) == 20
+        files = list(Path(budget._dir.name).iterdir())
+        assert len(files) == 1
         store.clear()
-        assert budget.used == 0
+        assert budget.used == 0 and not files[0].exists()
 
 
 def test_too_little_disk_for_the_cache_names_the_need(monkeypatch):

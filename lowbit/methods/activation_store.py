@@ -4,9 +4,9 @@ Calibration keeps, for the block of the network being calibrated, its input on e
 calibration image (and, for AdaRound, one layer's input and float output). A
 :class:`MemoryBudget` is shared by every :class:`ActivationStore` of one calibration run: a batch
 is held in memory while the budget allows and otherwise written to a temporary directory as one
-``.npy`` file, read back when used (whole, or a few rows through a memory map for AdaRound's
-random minibatches, so the pages read are not kept). The directory is ``tempfile``'s (``TMPDIR``)
-and is removed when the run ends, error or not.
+``.npy`` file, read back when used. The directory is ``tempfile``'s (``TMPDIR``) and is removed
+when the run ends, error or not. On a GPU the budget counts GPU memory: batches stay on their
+device while they fit, and a spilled batch comes back to the device it left.
 """
 from __future__ import annotations
 
@@ -95,11 +95,11 @@ class MemoryBudget:
 
 class ActivationStore:
     """A sequence of batches (tensors with the image on axis 0) in memory or spilled; ``what``
-    names it in errors. Indexing with a 1-D tensor of image indices gathers those rows."""
+    names it in errors."""
 
     def __init__(self, budget: MemoryBudget, what: str):
         self.budget, self.what = budget, what
-        self._batches: list[torch.Tensor | Path] = []
+        self._batches: list[torch.Tensor | tuple[Path, torch.device]] = []
         self._sizes: list[int] = []
         self._held = 0
 
@@ -110,7 +110,7 @@ class ActivationStore:
             self._batches.append(t)
             self._held += nbytes
         else:
-            self._batches.append(self.budget.spill(t.cpu().numpy(), self.what))
+            self._batches.append((self.budget.spill(t.cpu().numpy(), self.what), t.device))
         self._sizes.append(len(t))
 
     def __len__(self) -> int:
@@ -122,27 +122,13 @@ class ActivationStore:
 
     def __iter__(self):
         for item in self._batches:
-            yield torch.from_numpy(np.load(item)) if isinstance(item, Path) else item
-
-    def __getitem__(self, index: torch.Tensor) -> torch.Tensor:
-        starts = np.cumsum([0, *self._sizes])
-        index = index.numpy() if isinstance(index, torch.Tensor) else np.asarray(index)
-        which = np.searchsorted(starts, index, side="right") - 1
-        rows = [None] * len(index)
-        for b in np.unique(which):
-            picked = np.flatnonzero(which == b)
-            item = self._batches[b]
-            local = index[picked] - starts[b]
-            part = torch.from_numpy(np.array(np.load(item, mmap_mode="r")[local])) \
-                if isinstance(item, Path) else item[torch.from_numpy(local)]
-            for k, row in zip(picked, part):
-                rows[k] = row
-        return torch.stack(rows)
+            yield torch.from_numpy(np.load(item[0])).to(item[1]) if isinstance(item, tuple) \
+                else item
 
     def clear(self) -> None:
         """Forget the batches: their memory goes back to the budget, their files are deleted."""
         self.budget.release(self._held)
         for item in self._batches:
-            if isinstance(item, Path):
-                item.unlink(missing_ok=True)
+            if isinstance(item, tuple):
+                item[0].unlink(missing_ok=True)
         self._batches, self._sizes, self._held = [], [], 0

@@ -44,10 +44,10 @@ from lowbit.methods.activation_store import ActivationStore, MemoryBudget
 BIT_ALLOC_MAX_BITS = 4  # as in the reference code, allocation only below 5 bits
 
 
-def calibration_images(calib_data, limit: int, batch_size: int,
-                       budget: MemoryBudget) -> ActivationStore:
+def calibration_images(calib_data, limit: int, batch_size: int, budget: MemoryBudget,
+                       device: torch.device | str = "cpu") -> ActivationStore:
     """Up to ``limit`` input images from an iterable of tensors or ``(input, target)`` batches,
-    regrouped into batches of ``batch_size``, checked finite."""
+    regrouped into batches of ``batch_size``, checked finite, cached on ``device``."""
     if isinstance(calib_data, torch.Tensor):
         calib_data = [calib_data]
     store = ActivationStore(budget, "the calibration images")
@@ -64,11 +64,11 @@ def calibration_images(calib_data, limit: int, batch_size: int,
         n += len(x)
         while sum(map(len, pending)) >= batch_size:
             pending = list(torch.cat(pending).split(batch_size))
-            store.append(pending.pop(0).clone())
+            store.append(pending.pop(0).clone().to(device))
         if n >= limit:
             break
     if pending and sum(map(len, pending)):
-        store.append(torch.cat(pending))
+        store.append(torch.cat(pending).to(device))
     if n == 0:
         raise DataError("the calibration set is empty: give at least one input image")
     if n < 32:

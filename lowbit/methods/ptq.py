@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from lowbit.config import ConfigMixin
+from lowbit.devices import module_device, resolve_device
 from lowbit.errors import CheckpointError, ConfigError, DataError, NumericalError
 from lowbit.methods.calibration import bits_for, calibrate_activations, calibration_images, \
     fit_range
@@ -218,23 +219,31 @@ def calibrate_weights(model: nn.Module, config: PTQConfig) -> None:
             slot.set_correction(*correct_weight_bias(w, quantizer(w), config.bias_correction))
 
 
-def quantize(model: nn.Module, config: PTQConfig | None = None, calib_data=None) -> nn.Module:
+def quantize(model: nn.Module, config: PTQConfig | None = None, calib_data=None,
+             device=None) -> nn.Module:
     """Post-training quantize ``model``; return a fake-quant copy that runs like the original.
 
     ``calib_data``: an iterable of input tensors or of ``(input, target)`` batches (training
-    images, never the test set); the first ``config.calib`` images are used. The returned
-    model carries a :class:`QuantInfo` as ``model.lowbit``.
+    images, never the test set); the first ``config.calib`` images are used. ``device``
+    (``"cuda"``, ``"cpu"``; default: where ``model`` is) runs the calibration passes, AdaRound
+    and bias correction; the graph transforms and weight ranges run on the CPU, and the result
+    comes back on ``model``'s device. The returned model carries a :class:`QuantInfo` as
+    ``model.lowbit``.
     """
     config = (config or PTQConfig()).validate()
+    home = module_device(model)
+    device = resolve_device(home if device is None else device)
     if calib_data is None:
         raise DataError("quantize needs calibration data (an iterable of input batches)")
     start = time.perf_counter()
     torch.manual_seed(config.seed)
     check_finite(model)
     with MemoryBudget(parse_bytes(config.calib_memory)) as budget:
-        images = calibration_images(calib_data, config.calib, config.calib_batch_size, budget)
+        images = calibration_images(calib_data, config.calib, config.calib_batch_size, budget,
+                                    device)
         count = len(images)
-        qmodel, plan, notes, folded, pairs = _quantize(model, config, images, budget)
+        qmodel, plan, notes, folded, pairs = _quantize(model, config, images, budget, device)
+    qmodel = qmodel.to(home)
     notes.append(f"calibration: {count} images in batches of {config.calib_batch_size}"
                  + (f", {gib(budget.spilled)} of activations spilled to disk"
                     if budget.spilled else ""))
@@ -243,11 +252,11 @@ def quantize(model: nn.Module, config: PTQConfig | None = None, calib_data=None)
     return qmodel
 
 
-def _quantize(model: nn.Module, config: PTQConfig, images, budget):
-    """The pipeline of the module docstring on cached calibration ``images``; returns
-    ``(qmodel, plan, notes, folded, equalized pairs)``."""
-    example = next(iter(images))
-    qmodel = copy.deepcopy(model).eval()
+def _quantize(model: nn.Module, config: PTQConfig, images, budget, device: torch.device):
+    """The pipeline of the module docstring on cached calibration ``images``, calibrating on
+    ``device``; returns ``(qmodel, plan, notes, folded, equalized pairs)``."""
+    example = next(iter(images)).cpu()
+    qmodel = copy.deepcopy(model).cpu().eval()
     notes = []
     folded = False
     bns = None
@@ -279,6 +288,8 @@ def _quantize(model: nn.Module, config: PTQConfig, images, budget):
         if config.empirical_bias_correction or config.w_round == "adaround" else None
     qmodel = prepare(qmodel, config, plan, folded=False)
     calibrate_weights(qmodel, config)
+    qmodel = qmodel.to(device)
+    float_model = float_model.to(device) if float_model is not None else None
     calibrate_activations(qmodel, images, config, list(plan), budget, float_model, graphs, bns)
     if config.int_bias:  # layers the calibration pass did not reach
         round_biases(qmodel)

@@ -71,11 +71,11 @@ class AffineQuantizer(LazyBuffers, nn.Module):
         qmin = torch.as_tensor(qmin, dtype=torch.float32)
         qmax = torch.as_tensor(qmax, dtype=torch.float32)
         scale, zero_point = affine_qparams(lo, hi, qmin, qmax, scheme.symmetric, grid_signed)
-        shape = scale.shape
-        self.scale = scale.detach().float()
-        self.zero_point = zero_point.detach().float()
-        self.quant_min = qmin.expand(shape).clone() if shape else qmin
-        self.quant_max = qmax.expand(shape).clone() if shape else qmax
+        shape, device = scale.shape, self.scale.device  # the qparams stay where the module is
+        self.scale = scale.detach().float().to(device)
+        self.zero_point = zero_point.detach().float().to(device)
+        self.quant_min = (qmin.expand(shape).clone() if shape else qmin).to(device)
+        self.quant_max = (qmax.expand(shape).clone() if shape else qmax).to(device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.calibrated:

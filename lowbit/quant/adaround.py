@@ -116,7 +116,7 @@ class ReconstructionError:
             patches, residual = self._patches(x[part]), self._rows(r[part])  # [n, g, K|O, P]
             picks = self._picks(len(patches), patches.shape[-1])
             if picks is not None:
-                index = picks[:, None, None, :]
+                index = picks.to(patches.device)[:, None, None, :]
                 patches = patches.gather(3, index.expand(*patches.shape[:3], -1))
                 residual = residual.gather(3, index.expand(*residual.shape[:3], -1))
             xs = patches.permute(1, 0, 3, 2).reshape(self.groups, -1, patches.shape[2])

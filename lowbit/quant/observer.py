@@ -40,7 +40,8 @@ def image_positions(first: int, n: int, positions: int, per_image: int, seed: in
 
 class RangeObserver:
     """Running extremes, a batch-independent sample and EMA state of one input (module
-    docstring); per channel along axis 1 when ``per_channel``."""
+    docstring); per channel along axis 1 when ``per_channel``. Batches may live on any device;
+    the state is kept on the CPU (it is small), where the ranges are then fitted."""
 
     def __init__(self, total_images: int, per_channel: bool, max_total: int = 1 << 17,
                  seed: int = 0):
@@ -57,7 +58,7 @@ class RangeObserver:
         x = x.detach().float()
         rows = x.movedim(1, 0).reshape(x.shape[1], len(x), -1) if self.per_channel \
             else x.reshape(1, len(x), -1)  # [C, n, P]
-        lo, hi = rows.amin((1, 2)), rows.amax((1, 2))
+        lo, hi = rows.amin((1, 2)).cpu(), rows.amax((1, 2)).cpu()
         self.lo = lo if self.lo is None else torch.minimum(self.lo, lo)
         self.hi = hi if self.hi is None else torch.maximum(self.hi, hi)
         self._sample(rows)
@@ -69,12 +70,13 @@ class RangeObserver:
         per_image = math.ceil(self.max_total / (channels * self.total_images))
         images = torch.arange(self.seen, self.seen + n)
         if per_image >= positions:  # every value fits: keep them all, in image order
-            self._values.append(rows.reshape(channels, -1))
+            self._values.append(rows.reshape(channels, -1).cpu())
             self._positions.append((images[:, None] * positions
                                     + torch.arange(positions)).flatten())
             return
         picks = image_positions(self.seen, n, positions, per_image, self.seed)  # [n, m]
-        self._values.append(rows[:, torch.arange(n)[:, None], picks].reshape(channels, -1))
+        index = (torch.arange(n)[:, None].to(rows.device), picks.to(rows.device))
+        self._values.append(rows[:, index[0], index[1]].reshape(channels, -1).cpu())
         self._positions.append((images[:, None] * positions + picks).flatten())
 
     def _ema(self, rows: torch.Tensor) -> None:
@@ -83,7 +85,7 @@ class RangeObserver:
             lo, hi, count = self._chunk
             take = min(EMA_CHUNK - count, rows.shape[1] - start)
             part = rows[:, start:start + take]
-            c_lo, c_hi = part.amin((1, 2)), part.amax((1, 2))
+            c_lo, c_hi = part.amin((1, 2)).cpu(), part.amax((1, 2)).cpu()
             lo = c_lo if lo is None else torch.minimum(lo, c_lo)
             hi = c_hi if hi is None else torch.maximum(hi, c_hi)
             self._chunk = (lo, hi, count + take)

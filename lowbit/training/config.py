@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from lowbit.config import ConfigMixin
+from lowbit.devices import resolve_device
 from lowbit.errors import ConfigError
 
 OPTIMIZERS = ("sgd", "adam")
@@ -70,6 +71,7 @@ class TrainConfig(ConfigMixin):
             raise ConfigError("kd_alpha must be in [0, 1] and kd_temperature positive")
         if any(not isinstance(m, int) or m < 1 for m in self.milestones):
             raise ConfigError(f"milestones must be positive epoch numbers, got {self.milestones}")
+        resolve_device(self.device)
         return self
 
 
