@@ -514,24 +514,35 @@ def cost_section(res: dict) -> list[str]:
 
 
 def agreement_section(res: dict) -> list[str]:
-    lines = ["## Deployment: integer engine and onnxruntime against the simulation", "",
-             f"Command: `{res['meta']['command']}` at commit `{res['meta']['commit']}`, full "
+    meta = res["meta"]
+    lines = ["## Deployment: integer engine, onnxruntime and OpenVINO against the simulation", "",
+             f"Command: `{meta['command']}` (last at commit `{meta['commit']}`"
+             + (f", {meta['cpu']}" if "cpu" in meta else "") + "), full "
              "CIFAR-10 test set. The integer engine (`lowbit.deploy.IntegerEngine`) runs int32 "
-             "accumulators and fixed-point requantization; onnxruntime runs lowbit's QDQ export "
-             "(float residual adds, as the simulation). Logit differences are in 8-bit output "
-             "steps (the simulation's logit range / 255). Targets: top-1 agreement >= 99.9% "
-             "(ResNet-20, W8A8 and W4A4), onnxruntime top-1 within 0.1 of the simulation.", "",
+             "accumulators and fixed-point requantization; onnxruntime and OpenVINO run lowbit's "
+             "QDQ export (float residual adds, as the simulation). Logit differences are in 8-bit "
+             "output steps (the simulation's logit range / 255). \"int8 layers\" is the share of "
+             "conv / linear layers OpenVINO's execution graph ran in u8 / i8: it needs symmetric "
+             "weights (zero point 0), so the W8A8 row (asymmetric per-channel min-max weights) "
+             "runs dequantized in f32, and the int8 deploy recipe (symmetric 7-bit weights) in "
+             "int8. Targets: top-1 agreement >= 99.9% (ResNet-20, W8A8 and W4A4), each runtime's "
+             "top-1 within 0.1 of the simulation.", "",
              "| model | setting | runtime | simulation top-1 | runtime top-1 | top-1 agreement % "
-             "| images within one step % | max diff (steps) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| images within one step % | max diff (steps) | int8 layers | commit |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for model, settings in res.items():
         if model == "meta":
             continue
         for setting, engines in settings.items():
             for engine, r in engines.items():
+                counts = r.get("precisions")
+                share = "-" if counts is None else "{}/{}".format(
+                    sum(n for c in counts.values() for p, n in c.items() if p in ("u8", "i8")),
+                    sum(sum(c.values()) for c in counts.values()))
                 lines.append(f"| {model} | {setting} | {engine} | {r['top1_reference']:.2f} | "
                              f"{r['top1']:.2f} | {r['top1_agreement']:.2f} | "
-                             f"{r['within_one_step']:.1f} | {r['max_logit_diff_steps']:.1f} |")
+                             f"{r['within_one_step']:.1f} | {r['max_logit_diff_steps']:.1f} | "
+                             f"{share} | `{r.get('commit', meta['commit'])}` |")
     return lines
 
 

@@ -52,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="top-1 accuracy of a float or quantized checkpoint")
     _add_data_args(ev, model_required=False)
     ev.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    ev.add_argument("--runtime", choices=["onnxruntime", "openvino"],
+                    help="for an .onnx file: the runtime that runs it (default onnxruntime; an "
+                         "OpenVINO .xml always runs in OpenVINO)")
+    ev.add_argument("--threads", type=int, help="the runtime's threads for .onnx / .xml (1)")
 
     q = sub.add_parser("quantize", help="post-training quantization (Banner et al. 2019 and more)")
     _add_data_args(q)
@@ -134,7 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
                                        "QDQ ONNX model checked in onnxruntime")
     ex.add_argument("--checkpoint", required=True, help="quantized.pt from lowbit quantize, or "
                                                         "model.pt from lowbit train")
-    ex.add_argument("--format", default="lowbit", choices=["lowbit", "onnx"])
+    ex.add_argument("--format", default="lowbit", choices=["lowbit", "onnx", "openvino"],
+                    help="lowbit: packed file; onnx: QDQ ONNX; openvino: OpenVINO IR (.xml + "
+                         ".bin) of the same QDQ graph")
     ex.add_argument("--out", required=True, help="the file to write, e.g. model.lowbit")
     ex.add_argument("--input-shape", help="C,H,W of one input for ONNX (default: the model's)")
     ex.add_argument("--model", help="the package.module:factory the checkpoint names, to allow "
@@ -223,7 +229,7 @@ def cmd_eval(args) -> int:
     if not args.checkpoint and not args.model:
         raise ConfigError("eval needs --model (with an optional --checkpoint) or a lowbit checkpoint")
     dataset = load_dataset(args.data, args.input_size, args.workers)
-    if args.checkpoint and str(args.checkpoint).endswith(".onnx"):
+    if args.checkpoint and str(args.checkpoint).endswith((".onnx", ".xml")):
         return _eval_onnx(args, dataset)
     trust = args.model or False  # a file's own model code runs only if --model names it
     packed = args.checkpoint and is_packed_file(args.checkpoint)
@@ -258,11 +264,21 @@ def _eval_onnx(args, dataset) -> int:
     from lowbit.evaluate import evaluate
 
     if not args.model:
-        raise ConfigError("an ONNX file needs --model for its input normalization")
+        raise ConfigError("an ONNX or OpenVINO file needs --model for its input normalization")
+    runtime = args.runtime or ("openvino" if str(args.checkpoint).endswith(".xml")
+                               else "onnxruntime")
+    if runtime == "openvino":
+        from lowbit.deploy.openvino_runtime import OpenVinoRunner
+
+        run = OpenVinoRunner(args.checkpoint, threads=args.threads or 1)
+    elif str(args.checkpoint).endswith(".xml"):
+        raise ConfigError(f"{args.checkpoint} is OpenVINO IR: use --runtime openvino")
+    else:
+        run = OnnxRunner(read_onnx(args.checkpoint), threads=args.threads or 1)
     test = Batches(dataset.test, _normalization(args.model, dataset), args.batch_size)
-    top1 = evaluate(OnnxRunner(read_onnx(args.checkpoint)), test, args.limit)
+    top1 = evaluate(run, test, args.limit)
     n = min(len(dataset.test), args.limit or len(dataset.test))
-    print(f"top-1 {top1:.2f}% on {n} {dataset.name} test images (onnxruntime)")
+    print(f"top-1 {top1:.2f}% on {n} {dataset.name} test images ({runtime})")
     return 0
 
 
@@ -420,7 +436,7 @@ def cmd_export(args) -> int:
     else:
         raise ConfigError(f"{args.checkpoint} is neither a quantized checkpoint (lowbit quantize) "
                           "nor a trained model (lowbit train's model.pt)")
-    if args.format == "onnx":
+    if args.format in ("onnx", "openvino"):
         return _export_onnx(qmodel, payload, args)
     path = export_packed(qmodel, Path(args.out), payload["model"], payload.get("num_classes"),
                          trained=trained)
@@ -445,11 +461,22 @@ def _export_onnx(qmodel, payload, args) -> int:
         dataset = load_dataset(args.data, args.input_size, args.workers)
         calib = Batches(dataset.train.subset(min(args.calib, len(dataset.train)), 0),
                         _normalization(payload["model"], dataset, args.model or False), 256)
-    path = export_onnx(qmodel, Path(args.out), (1, *shape), calib=calib)
     x = torch.randn(4, *shape, generator=torch.Generator().manual_seed(0))
-    same = (OnnxRunner(path)(x).argmax(1) == qmodel(x).argmax(1)).float().mean().item()
     form = "fully quantized" if calib is not None else "the simulation's QDQ"
-    print(f"wrote {path} ({form}): {path.stat().st_size / 1024:.1f} KiB, runs in onnxruntime "
+    if args.format == "openvino":
+        from lowbit.deploy.onnx_export import to_onnx
+        from lowbit.deploy.openvino_runtime import OpenVinoRunner, save_openvino
+
+        path = save_openvino(to_onnx(qmodel, (1, *shape), calib=calib), Path(args.out))
+        runner = OpenVinoRunner(path)
+        size = path.stat().st_size + path.with_suffix(".bin").stat().st_size
+        runtime = (f"OpenVINO, {100 * runner.int8_share():.0f}% of its conv / linear layers in "
+                   "int8")
+    else:
+        path = export_onnx(qmodel, Path(args.out), (1, *shape), calib=calib)
+        runner, size, runtime = OnnxRunner(path), path.stat().st_size, "onnxruntime"
+    same = (runner(x).argmax(1) == qmodel(x).argmax(1)).float().mean().item()
+    print(f"wrote {path} ({form}): {size / 1024:.1f} KiB, runs in {runtime} "
           f"(top-1 agrees with the simulation on {100 * same:.0f}% of 4 random inputs)")
     return 0
 
@@ -526,6 +553,11 @@ def cmd_bench_infer(args) -> int:
     for t in threads:
         torch.set_num_threads(t)
         runs = runners(model, qmodel, calib, (1, *example.shape[1:]), t)
+        if "precisions" not in result:  # which layers each OpenVINO model really ran in int8
+            result["precisions"] = {name: run.precisions() for name, run in runs.items()
+                                    if hasattr(run, "precisions")}
+            for name, counts in result["precisions"].items():
+                print(f"{name}: conv / linear layers by runtime precision {counts}")
         if not result["top1"]:
             result["top1"] = {name: evaluate(run, test, args.limit, desc=name)
                               for name, run in runs.items()}

@@ -117,8 +117,14 @@ def test_bench_infer_reports_every_runner(tmp_path, capsys):
                  "1,8", "--rounds", "1", "--limit", "64", "--out", str(out)]) == 0
     import json
     result = json.loads(out.read_text())
-    assert set(result["timing"]["threads=1 batch=8"]) == {
-        "fp32 eager", "lowbit int8", "pytorch fx int8", "onnxruntime qdq int8"}
+    import importlib.util
+    expected = {"fp32 eager", "lowbit int8", "pytorch fx int8", "onnxruntime qdq int8"}
+    if importlib.util.find_spec("openvino"):
+        expected |= {"lowbit int8 (openvino)", "fp32 (openvino)"}
+        assert result["precisions"]["lowbit int8 (openvino)"]["Convolution"]
+    if importlib.util.find_spec("openvino") and importlib.util.find_spec("nncf"):
+        expected.add("nncf int8 (openvino)")
+    assert set(result["timing"]["threads=1 batch=8"]) == expected
     assert all(v > 0 for v in result["timing"]["threads=1 batch=1"].values())
     assert main(["bench-infer", "--model", "digits_cnn", "--data", "digits",
                  "--threads", "0"]) == 2

@@ -10,12 +10,17 @@ Runners (each maps a float batch to logits):
   converted to its quantized kernels.
 * ``onnxruntime qdq int8``: onnxruntime's ``quantize_static`` (QDQ, per-channel int8 weights,
   uint8 activations, min-max calibration) on the float model.
+* Where OpenVINO is installed (:mod:`lowbit.deploy.openvino_runtime`): ``lowbit int8
+  (openvino)``, the same QDQ file in OpenVINO; ``fp32 (openvino)``, the float model in
+  OpenVINO; and, where NNCF is installed too, ``nncf int8 (openvino)``: ``nncf.quantize``
+  (OpenVINO's own PTQ, default preset) on the float model, run in OpenVINO.
 
 Speed is images per second, best of several rounds, the runners interleaved round by round so a
 noisy machine slows all of them alike; ratios are to FP32 eager measured in the same rounds.
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 import tempfile
 import time
@@ -48,18 +53,24 @@ def fx_int8(model, calib) -> torch.nn.Module:
         return convert_fx(prepared).eval()
 
 
+def _float_onnx(model, x: torch.Tensor) -> Path:
+    """The float model as an ONNX file with a dynamic batch (PyTorch's exporter)."""
+    path = Path(tempfile.mkdtemp()) / "fp.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model.eval(), (x[:1],), path, dynamo=False,
+                          opset_version=17, input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "n"}, "logits": {0: "n"}})
+    return path
+
+
 def onnxruntime_qdq(model, calib, threads: int) -> OnnxRunner:
     """onnxruntime ``quantize_static``: QDQ, per-channel int8 weights, uint8 activations."""
     from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
                                           quantize_static)
 
-    tmp = Path(tempfile.mkdtemp())
     x = _batches_tensor(calib)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model.eval(), (x[:1],), tmp / "fp.onnx", dynamo=False,
-                          opset_version=17, input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "n"}, "logits": {0: "n"}})
+    fp = _float_onnx(model, x)
 
     class Reader(CalibrationDataReader):
         def __init__(self):
@@ -70,22 +81,51 @@ def onnxruntime_qdq(model, calib, threads: int) -> OnnxRunner:
 
     logging.disable(logging.WARNING)  # quantize_static's advice on pre-processing, on the root logger
     try:
-        quantize_static(str(tmp / "fp.onnx"), str(tmp / "q.onnx"), Reader(),
+        quantize_static(str(fp), str(fp.with_name("q.onnx")), Reader(),
                         quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
     finally:
         logging.disable(logging.NOTSET)
-    return OnnxRunner(tmp / "q.onnx", threads)
+    return OnnxRunner(fp.with_name("q.onnx"), threads)
+
+
+def nncf_int8(model, calib, threads: int):
+    """NNCF's ``nncf.quantize`` (default preset) on the float model in OpenVINO, run there."""
+    import nncf
+    import openvino
+
+    from lowbit.deploy.openvino_runtime import OpenVinoRunner, read_model
+
+    x = _batches_tensor(calib)
+    batches = list(x.split(64))
+    logging.disable(logging.INFO)  # nncf's progress bars and notices
+    try:
+        quantized = nncf.quantize(read_model(_float_onnx(model, x)),
+                                  nncf.Dataset(batches, lambda b: b.numpy()),
+                                  subset_size=len(batches))
+    finally:
+        logging.disable(logging.NOTSET)
+    path = Path(tempfile.mkdtemp()) / "nncf.xml"
+    openvino.save_model(quantized, str(path), compress_to_fp16=False)
+    return OpenVinoRunner(path, threads)
 
 
 def runners(model, qmodel, calib, input_shape, threads: int) -> dict:
-    """The four runners of the module docstring (onnxruntime sessions at ``threads``)."""
-    fx = fx_int8(model, calib)
-    return {"fp32 eager": model.eval(),
-            "lowbit int8": OnnxRunner(to_onnx(qmodel, input_shape,
-                                              calib=[_batches_tensor(calib, 256)]), threads),
-            "pytorch fx int8": fx,
+    """The runners of the module docstring (runtimes at ``threads``)."""
+    lowbit_onnx = to_onnx(qmodel, input_shape, calib=[_batches_tensor(calib, 256)])
+    runs = {"fp32 eager": model.eval(),
+            "lowbit int8": OnnxRunner(lowbit_onnx, threads),
+            "pytorch fx int8": fx_int8(model, calib),
             "onnxruntime qdq int8": onnxruntime_qdq(model, calib, threads)}
+    if importlib.util.find_spec("openvino"):
+        from lowbit.deploy.openvino_runtime import OpenVinoRunner
+
+        runs["lowbit int8 (openvino)"] = OpenVinoRunner(lowbit_onnx, threads)
+        runs["fp32 (openvino)"] = OpenVinoRunner(_float_onnx(model, _batches_tensor(calib, 1)),
+                                                 threads)
+        if importlib.util.find_spec("nncf"):
+            runs["nncf int8 (openvino)"] = nncf_int8(model, calib, threads)
+    return runs
 
 
 @torch.no_grad()

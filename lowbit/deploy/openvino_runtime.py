@@ -1,0 +1,130 @@
+"""OpenVINO as a runtime for lowbit's QDQ ONNX export (optional: ``pip install -e ".[openvino]"``).
+
+OpenVINO (Intel's inference engine; its CPU plugin runs on any x86-64 CPU, AVX2 included) reads
+the QDQ ONNX file :func:`lowbit.deploy.onnx_export.to_onnx` writes, as it is: no second
+exporter. Its low-precision transformations turn each ``DequantizeLinear -> Conv`` with
+``QuantizeLinear`` inputs into an integer convolution, but only where the weights are
+symmetric (every weight zero point 0). With asymmetric weights (``ptq-w8a8``'s per-channel
+min-max) it dequantizes them and runs the convolution in f32, so it computes the simulation's
+numbers at float speed. ``ptq-int8-deploy`` (symmetric 7-bit weights) runs in u8 / i8.
+:meth:`OpenVinoRunner.precisions` reads the compiled model's execution graph (each layer's
+``runtimePrecision``), so benchmarks and ``lowbit bench-infer`` say which layers ran in int8
+instead of assuming it.
+
+Float layers run in f32 (``INFERENCE_PRECISION_HINT``). Left to itself, OpenVINO picks bf16 on
+CPUs with AVX-512 BF16 or AMX, which would change the logits against lowbit's simulation.
+
+``lowbit export --format openvino`` writes OpenVINO's IR (``.xml`` + ``.bin``, weights kept at
+their precision, not compressed to fp16), which loads without the ONNX frontend; ``lowbit eval``
+and ``bench-infer`` take either the IR or the ONNX file.
+"""
+from __future__ import annotations
+
+import os
+from collections import Counter
+from pathlib import Path
+
+import onnx
+import torch
+
+from lowbit.errors import ConfigError, ExportError
+
+INT8 = ("u8", "i8")
+COMPUTE_LAYERS = ("Convolution", "GroupConvolution", "FullyConnected", "MatMul")
+
+
+def _openvino():
+    try:
+        import openvino
+    except ImportError:
+        raise ConfigError("OpenVINO is not installed: pip install openvino "
+                          "(or lowbit's extra: pip install -e \".[openvino]\")") from None
+    return openvino
+
+
+def read_model(source):
+    """An OpenVINO model from an ONNX ``ModelProto``, an ``.onnx`` file or an IR ``.xml``."""
+    ov = _openvino()
+    core = ov.Core()
+    try:
+        if isinstance(source, onnx.ModelProto):
+            return core.read_model(source.SerializeToString())
+        return core.read_model(str(source))
+    except Exception as e:  # OpenVINO raises RuntimeError subclasses of its own
+        what = "the exported model" if isinstance(source, onnx.ModelProto) else str(source)
+        raise ExportError(f"OpenVINO cannot read {what}: {' '.join(str(e).split())[-300:]}") \
+            from None
+
+
+def save_openvino(source, out: Path) -> Path:
+    """Write ``source`` (as :func:`read_model` takes) as OpenVINO IR ``out`` (``.xml``, the
+    weights in the ``.bin`` beside it). Both are written under temporary names and renamed
+    into place, so an existing pair is replaced whole or not at all."""
+    ov = _openvino()
+    out = Path(out)
+    if out.suffix != ".xml":
+        raise ConfigError(f"an OpenVINO IR file ends in .xml, got {out}")
+    model = read_model(source)
+    tmp = out.with_name(f".{out.stem}.{os.getpid()}.tmp.xml")
+    try:
+        ov.save_model(model, str(tmp), compress_to_fp16=False)
+        os.replace(tmp.with_suffix(".bin"), out.with_suffix(".bin"))
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+        tmp.with_suffix(".bin").unlink(missing_ok=True)
+    return out
+
+
+class OpenVinoRunner:
+    """A model compiled by OpenVINO for the CPU, as a callable on torch tensors (float logits).
+
+    ``threads``: OpenVINO's inference threads. ``batch``: compile for that static batch size
+    (shorter batches are zero-padded, and their padding rows dropped from the output); None
+    keeps the file's dynamic batch dimension.
+    """
+
+    def __init__(self, source, threads: int = 1, batch: int | None = None):
+        ov = _openvino()
+        model = read_model(source)
+        if batch is not None:
+            shape = model.inputs[0].get_partial_shape()
+            shape[0] = batch
+            model.reshape({model.inputs[0]: shape})
+        self.batch = batch
+        try:
+            self.compiled = ov.Core().compile_model(model, "CPU", {
+                "INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32"})
+        except Exception as e:
+            raise ExportError(f"OpenVINO cannot compile the model: "
+                              f"{' '.join(str(e).split())[-300:]}") from None
+        self.request = self.compiled.create_infer_request()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        n = len(x)
+        if self.batch is not None and n > self.batch:
+            return torch.cat([self(part) for part in x.split(self.batch)])
+        x = x.detach().float()
+        if self.batch is not None and n < self.batch:
+            x = torch.nn.functional.pad(x, (0, 0) * (x.dim() - 1) + (0, self.batch - n))
+        out = self.request.infer({0: x.contiguous().numpy()})
+        return torch.from_numpy(out[self.compiled.outputs[0]].copy())[:n]
+
+    def precisions(self) -> dict[str, dict[str, int]]:
+        """For each layer type of the execution graph that does the multiply-adds (convolution,
+        fully connected, matmul): how many layers ran at each precision."""
+        counts: dict[str, Counter] = {}
+        for op in self.compiled.get_runtime_model().get_ops():
+            info = op.get_rt_info()
+            kind = info["layerType"].astype(str) if "layerType" in info else ""
+            if kind in COMPUTE_LAYERS:
+                precision = info["runtimePrecision"].astype(str)
+                counts.setdefault(kind, Counter())[precision] += 1
+        return {kind: dict(c) for kind, c in counts.items()}
+
+    def int8_share(self) -> float:
+        """The fraction of the compute layers (:meth:`precisions`) that ran in u8 / i8."""
+        counts = self.precisions()
+        total = sum(sum(c.values()) for c in counts.values())
+        int8 = sum(n for c in counts.values() for p, n in c.items() if p.lower() in INT8)
+        return int8 / total if total else 0.0

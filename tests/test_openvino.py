@@ -1,0 +1,93 @@
+"""OpenVINO as a runtime of lowbit's QDQ export: it reproduces the simulation, runs int8 where
+the weights are symmetric (and says so), and the CLI exports / evaluates its IR."""
+import sys
+
+import pytest
+import torch
+
+import lowbit
+from lowbit.cli import main
+from lowbit.data.core import Batches
+from lowbit.deploy.onnx_export import to_onnx
+from lowbit.errors import ConfigError
+from lowbit.evaluate import agreement
+from tests.user_models import UserNet, trained_like
+
+pytest.importorskip("openvino")
+from lowbit.deploy.openvino_runtime import OpenVinoRunner, save_openvino  # noqa: E402
+
+SYMMETRIC = dict(w_bits=7, a_bits=8, w_symmetric=True, first_last_bits=None)
+
+
+@pytest.mark.parametrize("cfg", [SYMMETRIC, dict(w_bits=8, a_bits=8)], ids=["sym", "asym"])
+def test_openvino_reproduces_the_simulation(digits_fp, cfg):
+    d, fp = digits_fp
+    q = lowbit.quantize(fp, lowbit.PTQConfig(**cfg), Batches(d.train, d.normalization(), 256))
+    result = agreement(q, OpenVinoRunner(to_onnx(q, (1, 1, 8, 8))),
+                       Batches(d.test, d.normalization(), 250))
+    assert result["top1_agreement"] >= 99.5 and result["max_logit_diff_steps"] <= 1.0
+    assert abs(result["top1"] - result["top1_reference"]) <= 0.3
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_int8_only_with_symmetric_weights(calib, symmetric):
+    """The module docstring's claim, checked on OpenVINO's execution graph: symmetric weights
+    give int8 convolutions, asymmetric ones f32 convolutions of dequantized weights."""
+    config = SYMMETRIC if symmetric else dict(w_bits=8, a_bits=8, first_last_bits=None)
+    q = lowbit.quantize(trained_like(UserNet()), lowbit.PTQConfig(**config), calib)
+    runner = OpenVinoRunner(to_onnx(q, (1, 3, 12, 12), calib=calib))
+    convs = runner.precisions()["Convolution"]
+    if symmetric:
+        assert set(convs) <= {"u8", "i8"} and runner.int8_share() == 1.0
+    else:
+        assert convs.get("f32", 0) >= 1
+    x = calib[0]
+    assert (runner(x).argmax(1) == q(x).argmax(1)).float().mean() >= 0.9
+
+
+def test_static_batch_pads_and_splits(calib):
+    q = lowbit.quantize(trained_like(UserNet()), lowbit.PTQConfig(**SYMMETRIC), calib)
+    model = to_onnx(q, (1, 3, 12, 12), calib=calib)
+    x = calib[0][:11]
+    dynamic = OpenVinoRunner(model)(x)
+    static = OpenVinoRunner(model, batch=4)(x)  # 4 + 4 + 3 (padded)
+    assert static.shape == dynamic.shape and torch.allclose(static, dynamic, atol=1e-5)
+
+
+def test_ir_is_written_whole_and_reloads(tmp_path, calib):
+    q = lowbit.quantize(trained_like(UserNet()), lowbit.PTQConfig(**SYMMETRIC), calib)
+    model = to_onnx(q, (1, 3, 12, 12), calib=calib)
+    path = save_openvino(model, tmp_path / "m.xml")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.bin", "m.xml"]
+    x = calib[1]
+    assert torch.equal(OpenVinoRunner(path)(x), OpenVinoRunner(model)(x))
+    with pytest.raises(ConfigError, match="ends in .xml"):
+        save_openvino(model, tmp_path / "m.onnx")
+
+
+def test_cli_exports_and_evaluates_openvino(tmp_path, capsys):
+    out = tmp_path / "q"
+    assert main(["quantize", "--model", "digits_cnn", "--data", "digits", "--recipe",
+                 "ptq-int8-deploy", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["export", "--checkpoint", str(out / "quantized.pt"), "--format", "openvino",
+                 "--data", "digits", "--calib", "64", "--out", str(tmp_path / "m.xml")]) == 0
+    stdout = capsys.readouterr().out
+    assert "runs in OpenVINO, 100% of its conv / linear layers in int8" in stdout
+    assert main(["eval", "--model", "digits_cnn", "--checkpoint", str(tmp_path / "m.xml"),
+                 "--data", "digits"]) == 0
+    assert "(openvino)" in capsys.readouterr().out
+    assert main(["export", "--checkpoint", str(out / "quantized.pt"), "--format", "onnx",
+                 "--out", str(tmp_path / "m.onnx")]) == 0
+    assert main(["eval", "--model", "digits_cnn", "--checkpoint", str(tmp_path / "m.onnx"),
+                 "--data", "digits", "--runtime", "openvino", "--threads", "2"]) == 0
+    assert "(openvino)" in capsys.readouterr().out
+    assert main(["eval", "--model", "digits_cnn", "--checkpoint", str(tmp_path / "m.xml"),
+                 "--data", "digits", "--runtime", "onnxruntime"]) == 2
+    assert "use --runtime openvino" in capsys.readouterr().err
+
+
+def test_missing_openvino_is_one_clear_error(monkeypatch, calib):
+    monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino now raises ImportError
+    with pytest.raises(ConfigError, match="pip install openvino"):
+        OpenVinoRunner("model.onnx")
