@@ -169,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     bi.add_argument("--batch-sizes", default="1,128")
     bi.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
     bi.add_argument("--out", help="also write the results as JSON here")
+    bi.add_argument("--runners", help="comma-separated runner names (default: every runner "
+                    "whose packages are installed; the fp32 eager baseline is always run)")
 
     sub.add_parser("recipes", help="list the packaged recipes")
     return parser
@@ -518,7 +520,8 @@ def cmd_bench_infer(args) -> int:
     import torch
 
     from lowbit.data import Batches, load_dataset
-    from lowbit.deploy.bench import images_per_second, runners
+    from lowbit.deploy.bench import NEEDS, RUNNERS, available_runners, images_per_second, runners
+    from lowbit.devices import cpu_threads
     from lowbit.evaluate import evaluate
     from lowbit.io import write_json
     from lowbit.methods.ptq import quantize
@@ -536,6 +539,17 @@ def cmd_bench_infer(args) -> int:
         return values
 
     threads, sizes = integers(args.threads, "threads"), integers(args.batch_sizes, "batch-sizes")
+    names = available_runners()
+    if args.runners:
+        asked = ["fp32 eager", *(n.strip() for n in args.runners.split(","))]
+        unknown = [n for n in asked if n not in RUNNERS]
+        if unknown:
+            raise ConfigError(f"unknown runner {unknown[0]!r}; runners: {', '.join(RUNNERS)}")
+        missing = [n for n in asked if n not in names]
+        if missing:
+            raise ConfigError(f"runner {missing[0]!r} needs {' and '.join(NEEDS[missing[0]])}: "
+                              f"pip install {' '.join(NEEDS[missing[0]])}")
+        names = list(dict.fromkeys(asked))
     config = load_recipe(args.recipe)
     dataset = load_dataset(args.data, args.input_size, args.workers)
     model = build_model(args.model, args.checkpoint).eval()
@@ -550,9 +564,10 @@ def cmd_bench_infer(args) -> int:
                           f"size to time ({max(sizes)})")
     result = {"model": args.model, "recipe": args.recipe, "machine": platform.processor()
               or platform.machine(), "timing": {}, "top1": {}}
+    threads = list(dict.fromkeys(cpu_threads(t) for t in threads))  # clamped, with a warning
     for t in threads:
         torch.set_num_threads(t)
-        runs = runners(model, qmodel, calib, (1, *example.shape[1:]), t)
+        runs = runners(model, qmodel, calib, (1, *example.shape[1:]), t, names)
         if "precisions" not in result:  # which layers each OpenVINO model really ran in int8
             result["precisions"] = {name: run.precisions() for name, run in runs.items()
                                     if hasattr(run, "precisions")}

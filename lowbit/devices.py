@@ -2,6 +2,9 @@
 once, so that a missing GPU is one clear error and not a failure deep inside a pass."""
 from __future__ import annotations
 
+import os
+import warnings
+
 import torch
 from torch import nn
 
@@ -33,3 +36,15 @@ def module_device(module: nn.Module) -> torch.device:
     for tensor in (*module.parameters(), *module.buffers()):
         return tensor.device
     return torch.device("cpu")
+
+
+def cpu_threads(n: int) -> int:
+    """``n`` CPU threads for a runtime, clamped (with a warning) to the CPUs this process may
+    use: more threads than cores only make the runs slower and their timings meaningless."""
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
+        else os.cpu_count() or 1
+    if n > available:
+        warnings.warn(f"{n} threads requested but this machine has {available} CPU(s) for this "
+                      f"process: using {available}", stacklevel=2)
+        return available
+    return n

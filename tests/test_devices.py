@@ -6,7 +6,7 @@ import torch
 
 import lowbit
 from lowbit.cli import main
-from lowbit.devices import module_device, resolve_device
+from lowbit.devices import cpu_threads, module_device, resolve_device
 from lowbit.errors import ConfigError
 from lowbit.methods.activation_store import ActivationStore, MemoryBudget
 from lowbit.quant.observer import RangeObserver
@@ -83,3 +83,11 @@ def test_observer_state_is_on_the_cpu():
     seen = RangeObserver(8, per_channel=True, max_total=16)
     seen.update(torch.randn(8, 3, 5, 5, device="cuda"))
     assert seen.sample.device.type == "cpu" and seen.exact[0].device.type == "cpu"
+
+
+def test_thread_counts_beyond_the_machine_are_clamped_with_a_warning():
+    import os
+    available = len(os.sched_getaffinity(0))
+    assert cpu_threads(1) == 1
+    with pytest.warns(UserWarning, match=f"using {available}"):
+        assert cpu_threads(available + 7) == available

@@ -112,19 +112,26 @@ def test_fully_quantized_graph_runs_integer_kernels_and_keeps_accuracy(tmp_path,
 
 
 def test_bench_infer_reports_every_runner(tmp_path, capsys):
-    out = tmp_path / "bench.json"
-    assert main(["bench-infer", "--model", "digits_cnn", "--data", "digits", "--batch-sizes",
-                 "1,8", "--rounds", "1", "--limit", "64", "--out", str(out)]) == 0
-    import json
-    result = json.loads(out.read_text())
     import importlib.util
-    expected = {"fp32 eager", "lowbit int8", "pytorch fx int8", "onnxruntime qdq int8"}
+    import json
+
+    from lowbit.deploy.bench import available_runners
+
+    out = tmp_path / "bench.json"
+    fast = ["lowbit int8", "pytorch fx int8", "onnxruntime qdq int8"]
     if importlib.util.find_spec("openvino"):
-        expected |= {"lowbit int8 (openvino)", "fp32 (openvino)"}
-        assert result["precisions"]["lowbit int8 (openvino)"]["Convolution"]
-    if importlib.util.find_spec("openvino") and importlib.util.find_spec("nncf"):
-        expected.add("nncf int8 (openvino)")
-    assert set(result["timing"]["threads=1 batch=8"]) == expected
+        fast += ["lowbit int8 (openvino)", "fp32 (openvino)"]
+    assert main(["bench-infer", "--model", "digits_cnn", "--data", "digits", "--batch-sizes",
+                 "1,8", "--rounds", "1", "--limit", "64", "--out", str(out),
+                 "--runners", ",".join(fast)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["timing"]["threads=1 batch=8"]) == {"fp32 eager", *fast}
     assert all(v > 0 for v in result["timing"]["threads=1 batch=1"].values())
+    if importlib.util.find_spec("openvino"):
+        assert set(result["precisions"]["lowbit int8 (openvino)"]["Convolution"]) == {"u8"}
+    assert set(available_runners()) >= {"fp32 eager", "lowbit int8", "pytorch fx int8"}
     assert main(["bench-infer", "--model", "digits_cnn", "--data", "digits",
                  "--threads", "0"]) == 2
+    assert main(["bench-infer", "--model", "digits_cnn", "--data", "digits",
+                 "--runners", "tflite"]) == 2
+    assert "unknown runner 'tflite'" in capsys.readouterr().err

@@ -14,6 +14,14 @@ Runners (each maps a float batch to logits):
   (openvino)``, the same QDQ file in OpenVINO; ``fp32 (openvino)``, the float model in
   OpenVINO; and, where NNCF is installed too, ``nncf int8 (openvino)``: ``nncf.quantize``
   (OpenVINO's own PTQ, default preset) on the float model, run in OpenVINO.
+* Where torchao is installed: ``pytorch pt2e int8 (inductor)``, PyTorch 2's export-based PTQ
+  with the x86 inductor quantizer, compiled by ``torch.compile`` (PyTorch's replacement for FX
+  quantization; in torch 2.13 its quantizers live in torchao).
+* Where ExecuTorch is installed: ``executorch fp32 (xnnpack)`` and ``executorch int8
+  (xnnpack)`` (its XNNPACK quantizer, per-channel symmetric), the runtime PyTorch ships to
+  phones, run by its Python bindings with the XNNPACK thread pool at ``threads``.
+  Both export a static batch size (``torch.export`` specializes it), so each batch size is
+  exported, calibrated and compiled on first use (:class:`PerBatchRunner`).
 
 Speed is images per second, best of several rounds, the runners interleaved round by round so a
 noisy machine slows all of them alike; ratios are to FP32 eager measured in the same rounds.
@@ -110,22 +118,115 @@ def nncf_int8(model, calib, threads: int):
     return OpenVinoRunner(path, threads)
 
 
-def runners(model, qmodel, calib, input_shape, threads: int) -> dict:
-    """The runners of the module docstring (runtimes at ``threads``)."""
-    lowbit_onnx = to_onnx(qmodel, input_shape, calib=[_batches_tensor(calib, 256)])
-    runs = {"fp32 eager": model.eval(),
-            "lowbit int8": OnnxRunner(lowbit_onnx, threads),
-            "pytorch fx int8": fx_int8(model, calib),
-            "onnxruntime qdq int8": onnxruntime_qdq(model, calib, threads)}
-    if importlib.util.find_spec("openvino"):
-        from lowbit.deploy.openvino_runtime import OpenVinoRunner
+RUNNERS = ("fp32 eager", "lowbit int8", "pytorch fx int8", "onnxruntime qdq int8",
+           "lowbit int8 (openvino)", "fp32 (openvino)", "nncf int8 (openvino)",
+           "pytorch pt2e int8 (inductor)", "executorch fp32 (xnnpack)",
+           "executorch int8 (xnnpack)")
+NEEDS = {"lowbit int8 (openvino)": ("openvino",), "fp32 (openvino)": ("openvino",),
+         "nncf int8 (openvino)": ("openvino", "nncf"), "pytorch pt2e int8 (inductor)": ("torchao",),
+         "executorch fp32 (xnnpack)": ("executorch",), "executorch int8 (xnnpack)": ("executorch",)}
 
-        runs["lowbit int8 (openvino)"] = OpenVinoRunner(lowbit_onnx, threads)
-        runs["fp32 (openvino)"] = OpenVinoRunner(_float_onnx(model, _batches_tensor(calib, 1)),
-                                                 threads)
-        if importlib.util.find_spec("nncf"):
-            runs["nncf int8 (openvino)"] = nncf_int8(model, calib, threads)
-    return runs
+
+def available_runners() -> list[str]:
+    """The runners of the module docstring whose optional packages are installed."""
+    return [name for name in RUNNERS
+            if all(importlib.util.find_spec(pkg) for pkg in NEEDS.get(name, ()))]
+
+
+def runners(model, qmodel, calib, input_shape, threads: int, names=None) -> dict:
+    """The runners ``names`` (default: :func:`available_runners`), runtimes at ``threads``."""
+    names = available_runners() if names is None else names
+    lowbit_onnx = to_onnx(qmodel, input_shape, calib=[_batches_tensor(calib, 256)]) \
+        if any(n.startswith("lowbit") for n in names) else None
+    build = {
+        "fp32 eager": lambda: model.eval(),
+        "lowbit int8": lambda: OnnxRunner(lowbit_onnx, threads),
+        "pytorch fx int8": lambda: fx_int8(model, calib),
+        "onnxruntime qdq int8": lambda: onnxruntime_qdq(model, calib, threads),
+        "lowbit int8 (openvino)": lambda: _openvino_runner(lowbit_onnx, threads),
+        "fp32 (openvino)": lambda: _openvino_runner(
+            _float_onnx(model, _batches_tensor(calib, 1)), threads),
+        "nncf int8 (openvino)": lambda: nncf_int8(model, calib, threads),
+        "pytorch pt2e int8 (inductor)": lambda: pt2e_x86_int8(model, calib),
+        "executorch fp32 (xnnpack)": lambda: executorch_xnnpack(model, calib, threads, False),
+        "executorch int8 (xnnpack)": lambda: executorch_xnnpack(model, calib, threads, True)}
+    return {name: build[name]() for name in names}
+
+
+def _openvino_runner(source, threads: int):
+    from lowbit.deploy.openvino_runtime import OpenVinoRunner
+    return OpenVinoRunner(source, threads)
+
+
+class PerBatchRunner:
+    """Calls ``build(n)`` once per input batch size ``n`` and runs the program it returns."""
+
+    def __init__(self, build):
+        self.build, self.programs = build, {}
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if len(x) not in self.programs:
+            self.programs[len(x)] = self.build(len(x))
+        return self.programs[len(x)](x)
+
+
+def _calibrated_pt2e(model, calib, n: int, quantizer):
+    """``model`` exported at batch ``n``, prepared with ``quantizer``, calibrated on the
+    calibration images in batches of ``n`` (wrapping around for the last), converted."""
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    x = _batches_tensor(calib, 256)
+    x = torch.cat([x] * -(-n // len(x)))  # at least n images
+    prepared = prepare_pt2e(torch.export.export(model.eval(), (x[:n],)).module(), quantizer)
+    with torch.no_grad():
+        for start in range(0, max(len(x) - n + 1, 1), n):
+            prepared(x[start:start + n])
+    return convert_pt2e(prepared)
+
+
+def pt2e_x86_int8(model, calib) -> PerBatchRunner:
+    """PT2E PTQ with the x86 inductor quantizer (default config), compiled by inductor."""
+    import torch._inductor.config as inductor
+    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as x86
+
+    inductor.freezing = True  # fold the quantized weights into constants, as x86 int8 needs
+    quantizer = x86.X86InductorQuantizer().set_global(
+        x86.get_default_x86_inductor_quantization_config())
+
+    def build(n):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.compile(_calibrated_pt2e(model, calib, n, quantizer))
+    return PerBatchRunner(build)
+
+
+def executorch_xnnpack(model, calib, threads: int, int8: bool) -> PerBatchRunner:
+    """ExecuTorch with every supported op delegated to XNNPACK; int8 through its quantizer."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+        XNNPACKQuantizer, get_symmetric_quantization_config)
+    from executorch.exir import to_edge_transform_and_lower
+    from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+    from executorch.runtime import Runtime
+
+    _unsafe_reset_threadpool(threads)
+
+    def build(n):
+        example = _batches_tensor(calib, n)[:n]
+        source = model.eval()
+        if int8:
+            quantizer = XNNPACKQuantizer().set_global(
+                get_symmetric_quantization_config(is_per_channel=True))
+            source = _calibrated_pt2e(model, calib, n, quantizer)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = to_edge_transform_and_lower(torch.export.export(source, (example,)),
+                                                  partitioner=[XnnpackPartitioner()])
+            loaded = Runtime.get().load_program(program.to_executorch().buffer)
+            method = loaded.load_method("forward")
+        # the method runs inside its program: keep the program alive as long as the method
+        return lambda x, program=loaded: method.execute([x.contiguous()])[0]
+    return PerBatchRunner(build)
 
 
 @torch.no_grad()

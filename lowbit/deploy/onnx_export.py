@@ -43,6 +43,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn import functional as F
 
+from lowbit.devices import cpu_threads
 from lowbit.deploy.lowering import Grid, Lowering, lower, with_grids
 from lowbit.errors import ExportError, LowbitError
 from lowbit.io import atomic_write
@@ -494,7 +495,7 @@ class OnnxRunner:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
+        options.intra_op_num_threads = cpu_threads(threads)
         options.inter_op_num_threads = 1
         source = path_or_model.SerializeToString() if isinstance(path_or_model, onnx.ModelProto) \
             else str(path_or_model)

@@ -27,6 +27,7 @@ from pathlib import Path
 import onnx
 import torch
 
+from lowbit.devices import cpu_threads
 from lowbit.errors import ConfigError, ExportError
 
 INT8 = ("u8", "i8")
@@ -94,7 +95,8 @@ class OpenVinoRunner:
         self.batch = batch
         try:
             self.compiled = ov.Core().compile_model(model, "CPU", {
-                "INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32"})
+                "INFERENCE_NUM_THREADS": cpu_threads(threads),
+                "INFERENCE_PRECISION_HINT": "f32"})
         except Exception as e:
             raise ExportError(f"OpenVINO cannot compile the model: "
                               f"{' '.join(str(e).split())[-300:]}") from None

@@ -1,0 +1,84 @@
+"""Inference speed on every CPU runtime lowbit targets or competes with, on real model sizes.
+
+    python benchmarks/runtime_speed.py [--models resnet20,resnet18,mobilenet_v2,efficientnet_b0]
+                                       [--threads 1,2] [--batch-sizes 1,128] [--rounds 3]
+
+Runners: those of :mod:`lowbit.deploy.bench` whose packages are installed (FP32 eager; lowbit's
+``ptq-int8-deploy`` model in onnxruntime and in OpenVINO; PyTorch FX x86 and PT2E x86-inductor
+int8; onnxruntime ``quantize_static``; FP32 and NNCF int8 in OpenVINO; ExecuTorch XNNPACK FP32
+and int8). ResNet-20 is the trained CIFAR-10 checkpoint, calibrated on 1,024 training images,
+with each runner's top-1 on the full test set. The torchvision models run at 224 px with random
+weights (batch-norm statistics settled on random images; speed only), calibrated on 128 random
+images. Timing: images/s, best of ``--rounds`` interleaved rounds (``lowbit.deploy.bench``),
+training runs paused. Results: benchmarks/results/runtime_speed.json (per model, resumable),
+each with the CPU's instruction sets.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+import lowbit
+from lowbit.deploy.bench import images_per_second, runners
+from calib_memory import RandomImages, settled
+from pause import paused
+from ptq_ablation import commit, load_benchmark, record
+from train_speed import cpu_description
+
+RESULTS = Path(__file__).resolve().parent / "results" / "runtime_speed.json"
+
+
+def load(name: str):
+    """(float model, calibration batches, test batches or None, input shape)."""
+    if name == "resnet20":
+        model, calib, test = load_benchmark(name)
+        return model, list(calib), test, (1, 3, 32, 32)
+    return settled(name).eval(), list(RandomImages(128)), None, (1, 3, 224, 224)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default="resnet20,resnet18,mobilenet_v2,efficientnet_b0")
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--batch-sizes", default="1,128")
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    warnings.simplefilter("ignore")
+    command = "python benchmarks/runtime_speed.py " + " ".join(sys.argv[1:])
+    record(RESULTS, "meta", None, {"commit": commit(), "cpu": cpu_description(),
+                                   "command": command.strip(), "rounds": args.rounds})
+    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    with paused():
+        for name in args.models.split(","):
+            model, calib, test, shape = load(name)
+            start = time.perf_counter()
+            qmodel = lowbit.quantize(model, lowbit.load_recipe("ptq-int8-deploy"), calib)
+            row = {"commit": commit(), "cpu": cpu_description(), "input": list(shape[1:]),
+                   "calib_seconds": time.perf_counter() - start, "timing": {}}
+            for threads in map(int, args.threads.split(",")):
+                torch.set_num_threads(threads)
+                runs = runners(model, qmodel, calib, shape, threads)
+                row["precisions"] = {k: r.precisions() for k, r in runs.items()
+                                     if hasattr(r, "precisions")}
+                if test is not None and "top1" not in row:
+                    row["top1"] = {k: lowbit.evaluate(r, test) for k, r in runs.items()}
+                    row["top1"]["lowbit simulation"] = lowbit.evaluate(qmodel, test)
+                for size in sizes:
+                    x = torch.cat([b[0] if isinstance(b, (list, tuple)) else b
+                                   for b in calib])[:size]
+                    x = torch.cat([x] * -(-size // len(x)))[:size]
+                    speed = images_per_second(runs, x, args.rounds)
+                    row["timing"][f"threads={threads} batch={size}"] = speed
+                    base = speed["fp32 eager"]
+                    print(name, threads, size, {k: f"{v / base:.2f}x" for k, v in speed.items()},
+                          flush=True)
+                    record(RESULTS, name, None, row)
+
+
+if __name__ == "__main__":
+    main()
