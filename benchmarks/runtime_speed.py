@@ -7,7 +7,10 @@ Runners: those of :mod:`lowbit.deploy.bench` whose packages are installed (FP32 
 ``ptq-int8-deploy`` model in onnxruntime and in OpenVINO; PyTorch FX x86 and PT2E x86-inductor
 int8; onnxruntime ``quantize_static``; FP32 and NNCF int8 in OpenVINO; ExecuTorch XNNPACK FP32
 and int8). ResNet-20 is the trained CIFAR-10 checkpoint, calibrated on 1,024 training images,
-with each runner's top-1 on the full test set. The torchvision models run at 224 px with random
+with each runner's top-1 on the full test set, plus lowbit's W4A8 model (``ptq-w4a4-deploy``
+with 8-bit activations and symmetric weights) on the int8 kernels of onnxruntime and OpenVINO
+(4-bit codes stored as int8, ``to_onnx(int8_weights=True)``), and its file sizes: packed
+(4-bit codes), ONNX with INT4 weights, ONNX with int8 weights. The torchvision models run at 224 px with random
 weights (batch-norm statistics settled on random images; speed only), calibrated on 128 random
 images. Timing: images/s, best of ``--rounds`` interleaved rounds (``lowbit.deploy.bench``),
 training runs paused. Results: benchmarks/results/runtime_speed.json (per model, resumable),
@@ -25,12 +28,29 @@ import torch
 
 import lowbit
 from lowbit.deploy.bench import images_per_second, runners
+from lowbit.deploy.onnx_export import OnnxRunner, to_onnx
+from lowbit.deploy.openvino_runtime import OpenVinoRunner
+from lowbit.report import quantized_size_bytes
 from calib_memory import RandomImages, settled
 from pause import paused
 from ptq_ablation import commit, load_benchmark, record
 from train_speed import cpu_description
 
 RESULTS = Path(__file__).resolve().parent / "results" / "runtime_speed.json"
+W4A8 = lowbit.load_recipe("ptq-w4a4-deploy", a_bits=8, w_symmetric=True)
+
+
+def sub_byte(model, calib, shape, row: dict):
+    """lowbit's W4A8 model on int8 kernels: runners (onnxruntime, OpenVINO) and file sizes."""
+    q = lowbit.quantize(model, W4A8, calib)
+    sample = [torch.cat([b[0] for b in calib])[:256]]
+    four, eight = (to_onnx(q, shape, calib=sample, int8_weights=w) for w in (False, True))
+    row["w4a8_bytes"] = {"packed codes": quantized_size_bytes(q),
+                         "onnx int4 weights": len(four.SerializeToString()),
+                         "onnx int8 weights": len(eight.SerializeToString())}
+    return q, lambda threads: {"lowbit w4a8 int8 kernels": OnnxRunner(eight, threads),
+                               "lowbit w4a8 int8 kernels (openvino)":
+                                   OpenVinoRunner(eight, threads)}
 
 
 def load(name: str):
@@ -60,14 +80,17 @@ def main():
             qmodel = lowbit.quantize(model, lowbit.load_recipe("ptq-int8-deploy"), calib)
             row = {"commit": commit(), "cpu": cpu_description(), "input": list(shape[1:]),
                    "calib_seconds": time.perf_counter() - start, "timing": {}}
+            w4, extra = sub_byte(model, calib, shape, row) if test is not None else (None, None)
             for threads in map(int, args.threads.split(",")):
                 torch.set_num_threads(threads)
                 runs = runners(model, qmodel, calib, shape, threads)
+                runs.update(extra(threads) if extra else {})
                 row["precisions"] = {k: r.precisions() for k, r in runs.items()
                                      if hasattr(r, "precisions")}
                 if test is not None and "top1" not in row:
                     row["top1"] = {k: lowbit.evaluate(r, test) for k, r in runs.items()}
                     row["top1"]["lowbit simulation"] = lowbit.evaluate(qmodel, test)
+                    row["top1"]["lowbit w4a8 simulation"] = lowbit.evaluate(w4, test)
                 for size in sizes:
                     x = torch.cat([b[0] if isinstance(b, (list, tuple)) else b
                                    for b in calib])[:size]

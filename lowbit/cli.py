@@ -150,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "integer, as integer runtimes need), calibrated on this "
                                    "dataset's training images")
     ex.add_argument("--calib", type=int, default=256, help="calibration images for --data (256)")
+    ex.add_argument("--int8-weights", action="store_true", help="onnx / openvino: store <= 4-bit "
+                    "weight codes as int8, so int8 runtimes run them on their int8 kernels")
     _add_folder_args(ex)
 
     pw = sub.add_parser("plot-weights", help="per-layer weight histograms of models on the "
@@ -469,13 +471,15 @@ def _export_onnx(qmodel, payload, args) -> int:
         from lowbit.deploy.onnx_export import to_onnx
         from lowbit.deploy.openvino_runtime import OpenVinoRunner, save_openvino
 
-        path = save_openvino(to_onnx(qmodel, (1, *shape), calib=calib), Path(args.out))
+        path = save_openvino(to_onnx(qmodel, (1, *shape), calib=calib,
+                                     int8_weights=args.int8_weights), Path(args.out))
         runner = OpenVinoRunner(path)
         size = path.stat().st_size + path.with_suffix(".bin").stat().st_size
         runtime = (f"OpenVINO, {100 * runner.int8_share():.0f}% of its conv / linear layers in "
                    "int8")
     else:
-        path = export_onnx(qmodel, Path(args.out), (1, *shape), calib=calib)
+        path = export_onnx(qmodel, Path(args.out), (1, *shape), calib=calib,
+                           int8_weights=args.int8_weights)
         runner, size, runtime = OnnxRunner(path), path.stat().st_size, "onnxruntime"
     same = (runner(x).argmax(1) == qmodel(x).argmax(1)).float().mean().item()
     print(f"wrote {path} ({form}): {size / 1024:.1f} KiB, runs in {runtime} "

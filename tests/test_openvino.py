@@ -91,3 +91,20 @@ def test_missing_openvino_is_one_clear_error(monkeypatch, calib):
     monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino now raises ImportError
     with pytest.raises(ConfigError, match="pip install openvino"):
         OpenVinoRunner("model.onnx")
+
+
+def test_four_bit_weights_run_on_int8_kernels_when_stored_as_int8(calib):
+    """W4A8: INT4 weights are dequantized to float by OpenVINO; the same codes stored as int8
+    run its int8 convolutions. The outputs agree to within the rounding of the requantized
+    activations (a code here and there), and both follow the simulation."""
+    q = lowbit.quantize(trained_like(UserNet()),
+                        lowbit.PTQConfig(w_bits=4, a_bits=8, w_symmetric=True,
+                                         first_last_bits=None), calib)
+    four = OpenVinoRunner(to_onnx(q, (1, 3, 12, 12), calib=calib))
+    eight = OpenVinoRunner(to_onnx(q, (1, 3, 12, 12), calib=calib, int8_weights=True))
+    assert eight.int8_share() == 1.0 and four.int8_share() < 1.0
+    x = calib[0]
+    a, b, sim = four(x), eight(x), q(x)
+    step = (sim.max() - sim.min()) / 255  # an 8-bit output step
+    assert (a - b).abs().max() <= 2 * step
+    assert (b.argmax(1) == sim.argmax(1)).float().mean() >= 0.9

@@ -243,13 +243,16 @@ def _even_adaptive_pools(module: fx.GraphModule, example: torch.Tensor) -> None:
 
 
 def to_onnx(qmodel: nn.Module | Lowering, input_shape, calib=None, act_bits: int = 8,
-            residual_calib=None) -> onnx.ModelProto:
+            residual_calib=None, int8_weights: bool = False) -> onnx.ModelProto:
     """The QDQ ONNX model of ``qmodel`` for inputs of ``input_shape`` (any batch size).
 
     By default the graph is the simulation exactly. Given ``calib`` (input batches) it is the
     fully quantized form (see :mod:`lowbit.deploy.lowering`): every tensor an integer, as integer
     runtimes need to fuse every op into their integer kernels. A
     :class:`~lowbit.deploy.lowering.Lowering` may be passed instead of the model.
+    ``int8_weights``: store <= 4-bit weight codes as INT8 / UINT8 (the same codes, one byte
+    each) instead of INT4 / UINT4, so int8 runtimes run them on their int8 kernels (onnxruntime
+    and OpenVINO dequantize 4-bit weights to float); the numbers are unchanged, the file larger.
     ``residual_calib`` is the former name of ``calib`` (deprecated).
     """
     if residual_calib is not None:
@@ -285,7 +288,8 @@ def to_onnx(qmodel: nn.Module | Lowering, input_shape, calib=None, act_bits: int
     _unshare_initializers(model)
     _scalar_qparams(model)
     _global_pools(model)
-    _narrow_weights(model, module)
+    if not int8_weights:
+        _narrow_weights(model, module)
     model.opset_import[0].version = OPSET
     model.ir_version = IR_VERSION
     model.producer_name = "lowbit"
@@ -448,9 +452,9 @@ def _narrow_weights(model: onnx.ModelProto, module: nn.Module) -> None:
 
 
 def export_onnx(qmodel: nn.Module, path, input_shape, calib=None, act_bits: int = 8,
-                residual_calib=None) -> Path:
+                residual_calib=None, int8_weights: bool = False) -> Path:
     """Write ``qmodel`` as a QDQ ONNX file (atomically; see :func:`to_onnx`); returns the path."""
-    model = to_onnx(qmodel, input_shape, calib, act_bits, residual_calib)
+    model = to_onnx(qmodel, input_shape, calib, act_bits, residual_calib, int8_weights)
     return atomic_write(path, lambda tmp: onnx.save(model, tmp))
 
 
