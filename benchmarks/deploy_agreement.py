@@ -6,12 +6,16 @@ beside it): top-1 of each, top-1 agreement, and the logit differences in 8-bit o
 
 Targets (issues 5 and 16): top-1 agreement >= 99.9% for W8A8 and W4A4 ResNet-20, logits within
 one output quantization step; each runtime's top-1 within 0.1 points of the simulation. OpenVINO
-rows also record the precision each conv / linear layer ran in (its execution graph). Rows are
-merged into the JSON, so a run of some runtimes keeps the others.
+rows also record the precision each conv / linear layer ran in (its execution graph). Each
+runtime is also compared with the simulation run in float64 (``vs_float64``): the engine's
+integer sums are exact, and the float32 simulation's own distance to float64 (the "float32
+simulation" row) is the noise floor of a float32 reference. Rows are merged into the JSON, so a
+run of some runtimes keeps the others.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 import warnings
@@ -43,6 +47,22 @@ def runner(runtime: str, q, threads: int):
     return OpenVinoRunner(to_onnx(q, (1, 3, 32, 32)), threads)
 
 
+class Replay:
+    """Returns recorded outputs batch by batch, so :func:`agreement` can compare runs made
+    once (each runtime, and the references, run over the test set a single time)."""
+
+    def __init__(self, outputs: list):
+        self.outputs = iter(outputs)
+
+    def __call__(self, x):
+        return next(self.outputs)
+
+
+@torch.no_grad()
+def outputs(run, test) -> list:
+    return [torch.as_tensor(run(x)).float() for x, _ in test]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="resnet20,resnet32")
@@ -59,16 +79,24 @@ def main():
         model, calib, test = load_benchmark(name)
         for label in args.settings.split(","):
             q = lowbit.quantize(model, SETTINGS[label], calib)
+            sim32 = outputs(q, test)
+            q64 = copy.deepcopy(q).double()
+            sim64 = outputs(lambda x: q64(x.double()), test)
+            runs = {"float32 simulation": (None, sim32)}
             for runtime in args.runtimes.split(","):
                 run = runner(runtime, q, args.threads)
                 t = time.perf_counter()
-                row = agreement(q, run, test)
-                row["seconds"] = time.perf_counter() - t
+                runs[runtime] = (run, outputs(run, test), time.perf_counter() - t)
+            for runtime, (run, outs, *seconds) in runs.items():
+                row = agreement(Replay(sim32), Replay(outs), test)
+                row["vs_float64"] = agreement(Replay(sim64), Replay(outs), test)
+                row["seconds"] = seconds[0] if seconds else None
                 row["commit"] = commit()
                 if hasattr(run, "precisions"):
                     row["precisions"] = run.precisions()
                 results.setdefault(name, {}).setdefault(label, {})[runtime] = row
-                print(name, label, runtime, row, flush=True)
+                print(name, label, runtime, row["top1_agreement"],
+                      row["vs_float64"]["top1_agreement"], flush=True)
                 RESULTS.write_text(json.dumps(results, indent=1))
 
 
