@@ -669,9 +669,10 @@ def runtime_speed_section(res: dict) -> list[str]:
              "224 px with random weights (speed only). lowbit int8 is `ptq-int8-deploy` "
              "(symmetric 7-bit weights, uint8 activations) exported fully quantized; \"int8 "
              "layers\" counts the conv / linear layers OpenVINO's execution graph ran in u8 / i8. "
-             "Targets: lowbit int8 >= 1.2x the fastest of PyTorch int8 (FX, PT2E) and "
+             "Targets: lowbit int8 (the faster of its onnxruntime and OpenVINO runs) >= 1.2x the fastest of PyTorch int8 (FX, PT2E, ExecuTorch) and "
              "onnxruntime `quantize_static`; lowbit in OpenVINO within 5% of NNCF in OpenVINO.", ""]
-    pytorch_peers = ("pytorch fx int8", "pytorch pt2e int8 (inductor)", "onnxruntime qdq int8")
+    pytorch_peers = ("pytorch fx int8", "pytorch pt2e int8 (inductor)", "executorch int8 (xnnpack)",
+                     "onnxruntime qdq int8")
     for model, row in res.items():
         if model == "meta":
             continue
