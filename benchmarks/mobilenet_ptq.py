@@ -15,7 +15,8 @@ set, first conv and classifier at 8 bits where the tool can say so.
 * PyTorch FX (histogram observers), onnxruntime ``quantize_static`` (percentile; entropy with
   2,048 bins), Brevitas's PTQ pipeline (CLE + bias correction + MSE ranges), as in
   ``ptq_peers.py``.
-* NNCF (``nncf.quantize`` on the model converted to OpenVINO, run in OpenVINO): int8 only
+* NNCF (``lowbit.deploy.bench.nncf_int8``: ``nncf.quantize`` on the float ONNX model read by
+  OpenVINO, run in OpenVINO): int8 only
   (its PTQ has no 4-bit activation mode), default preset (symmetric int8 activations and
   weights, per-channel weights, fast bias correction).
 Results go to benchmarks/results/mobilenet_ptq.json with the commit and seconds of each row.
@@ -33,6 +34,7 @@ import torch
 import lowbit
 from lowbit.cli import main as lowbit_main
 from lowbit.data import Batches, load_dataset
+from lowbit.deploy.bench import nncf_int8
 from lowbit.models import build_model
 from ptq_ablation import DATA, commit, record
 from ptq_peers import brevitas_ptq, onnxruntime_ptq, torch_fx_ptq
@@ -66,19 +68,6 @@ def load_model(run: Path, partial: bool) -> tuple[torch.nn.Module, str]:
     return model.eval(), source
 
 
-def nncf_ptq(model, calib):
-    """NNCF's PTQ on the OpenVINO model; returns a function running it in OpenVINO."""
-    import nncf
-    import openvino as ov
-
-    ov_model = ov.convert_model(model, example_input=calib[0][0][:1])
-    quantized = nncf.quantize(ov_model, nncf.Dataset(calib, lambda batch: batch[0].numpy()),
-                              subset_size=len(calib))
-    compiled = ov.Core().compile_model(quantized, "CPU",
-                                       {"INFERENCE_NUM_THREADS": torch.get_num_threads()})
-    return lambda x: torch.from_numpy(compiled(x.numpy())[0])
-
-
 def peer(tool: str, variant: str, model, calib, w_bits: int, a_bits: int):
     if tool == "pytorch-fx":
         return torch_fx_ptq(model, calib, w_bits, a_bits, FIRST_LAST, variant)
@@ -87,7 +76,7 @@ def peer(tool: str, variant: str, model, calib, w_bits: int, a_bits: int):
     if tool == "brevitas":
         return brevitas_ptq(model, calib, w_bits, a_bits, variant, FIRST_LAST[1],
                             act_type="asym")
-    return nncf_ptq(model, calib)
+    return nncf_int8(model, calib, torch.get_num_threads())
 
 
 def rows():

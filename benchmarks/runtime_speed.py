@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 import lowbit
-from lowbit.deploy.bench import images_per_second, runners
+from lowbit.deploy.bench import _batches_tensor, images_per_second, runners
 from lowbit.deploy.onnx_export import OnnxRunner, to_onnx
 from lowbit.deploy.openvino_runtime import OpenVinoRunner
 from lowbit.report import quantized_size_bytes
@@ -92,8 +92,7 @@ def main():
                     row["top1"]["lowbit simulation"] = lowbit.evaluate(qmodel, test)
                     row["top1"]["lowbit w4a8 simulation"] = lowbit.evaluate(w4, test)
                 for size in sizes:
-                    x = torch.cat([b[0] if isinstance(b, (list, tuple)) else b
-                                   for b in calib])[:size]
+                    x = _batches_tensor(calib, size)
                     x = torch.cat([x] * -(-size // len(x)))[:size]
                     speed = images_per_second(runs, x, args.rounds)
                     row["timing"][f"threads={threads} batch={size}"] = speed
