@@ -10,14 +10,22 @@ from lowbit.methods import training_method
 from lowbit.nn.binary import ScaledBinaryWeight, SignActivation, XNORConv2d
 
 
-@pytest.fixture(params=["compiled", "torch"])
+PATHS = ["scalar", "avx2", "avx512bw", "avx512vpopcntdq"]
+
+
+@pytest.fixture(params=["torch", *PATHS])
 def kernel(request, monkeypatch):
-    """Run a test with the compiled kernel (skipped where it cannot build) and the torch path."""
+    """Run a test on the pure-torch path and on every compiled GEMM path this CPU supports
+    (skipped where the kernel cannot build or the CPU lacks the instruction set)."""
     xnor.extension.cache_clear()
     if request.param == "torch":
         monkeypatch.setenv("LOWBIT_XNOR_KERNEL", "torch")
     elif xnor.extension() is None:
         pytest.skip("the XNOR kernel cannot be built here")
+    elif request.param not in xnor.supported_paths():
+        pytest.skip(f"this CPU has no {request.param}")
+    else:
+        monkeypatch.setenv("LOWBIT_XNOR_ISA", request.param)
     yield request.param
     xnor.extension.cache_clear()
 
@@ -33,7 +41,8 @@ def test_binary_gemm_is_the_signed_dot_product(kernel, k):
 
 
 @pytest.mark.parametrize("cin, cout, stride, size", [(16, 16, 1, 8), (32, 64, 2, 9),
-                                                     (70, 24, 1, 5), (3, 8, 2, 7)])
+                                                     (70, 24, 1, 5), (3, 8, 2, 7),
+                                                     (300, 6, 1, 11)])
 def test_popcount_conv_equals_the_xnor_simulation(kernel, cin, cout, stride, size):
     torch.manual_seed(cin)
     conv = torch.nn.Conv2d(cin, cout, 3, stride, 1)
@@ -61,6 +70,40 @@ def test_compiled_and_torch_paths_give_identical_outputs(monkeypatch, cin, strid
     xnor.extension.cache_clear()
     for x, out in zip(inputs, compiled):
         assert torch.equal(deployed(x), out)
+    xnor.extension.cache_clear()
+
+
+@pytest.mark.parametrize("path", PATHS[1:])
+def test_every_vector_path_gives_the_scalar_integers(path):
+    """Each instruction set's GEMM against the scalar loop on shapes that exercise the block
+    tails (images of 7 x 7 = 49 pixels), channel groups not a multiple of 4, and more than
+    31 words (the byte counters' flush)."""
+    xnor.extension.cache_clear()
+    if xnor.extension() is None:
+        pytest.skip("the XNOR kernel cannot be built here")
+    if path not in xnor.supported_paths():
+        pytest.skip(f"this CPU has no {path}")
+    g = torch.Generator().manual_seed(1)
+    for k, m, o in [(150, 49 * 3, 7), (64 * 40 + 5, 49 * 2, 9), (9, 16, 4)]:
+        a, b = torch.randn(m, k, generator=g), torch.randn(o, k, generator=g)
+        rows, masks, valid = xnor.gemm_operands(xnor.pack_words(a >= 0), k)
+        masks = masks & torch.randint(-2**62, 2**62, masks.shape, generator=g)  # ragged borders
+        valid = ((masks.t().unsqueeze(-1) >> torch.arange(64)) & 1).sum((1, 2))
+        alpha, scale, bias = torch.rand(o, generator=g), torch.rand(m, generator=g), \
+            torch.randn(o, generator=g)
+        plane = 49 if m % 49 == 0 else m
+        reference, got = (xnor.extension().popcount_gemm(
+            rows, masks, valid, xnor.pack_words(b >= 0), alpha, scale, bias, plane, name)
+            for name in ("scalar", path))
+        assert torch.equal(got, reference)
+
+
+def test_an_unsupported_path_is_refused_in_one_line(monkeypatch):
+    xnor.extension.cache_clear()
+    if xnor.extension() is None:
+        pytest.skip("the XNOR kernel cannot be built here")
+    with pytest.raises(ValueError, match="not available on this CPU"):
+        xnor.kernel_path("sse9")
     xnor.extension.cache_clear()
 
 

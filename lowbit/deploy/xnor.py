@@ -9,8 +9,10 @@ with a mask that is 0 on taps outside the image (zero padding adds 0), and
     out = dot * alpha[o] * K[n, y, x] + b[o]
 
 ``xnor_kernel.cpp`` holds the compiled kernel (packing, im2col of bits, and the popcount GEMM,
-vectorised across 8 output pixels with AVX-512BW's byte-lookup popcount; scalar popcount
-elsewhere), built on first use with PyTorch's extension tools; where it cannot build, the same
+vectorised across output pixels), built on first use with PyTorch's extension tools. The GEMM has
+one path per instruction set (scalar, AVX2, AVX-512BW, AVX-512 VPOPCNTDQ) in the same build,
+chosen at run time by what the CPU reports (:func:`kernel_path`; ``LOWBIT_XNOR_ISA`` forces a
+slower one); every path gives the same integers. Where the kernel cannot build, the same
 numbers come from a pure-torch path (a float convolution of the +-1 signs, exact for these
 integer sums) with a warning. The kernel sums K's |I| inside its packing and im2col passes (no
 separate passes over the activation) in the order :func:`~lowbit.quant.binary.xnor_input_scale`
@@ -46,12 +48,36 @@ def extension():
 
         build = Path(os.environ.get("LOWBIT_CACHE", Path.home() / ".cache" / "lowbit")) / "xnor"
         build.mkdir(parents=True, exist_ok=True)
+        # no -march: each GEMM path carries its own target attribute and is picked at run time
         return load(name="lowbit_xnor", sources=[str(SOURCE)], build_directory=str(build),
-                     extra_cflags=["-O3", "-march=native", "-ffp-contract=off"], verbose=False)
+                     extra_cflags=["-O3", "-ffp-contract=off"], verbose=False)
     except Exception as e:  # a missing compiler or ninja, a failed build: fall back
         warnings.warn(f"XNOR kernel not built ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                       "using the pure-torch path (same results, slower)", stacklevel=2)
         return None
+
+
+@lru_cache(maxsize=1)
+def supported_paths() -> tuple[str, ...]:
+    """The GEMM paths the running CPU supports, slowest first (the compiled kernel's report)."""
+    return tuple(extension().supported_paths())
+
+
+def kernel_path(requested: str | None = None) -> str:
+    """The popcount GEMM path to run: ``requested`` (default ``$LOWBIT_XNOR_ISA``) if this CPU
+    supports it, else the best it supports ("avx512vpopcntdq" > "avx512bw" > "avx2" > "scalar");
+    the scalar path comes with a one-line note."""
+    supported = supported_paths()
+    requested = requested or os.environ.get("LOWBIT_XNOR_ISA")
+    if requested:
+        if requested not in supported:
+            raise ValueError(f"XNOR kernel path {requested!r} is not available on this CPU "
+                             f"(it supports: {', '.join(supported)})")
+        return requested
+    if supported[-1] == "scalar":
+        warnings.warn("this CPU has no AVX2: the XNOR kernel runs its scalar popcount path",
+                      stacklevel=2)
+    return supported[-1]
 
 
 def pack_words(bits: torch.Tensor) -> torch.Tensor:
@@ -92,7 +118,8 @@ def popcount_gemm(rows, masks, valid, b: torch.Tensor) -> torch.Tensor:
     ext = extension()
     if ext is not None:
         ones, zeros = torch.ones(o), torch.zeros(o)
-        out = ext.popcount_gemm(rows, masks, valid, b, ones, torch.ones(m), zeros, m)
+        out = ext.popcount_gemm(rows, masks, valid, b, ones, torch.ones(m), zeros, m,
+                                kernel_path())
         return out.reshape(o, m).t().to(torch.int32)
     same = ~(rows.t().unsqueeze(1) ^ b.unsqueeze(0)) & masks.t().unsqueeze(1)   # [M, O, KWp]
     counts = ((same.unsqueeze(-1) >> torch.arange(64)) & 1).sum((-1, -2))
@@ -139,7 +166,7 @@ class XNORPopcountConv2d(nn.Module):
         oh = (x.shape[2] + 2 * self.padding[0] - self.kernel_size[0]) // self.stride[0] + 1
         ow = (x.shape[3] + 2 * self.padding[1] - self.kernel_size[1]) // self.stride[1] + 1
         out = ext.popcount_gemm(rows, masks, valid, self.packed, self.alpha, k, self.bias,
-                                oh * ow)
+                                oh * ow, kernel_path())
         return out.reshape(len(x), -1, oh, ow)
 
 

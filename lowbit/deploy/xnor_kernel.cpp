@@ -15,19 +15,18 @@
 // The float sums of steps 1-2 run in the order of lowbit.quant.binary.xnor_input_scale (channels
 // in order, taps row by row, padding adding 0.0f, one multiplication), so K is bit-identical to
 // the simulation's; build without -ffast-math.
-// Step 3 vectorises across 8 output pixels (one 64-bit lane each), so small inner dimensions
-// (144 bits in ResNet-20's first stage) still fill the vector: popcount by VPOPCNTDQ where the
-// CPU has it, else by the nibble lookup (vpshufb) of AVX-512BW with byte counts summed by
-// vpsadbw. Without AVX-512BW, or for the
-// last pixels, a scalar popcount loop computes the same integers.
+// Step 3 vectorises across output pixels (one 64-bit lane each), so small inner dimensions
+// (144 bits in ResNet-20's first stage) still fill the vector: 4 pixels per AVX2 register, 8 per
+// AVX-512 register; popcount by VPOPCNTDQ where the CPU has it, else by the nibble lookup
+// (vpshufb) with byte counts summed by vpsadbw. One build holds every path (see supported_paths);
+// a scalar popcount loop computes the same integers for the pixels no vector block covers and
+// on CPUs without AVX2.
 #include <torch/extension.h>
 #include <cmath>
 #include <cstdint>
 #include <vector>
-#if defined(__AVX512BW__) && defined(__AVX512DQ__)
 #include <immintrin.h>
-#define LOWBIT_AVX512 1
-#endif
+#include <string>
 
 std::vector<torch::Tensor> pack_signs(torch::Tensor x) {
   x = x.contiguous();
@@ -113,80 +112,190 @@ std::vector<torch::Tensor> im2col(torch::Tensor bits, torch::Tensor sums, int64_
   return {rows, k};
 }
 
-// rows, masks [KWp, P]; weights [O, KWp]; valid [P]; alpha [O]; k [P]; bias [O];
-// plane = pixels per image (OH * OW). Returns float [P / plane, O, plane].
-torch::Tensor popcount_gemm(torch::Tensor rows, torch::Tensor masks, torch::Tensor valid,
-                            torch::Tensor weights, torch::Tensor alpha, torch::Tensor k,
-                            torch::Tensor bias, int64_t plane) {
-  const int64_t KWp = rows.size(0), P = rows.size(1), O = weights.size(0);
-  auto out = torch::empty({P / plane, O, plane}, torch::dtype(torch::kFloat32));
-  const uint64_t* R = reinterpret_cast<const uint64_t*>(rows.data_ptr<int64_t>());
-  const uint64_t* M = reinterpret_cast<const uint64_t*>(masks.data_ptr<int64_t>());
-  const uint64_t* B = reinterpret_cast<const uint64_t*>(weights.data_ptr<int64_t>());
-  const int64_t* V = valid.data_ptr<int64_t>();
-  const float* al = alpha.data_ptr<float>();
-  const float* kk = k.data_ptr<float>();
-  const float* bi = bias.data_ptr<float>();
-  float* dst = out.data_ptr<float>();
-  int64_t p0 = 0;
-#ifdef LOWBIT_AVX512
-  // 4 output channels per pass over the rows: each 8-pixel word is loaded once for all 4.
-  constexpr int OB = 4;
-  const __m512i lut = _mm512_set4_epi32(0x04030302, 0x03020201, 0x03020201, 0x02010100);
-  const __m512i low = _mm512_set1_epi8(0x0f);
-  const __m512i zero = _mm512_setzero_si512();
-  for (; p0 + 8 <= P && (p0 % plane) + 8 <= plane; p0 += 8) {
-    const int64_t n = p0 / plane, pix = p0 % plane;
-    const __m512i valid8 = _mm512_loadu_si512(V + p0);
-    const __m256 k8 = _mm256_loadu_ps(kk + p0);
-    for (int64_t o0 = 0; o0 < O; o0 += OB) {
-      const int ob = static_cast<int>(std::min<int64_t>(OB, O - o0));
-      __m512i total[OB], bytes[OB];
-      for (int j = 0; j < OB; ++j) total[j] = bytes[j] = zero;
-      int pending = 0;
-      for (int64_t w = 0; w < KWp; ++w) {
-        const __m512i a = _mm512_loadu_si512(R + w * P + p0);
-        const __m512i m = _mm512_loadu_si512(M + w * P + p0);
-        for (int j = 0; j < ob; ++j) {
-          const __m512i b = _mm512_set1_epi64(static_cast<int64_t>(B[(o0 + j) * KWp + w]));
-          const __m512i same = _mm512_andnot_si512(_mm512_xor_si512(a, b), m);
-#ifdef __AVX512VPOPCNTDQ__  // one instruction per 512 bits where the CPU has it
-          total[j] = _mm512_add_epi64(total[j], _mm512_popcnt_epi64(same));
-#else
-          const __m512i lo = _mm512_and_si512(same, low);
-          const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(same, 4), low);
-          bytes[j] = _mm512_add_epi8(bytes[j], _mm512_add_epi8(_mm512_shuffle_epi8(lut, lo),
-                                                               _mm512_shuffle_epi8(lut, hi)));
-#endif
-        }
-        if (++pending == 31) {  // 31 * 8 < 256: sum the byte counts before they wrap
-          for (int j = 0; j < ob; ++j) {
-            total[j] = _mm512_add_epi64(total[j], _mm512_sad_epu8(bytes[j], zero));
-            bytes[j] = zero;
-          }
-          pending = 0;
-        }
-      }
-      for (int j = 0; j < ob; ++j) {
-        const int64_t o = o0 + j;
-        total[j] = _mm512_add_epi64(total[j], _mm512_sad_epu8(bytes[j], zero));
-        const __m512i dot = _mm512_sub_epi64(_mm512_add_epi64(total[j], total[j]), valid8);
-        __m256 y = _mm256_mul_ps(_mm512_cvtepi64_ps(dot), _mm256_set1_ps(al[o]));
-        y = _mm256_add_ps(_mm256_mul_ps(y, k8), _mm256_set1_ps(bi[o]));
-        _mm256_storeu_ps(dst + (n * O + o) * plane + pix, y);
-      }
+// The popcount GEMM, one function per instruction set, each compiled for its own target
+// (__attribute__((target))) in one build and chosen at run time by what the CPU reports
+// (supported_paths), so a wheel built on one machine runs its best path on another. Every path
+// computes the same integers and the same float epilogue (dot * alpha, then * K, then + bias, no
+// FMA contraction), so outputs are bit-identical across paths.
+struct Gemm {
+  const uint64_t *R, *M, *B;  // rows, masks [KWp, P]; weights [O, KWp]
+  const int64_t* V;           // valid bits per pixel [P]
+  const float *alpha, *k, *bias;
+  float* dst;                 // [P / plane, O, plane]
+  int64_t KWp, P, O, plane;
+};
+
+// The scalar loop (the reference, and the tail of every vector path): GCC clones it for CPUs
+// with the POPCNT instruction and picks the clone at load time.
+__attribute__((target_clones("popcnt", "default"))) static void scalar_pixels(const Gemm& g,
+                                                                             int64_t begin,
+                                                                             int64_t end) {
+  for (int64_t p = begin; p < end; ++p) {
+    const int64_t n = p / g.plane, pix = p % g.plane;
+    for (int64_t o = 0; o < g.O; ++o) {
+      int64_t count = 0;
+      for (int64_t w = 0; w < g.KWp; ++w)
+        count += __builtin_popcountll(~(g.R[w * g.P + p] ^ g.B[o * g.KWp + w]) & g.M[w * g.P + p]);
+      const float dot = static_cast<float>(2 * count - g.V[p]);
+      g.dst[(n * g.O + o) * g.plane + pix] = dot * g.alpha[o] * g.k[p] + g.bias[o];
     }
   }
-#endif
-  for (int64_t p = p0; p < P; ++p) {
-    const int64_t n = p / plane, pix = p % plane;
-    for (int64_t o = 0; o < O; ++o) {
-      int64_t count = 0;
-      for (int64_t w = 0; w < KWp; ++w)
-        count += __builtin_popcountll(~(R[w * P + p] ^ B[o * KWp + w]) & M[w * P + p]);
-      const float dot = static_cast<float>(2 * count - V[p]);
-      dst[(n * O + o) * plane + pix] = dot * al[o] * kk[p] + bi[o];
+}
+
+constexpr int OB = 4;  // output channels per pass over a pixel block's words (kept in L1)
+
+// 4 pixels (one 64-bit lane each) x OB channels. Popcount: the nibble lookup (two vpshufb) into
+// byte counts, summed into 64-bit lanes by vpsadbw every 31 words (31 * 8 < 256: no wrap).
+__attribute__((target("avx2"))) static void avx2_block(const Gemm& g, int64_t p0) {
+  const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
+                                       0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
+  const __m256i low = _mm256_set1_epi8(0x0f), zero = _mm256_setzero_si256();
+  const __m256i even = _mm256_setr_epi32(0, 2, 4, 6, 0, 0, 0, 0);
+  const int64_t n = p0 / g.plane, pix = p0 % g.plane;
+  const __m256i valid = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(g.V + p0));
+  const __m128 k4 = _mm_loadu_ps(g.k + p0);
+  for (int64_t o0 = 0; o0 < g.O; o0 += OB) {
+    const int ob = static_cast<int>(std::min<int64_t>(OB, g.O - o0));
+    __m256i total[OB], bytes[OB];
+    for (int j = 0; j < OB; ++j) total[j] = bytes[j] = zero;
+    int pending = 0;
+    for (int64_t w = 0; w < g.KWp; ++w) {
+      const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(g.R + w * g.P + p0));
+      const __m256i m = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(g.M + w * g.P + p0));
+      for (int j = 0; j < ob; ++j) {
+        const __m256i b = _mm256_set1_epi64x(static_cast<int64_t>(g.B[(o0 + j) * g.KWp + w]));
+        const __m256i same = _mm256_andnot_si256(_mm256_xor_si256(a, b), m);
+        const __m256i lo = _mm256_and_si256(same, low);
+        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(same, 4), low);
+        bytes[j] = _mm256_add_epi8(bytes[j], _mm256_add_epi8(_mm256_shuffle_epi8(lut, lo),
+                                                             _mm256_shuffle_epi8(lut, hi)));
+      }
+      if (++pending == 31) {
+        for (int j = 0; j < ob; ++j) {
+          total[j] = _mm256_add_epi64(total[j], _mm256_sad_epu8(bytes[j], zero));
+          bytes[j] = zero;
+        }
+        pending = 0;
+      }
     }
+    for (int j = 0; j < ob; ++j) {
+      const int64_t o = o0 + j;
+      total[j] = _mm256_add_epi64(total[j], _mm256_sad_epu8(bytes[j], zero));
+      const __m256i dot = _mm256_sub_epi64(_mm256_add_epi64(total[j], total[j]), valid);
+      // |dot| <= K < 2^31: the low 32 bits of each lane are the value
+      const __m128i dot32 = _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(dot, even));
+      __m128 y = _mm_mul_ps(_mm_cvtepi32_ps(dot32), _mm_set1_ps(g.alpha[o]));
+      y = _mm_add_ps(_mm_mul_ps(y, k4), _mm_set1_ps(g.bias[o]));
+      _mm_storeu_ps(g.dst + (n * g.O + o) * g.plane + pix, y);
+    }
+  }
+}
+
+// 8 pixels x OB channels in 512-bit lanes; popcount by the AVX-512BW nibble lookup or, with
+// VPOPCNTDQ, one instruction per 512 bits.
+#define LOWBIT_AVX512_BODY(POPCOUNT_STEP)                                                         \
+  const __m512i lut = _mm512_set4_epi32(0x04030302, 0x03020201, 0x03020201, 0x02010100);        \
+  const __m512i low = _mm512_set1_epi8(0x0f), zero = _mm512_setzero_si512();                    \
+  const int64_t n = p0 / g.plane, pix = p0 % g.plane;                                          \
+  const __m512i valid = _mm512_loadu_si512(g.V + p0);                                          \
+  const __m256 k8 = _mm256_loadu_ps(g.k + p0);                                                 \
+  for (int64_t o0 = 0; o0 < g.O; o0 += OB) {                                                   \
+    const int ob = static_cast<int>(std::min<int64_t>(OB, g.O - o0));                          \
+    __m512i total[OB], bytes[OB];                                                              \
+    for (int j = 0; j < OB; ++j) total[j] = bytes[j] = zero;                                   \
+    int pending = 0;                                                                           \
+    for (int64_t w = 0; w < g.KWp; ++w) {                                                      \
+      const __m512i a = _mm512_loadu_si512(g.R + w * g.P + p0);                                \
+      const __m512i m = _mm512_loadu_si512(g.M + w * g.P + p0);                                \
+      for (int j = 0; j < ob; ++j) {                                                           \
+        const __m512i b = _mm512_set1_epi64(static_cast<int64_t>(g.B[(o0 + j) * g.KWp + w]));  \
+        const __m512i same = _mm512_andnot_si512(_mm512_xor_si512(a, b), m);                   \
+        POPCOUNT_STEP                                                                          \
+      }                                                                                        \
+      if (++pending == 31) {                                                                   \
+        for (int j = 0; j < ob; ++j) {                                                         \
+          total[j] = _mm512_add_epi64(total[j], _mm512_sad_epu8(bytes[j], zero));              \
+          bytes[j] = zero;                                                                     \
+        }                                                                                      \
+        pending = 0;                                                                           \
+      }                                                                                        \
+    }                                                                                          \
+    for (int j = 0; j < ob; ++j) {                                                             \
+      const int64_t o = o0 + j;                                                                \
+      total[j] = _mm512_add_epi64(total[j], _mm512_sad_epu8(bytes[j], zero));                  \
+      const __m512i dot = _mm512_sub_epi64(_mm512_add_epi64(total[j], total[j]), valid);       \
+      __m256 y = _mm256_mul_ps(_mm512_cvtepi64_ps(dot), _mm256_set1_ps(g.alpha[o]));           \
+      y = _mm256_add_ps(_mm256_mul_ps(y, k8), _mm256_set1_ps(g.bias[o]));                      \
+      _mm256_storeu_ps(g.dst + (n * g.O + o) * g.plane + pix, y);                              \
+    }                                                                                          \
+  }
+
+__attribute__((target("avx512f,avx512bw,avx512dq"))) static void avx512bw_block(const Gemm& g,
+                                                                                int64_t p0) {
+  LOWBIT_AVX512_BODY(
+      const __m512i lo = _mm512_and_si512(same, low);
+      const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(same, 4), low);
+      bytes[j] = _mm512_add_epi8(bytes[j], _mm512_add_epi8(_mm512_shuffle_epi8(lut, lo),
+                                                           _mm512_shuffle_epi8(lut, hi)));)
+}
+
+__attribute__((target("avx512f,avx512bw,avx512dq,avx512vpopcntdq"))) static void
+avx512vpopcntdq_block(const Gemm& g, int64_t p0) {
+  LOWBIT_AVX512_BODY(total[j] = _mm512_add_epi64(total[j], _mm512_popcnt_epi64(same));)
+}
+#undef LOWBIT_AVX512_BODY
+
+struct KernelPath {
+  const char* name;
+  int pixels;                          // pixels per block (0: scalar only)
+  void (*block)(const Gemm&, int64_t);
+  bool (*supported)();
+};
+
+static const KernelPath kPaths[] = {
+    {"scalar", 0, nullptr, [] { return true; }},
+    {"avx2", 4, avx2_block, [] { return bool(__builtin_cpu_supports("avx2")); }},
+    {"avx512bw", 8, avx512bw_block,
+     [] { return __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"); }},
+    {"avx512vpopcntdq", 8, avx512vpopcntdq_block,
+     [] {
+       return __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
+              __builtin_cpu_supports("avx512vpopcntdq");
+     }},
+};
+
+// The kernel paths this CPU can run, slowest first (the last is the best).
+std::vector<std::string> supported_paths() {
+  __builtin_cpu_init();
+  std::vector<std::string> names;
+  for (const auto& path : kPaths)
+    if (path.supported()) names.emplace_back(path.name);
+  return names;
+}
+
+// rows, masks [KWp, P]; weights [O, KWp]; valid [P]; alpha [O]; k [P]; bias [O];
+// plane = pixels per image (OH * OW); path: one of supported_paths(). Returns float
+// [P / plane, O, plane]. Blocks never cross an image; each image's last pixels go scalar.
+torch::Tensor popcount_gemm(torch::Tensor rows, torch::Tensor masks, torch::Tensor valid,
+                            torch::Tensor weights, torch::Tensor alpha, torch::Tensor k,
+                            torch::Tensor bias, int64_t plane, const std::string& path) {
+  const KernelPath* chosen = nullptr;
+  for (const auto& candidate : kPaths)
+    if (path == candidate.name) chosen = &candidate;
+  TORCH_CHECK(chosen != nullptr && chosen->supported(), "XNOR kernel path '", path,
+              "' is not available on this CPU");
+  const int64_t KWp = rows.size(0), P = rows.size(1), O = weights.size(0);
+  auto out = torch::empty({P / plane, O, plane}, torch::dtype(torch::kFloat32));
+  const Gemm g{reinterpret_cast<const uint64_t*>(rows.data_ptr<int64_t>()),
+               reinterpret_cast<const uint64_t*>(masks.data_ptr<int64_t>()),
+               reinterpret_cast<const uint64_t*>(weights.data_ptr<int64_t>()),
+               valid.data_ptr<int64_t>(), alpha.data_ptr<float>(), k.data_ptr<float>(),
+               bias.data_ptr<float>(), out.data_ptr<float>(), KWp, P, O, plane};
+  for (int64_t start = 0; start < P; start += plane) {
+    int64_t p = start;
+    if (chosen->pixels)
+      for (; p + chosen->pixels <= start + plane; p += chosen->pixels) chosen->block(g, p);
+    scalar_pixels(g, p, start + plane);
   }
   return out;
 }
@@ -195,4 +304,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack_signs", &pack_signs);
   m.def("im2col", &im2col);
   m.def("popcount_gemm", &popcount_gemm);
+  m.def("supported_paths", &supported_paths);
 }
