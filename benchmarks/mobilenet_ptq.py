@@ -3,7 +3,7 @@
     python benchmarks/mobilenet_ptq.py --train          # train or resume the FP model (hours)
     python benchmarks/mobilenet_ptq.py [--limit N]      # the PTQ table (resumable)
 
-The float model is trained here by ``lowbit train`` (:data:`TRAIN_ARGS`, 40 epochs, cosine, on
+The float model is trained here by ``lowbit train`` (:data:`TRAIN_ARGS`, ``--epochs`` of cosine (40; 13 fit one session), on
 the full 50,000 training images) into ``--run`` (default ``~/lowbit-runs/mbv2-050-c100``, out of
 git); ``--train`` starts or resumes it. The table then uses that run's ``model.pt``, or with
 ``--partial`` its latest epoch checkpoint (to try the script while training goes on; those rows
@@ -43,7 +43,7 @@ from train_speed import cpu_description
 RESULTS = Path(__file__).resolve().parent / "results" / "mobilenet_ptq.json"
 MODEL = "mobilenet_v2_cifar_050"
 FIRST_LAST = ("features.0.0", "classifier.1")
-TRAIN_ARGS = ["--model", MODEL, "--data", DATA["cifar100"], "--method", "fp", "--epochs", "40",
+TRAIN_ARGS = ["--model", MODEL, "--data", DATA["cifar100"], "--method", "fp",
               "--lr", "0.1", "--schedule", "cosine", "--weight-decay", "5e-4",
               "--train-batch-size", "128", "--channels-last", "--seed", "0"]
 RECIPES = ["ptq-w8a8", "ptq-int8-deploy", "ptq-w4a8", "ptq-w4a4-deploy", "ptq-w4a4-best",
@@ -100,13 +100,18 @@ def main():
     ap.add_argument("--partial", action="store_true",
                     help="use the latest epoch checkpoint while training is unfinished")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--epochs", type=int, default=40,
+                    help="--train: length of the cosine schedule (40; 13 fits one 3-hour session)")
+    ap.add_argument("--compile", action="store_true", help="--train: torch.compile the step")
     ap.add_argument("--limit", type=int, help="evaluate on the first N test images")
     ap.add_argument("--only", help="comma-separated substrings: run only matching rows")
     args = ap.parse_args()
     if args.train:
         resume = ["--resume"] if (args.run / "checkpoint.pt").is_file() else []
-        raise SystemExit(lowbit_main(["train", *TRAIN_ARGS, "--threads", str(args.threads),
-                                      "--out", str(args.run), *resume]))
+        extra = ["--compile"] if args.compile else []
+        raise SystemExit(lowbit_main(["train", *TRAIN_ARGS, "--epochs", str(args.epochs),
+                                      "--threads", str(args.threads), "--out", str(args.run),
+                                      *extra, *resume]))
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
     model, source = load_model(args.run, args.partial)
