@@ -3,8 +3,8 @@
     python benchmarks/mobilenet_ptq.py --train          # train or resume the FP model (hours)
     python benchmarks/mobilenet_ptq.py [--limit N]      # the PTQ table (resumable)
 
-The float model is trained here by ``lowbit train`` (:data:`TRAIN_ARGS`, ``--epochs`` of cosine (40; 13 fit one session), on
-the full 50,000 training images) into ``--run`` (default ``~/lowbit-runs/mbv2-050-c100``, out of
+The float model is trained here by ``lowbit train`` (:data:`TRAIN_ARGS`: ``--epochs`` of cosine,
+40 by default, 13 fit one session; the full 50,000 training images) into ``--run`` (default ``~/lowbit-runs/mbv2-050-c100``, out of
 git); ``--train`` starts or resumes it. The table then uses that run's ``model.pt``, or with
 ``--partial`` its latest epoch checkpoint (to try the script while training goes on; those rows
 are marked with the epoch and are not the table's figures).
