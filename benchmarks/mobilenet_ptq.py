@@ -119,9 +119,12 @@ def main():
     norm = data.normalization()
     calib = list(Batches(data.train.subset(1024, seed=0), norm, 64))
     test = Batches(data.test, norm, 500)
+    report = args.run / "report.json"
+    epochs = len(json.loads(report.read_text())["epochs"]) if report.is_file() else "?"
     record(RESULTS, "meta", None, {"commit": commit(), "cpu": cpu_description(),
                                    "threads": args.threads, "limit": args.limit,
-                                   "train_command": "python benchmarks/mobilenet_ptq.py --train",
+                                   "train_command": "python benchmarks/mobilenet_ptq.py --train "
+                                                    f"--epochs {epochs}",
                                    "command": "python benchmarks/mobilenet_ptq.py"})
     done = json.loads(RESULTS.read_text()).get(MODEL, {})
     if done.get("FP32", {}).get("source") != source:  # a new float model: every row again
