@@ -4,10 +4,11 @@
     python benchmarks/mobilenet_ptq.py [--limit N]      # the PTQ table (resumable)
 
 The float model is trained here by ``lowbit train`` (:data:`TRAIN_ARGS`: ``--epochs`` of cosine,
-40 by default, 13 fit one session; the full 50,000 training images) into ``--run`` (default ``~/lowbit-runs/mbv2-050-c100``, out of
-git); ``--train`` starts or resumes it. The table then uses that run's ``model.pt``, or with
-``--partial`` its latest epoch checkpoint (to try the script while training goes on; those rows
-are marked with the epoch and are not the table's figures).
+40 by default, 13 fit one session; the full 50,000 training images) into ``--run`` (default
+``~/lowbit-runs/mbv2-050-c100``, out of git); ``--train`` starts or resumes it. The table then
+uses that run's ``model.pt``, or with ``--partial`` its latest epoch checkpoint (to try the
+script while training goes on; those rows are marked with the epoch and are not the table's
+figures).
 
 Every row: the same 1,024 seeded training images for calibration, the full 10,000-image test
 set, first conv and classifier at 8 bits where the tool can say so.
@@ -119,13 +120,16 @@ def main():
     norm = data.normalization()
     calib = list(Batches(data.train.subset(1024, seed=0), norm, 64))
     test = Batches(data.test, norm, 500)
-    report = args.run / "report.json"
-    epochs = len(json.loads(report.read_text())["epochs"]) if report.is_file() else "?"
+    report = args.run / "report.json"  # the schedule the float model really had
+    trained = json.loads(report.read_text())["train"] if report.is_file() else {}
+    train_flags = f"--epochs {trained.get('epochs', '?')}" + \
+        (" --compile" if trained.get("compile") else "")
     record(RESULTS, "meta", None, {"commit": commit(), "cpu": cpu_description(),
                                    "threads": args.threads, "limit": args.limit,
                                    "train_command": "python benchmarks/mobilenet_ptq.py --train "
-                                                    f"--epochs {epochs}",
-                                   "command": "python benchmarks/mobilenet_ptq.py"})
+                                                    + train_flags,
+                                   "command": "python benchmarks/mobilenet_ptq.py --threads "
+                                              f"{args.threads}"})
     done = json.loads(RESULTS.read_text()).get(MODEL, {})
     if done.get("FP32", {}).get("source") != source:  # a new float model: every row again
         done = {}

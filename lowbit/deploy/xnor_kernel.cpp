@@ -203,7 +203,8 @@ __attribute__((target("avx2"))) static void avx2_block(const Gemm& g, int64_t p0
 }
 
 // 8 pixels x OB channels in 512-bit lanes; popcount by the AVX-512BW nibble lookup or, with
-// VPOPCNTDQ, one instruction per 512 bits.
+// VPOPCNTDQ, one instruction per 512 bits. One body for both, as a macro: a target attribute
+// cannot depend on a template parameter, and the lookup path must not carry VPOPCNTDQ's target.
 #define LOWBIT_AVX512_BODY(POPCOUNT_STEP)                                                         \
   const __m512i lut = _mm512_set4_epi32(0x04030302, 0x03020201, 0x03020201, 0x02010100);        \
   const __m512i low = _mm512_set1_epi8(0x0f), zero = _mm512_setzero_si512();                    \
