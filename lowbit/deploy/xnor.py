@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from lowbit.errors import ConfigError
 from lowbit.nn.binary import XNORConv2d
 from lowbit.quant.binary import binarize, xnor_input_scale
 
@@ -71,7 +72,7 @@ def kernel_path(requested: str | None = None) -> str:
     requested = requested or os.environ.get("LOWBIT_XNOR_ISA")
     if requested:
         if requested not in supported:
-            raise ValueError(f"XNOR kernel path {requested!r} is not available on this CPU "
+            raise ConfigError(f"XNOR kernel path {requested!r} is not available on this CPU "
                              f"(it supports: {', '.join(supported)})")
         return requested
     if supported[-1] == "scalar":
