@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--optimizer", help="sgd or adam")
     t.add_argument("--schedule", help="cosine, multistep or constant")
     t.add_argument("--milestones", type=lambda s: [int(v) for v in s.split(",")],
-                   help="multistep: comma-separated epoch counts")
+                   help="comma-separated epoch counts: multistep decays there, cosine restarts")
     t.add_argument("--weight-decay", type=float)
     t.add_argument("--distill", action="store_true", help="knowledge distillation from the FP model")
     t.add_argument("--no-augment", action="store_true")

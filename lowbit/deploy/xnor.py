@@ -147,9 +147,14 @@ class XNORPopcountConv2d(nn.Module):
         self.register_buffer("alpha", alpha.reshape(-1).float())
         bias = layer.bias.detach() if layer.bias is not None else torch.zeros(len(w))
         self.register_buffer("bias", bias.float())
+        threshold = layer.input_quantizer.threshold  # RSign's, subtracted as the layer does
+        self.register_buffer("threshold", None if threshold is None else
+                             threshold.detach().float().reshape(1, -1, 1, 1))
         self._borders = None  # (input shape, masks, valid): they depend only on the geometry
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.threshold is not None:
+            x = x - self.threshold
         ext = extension()
         if ext is None:
             k = xnor_input_scale(x, self.kernel_size, self.stride, self.padding)

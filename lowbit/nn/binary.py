@@ -3,18 +3,23 @@
 
 Weight slot: :class:`BinaryWeight` (BinaryConnect deterministic / stochastic, BNN),
 :class:`ScaledBinaryWeight` (BWN, XNOR-Net), :class:`TernaryWeight` (TWN), :class:`TTQWeight`.
-Input slot: :class:`SignActivation` (BNN, XNOR-Net). :class:`XNORConv2d` multiplies the binary
-convolution by the K map of its real input (XNOR-Net's beta per output position), treated as a
-constant in the backward pass. Each weight quantizer reports ``storage_bits`` for size reports.
+Input slot: :class:`SignActivation` (BNN, XNOR-Net; ReActNet's RSign threshold and Bi-Real's
+ApproxSign gradient as options). :class:`XNORConv2d` multiplies the binary convolution by the K
+map of its real input (XNOR-Net's beta per output position), treated as a constant in the
+backward pass. :class:`RPReLU` is ReActNet's activation after a real-valued shortcut. Each weight
+quantizer reports ``storage_bits`` for size reports. The binary weight quantizers have an
+``enabled`` switch: off, they pass the real weight through (the first stage of a two-stage
+run, binary activations with real weights).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from lowbit.nn.layers import QuantConv2d
-from lowbit.quant.binary import (IdentitySTE, SignSTE, TTQTernarize, binarize, bwn_alpha,
-                                 stochastic_binarize, twn_ternarize, xnor_input_scale)
+from lowbit.quant.binary import (SIGN_GRADIENTS, IdentitySTE, SignSTE, TTQTernarize, binarize,
+                                 bwn_alpha, stochastic_binarize, twn_ternarize, xnor_input_scale)
 
 
 class BinaryWeight(nn.Module):
@@ -22,11 +27,15 @@ class BinaryWeight(nn.Module):
     hard_sigmoid(w); the gradient passes straight to the latent weights, which the method clips
     to [-1, 1] after every update. Evaluation is deterministic (the deployable network)."""
 
+    enabled = True
+
     def __init__(self, stochastic: bool = False):
         super().__init__()
         self.stochastic = stochastic
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return w
         if self.stochastic and self.training:
             return IdentitySTE.apply(w, stochastic_binarize(w.detach()))
         return IdentitySTE.apply(w, binarize(w.detach()))
@@ -39,12 +48,16 @@ class ScaledBinaryWeight(nn.Module):
     """BWN: alpha sign(W), alpha = mean|W| per output filter. alpha is not detached, so autograd
     gives the exact chain rule (1/n) sign(W_i) sum_j g_j sign(W_j) + alpha 1[|W_i| <= 1] g_i."""
 
+    enabled = True
+
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         alpha, signs = self.factors(w)
         return alpha * signs
 
     def factors(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(alpha [O, 1, ...], sign(W)), both carrying their gradients."""
+        """(alpha [O, 1, ...], sign(W)), both carrying their gradients; (1, W) when disabled."""
+        if not self.enabled:
+            return w.new_ones((len(w),) + (1,) * (w.dim() - 1)), w
         return bwn_alpha(w), SignSTE.apply(w)
 
     def storage_bits(self, weight: torch.Tensor) -> int:
@@ -93,10 +106,44 @@ class TTQWeight(nn.Module):
 
 
 class SignActivation(nn.Module):
-    """Binary input: sign(x) (0 -> +1) with the hardtanh STE 1[|x| <= 1]."""
+    """Binary input: ``sign(x - t)`` (0 -> +1). ``t`` is 0, or with ``channels`` ReActNet's RSign
+    (Liu et al. 2020): a learnable threshold per input channel, starting at 0. The gradient is
+    the hardtanh STE ``1[|x - t| <= 1]`` (``gradient="ste"``) or Bi-Real Net's ApproxSign
+    ``max(2 - 2|x - t|, 0)`` (``"approx"``)."""
+
+    def __init__(self, channels: int = 0, gradient: str = "ste"):
+        super().__init__()
+        self.gradient = gradient
+        self.threshold = nn.Parameter(torch.zeros(channels)) if channels else None
+
+    def shifted(self, x: torch.Tensor) -> torch.Tensor:
+        """``x - t`` (``x`` itself without a threshold), t broadcast over channel dim 1."""
+        if self.threshold is None:
+            return x
+        return x - self.threshold.reshape(1, -1, *([1] * (x.dim() - 2)))
+
+    def sign(self, x: torch.Tensor) -> torch.Tensor:
+        """``binarize(x)`` with this activation's gradient (no threshold)."""
+        return SIGN_GRADIENTS[self.gradient].apply(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return SignSTE.apply(x)
+        return self.sign(self.shifted(x))
+
+
+class RPReLU(nn.Module):
+    """ReActNet's RPReLU (Liu et al. 2020): ``f(x) = PReLU_beta(x - gamma) + zeta`` per channel,
+    ``x - gamma + zeta`` above gamma and ``beta (x - gamma) + zeta`` below, with learnable
+    gamma, zeta (starting at 0) and slope beta (starting at PReLU's 0.25)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.zeros(channels))
+        self.beta = nn.Parameter(torch.full((channels,), 0.25))
+        self.zeta = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (1, -1, *([1] * (x.dim() - 2)))
+        return F.prelu(x - self.gamma.reshape(shape), self.beta) + self.zeta.reshape(shape)
 
 
 class XNORConv2d(QuantConv2d):
@@ -118,8 +165,9 @@ class XNORConv2d(QuantConv2d):
         return self.weight_quantizer.factors(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.input_quantizer.shifted(x)  # RSign's threshold: K is that of the shifted input
         k = xnor_input_scale(x.detach(), self.kernel_size, self.stride, self.padding)
         alpha, signs = self.binary_factors()
-        dot = self._conv_forward(self.input_quantizer(x), signs, None)
+        dot = self._conv_forward(self.input_quantizer.sign(x), signs, None)
         out = dot * alpha.reshape(1, -1, 1, 1) * k
         return out if self.bias is None else out + self.bias.reshape(1, -1, 1, 1)

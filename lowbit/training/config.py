@@ -17,7 +17,9 @@ class TrainConfig(ConfigMixin):
 
     ``milestones`` count epochs as PyTorch's MultiStepLR does: after ``m`` completed epochs the
     LR is multiplied by ``gamma``; the cosine schedule decays per step to 0 over the whole run
-    (Loshchilov & Hutter 2017, without restarts). ``distill`` adds Hinton et al.'s (2015)
+    (Loshchilov & Hutter 2017), or with ``milestones`` restarts at each of them from the full LR
+    and decays to 0 by the next (SGDR's warm restarts: one schedule per stage of a two-stage
+    binary run). ``distill`` adds Hinton et al.'s (2015)
     knowledge-distillation term from the float model: ``(1 - kd_alpha) * CE + kd_alpha * T^2 *
     KL(softmax(t / T) || softmax(s / T))``. ``reflect_pad`` pads the random crops by reflection
     instead of zeros; fine-tune a checkpoint with the padding it was trained with (`lowbit

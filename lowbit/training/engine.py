@@ -113,10 +113,16 @@ def estimate_bn_statistics(model: nn.Module, batches) -> nn.Module:
 
 def _lr_factor(config: TrainConfig, steps_per_epoch: int):
     total = config.epochs * steps_per_epoch
+    # cosine: one decay per segment between restarts (the milestones, in epochs)
+    bounds = [0] + [m * steps_per_epoch for m in sorted(config.milestones) if m < config.epochs]
+    bounds.append(total)
 
     def factor(step: int) -> float:
         if config.schedule == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+            step = min(step, total)
+            start = max(b for b in bounds[:-1] if b <= step)
+            length = bounds[bounds.index(start) + 1] - start
+            return 0.5 * (1.0 + math.cos(math.pi * (step - start) / length))
         if config.schedule == "multistep":
             epoch = step // steps_per_epoch
             return config.gamma ** sum(epoch >= m for m in config.milestones)
