@@ -285,6 +285,19 @@ def test_packaged_lsq_recipe_trains(capsys, tmp_path, digits_ckpt):
     assert report["train"]["distill"] and report["train"]["epochs"] == 1
 
 
+def test_packaged_binary_recipe_trains(capsys, tmp_path, digits_ckpt):
+    out = tmp_path / "xnor"
+    code, _, err = run(capsys, "train", "--model", "digits_cnn", "--checkpoint", str(digits_ckpt),
+                       "--data", "digits", "--recipe", "xnor-bireal", "--epochs", "1",
+                       "--train-batch-size", "64", "--no-augment", "--out", str(out))
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    assert report["method_config"]["shortcuts"] == "bireal"
+    assert report["train"]["milestones"] == [15] and report["train"]["optimizer"] == "adam"
+    state = torch.load(out / "model.pt", weights_only=True)["state_dict"]
+    assert any(k.endswith("_rprelu.beta") for k in state)  # the recipe's modules were trained
+
+
 @pytest.mark.parametrize("model, flags, reflect", [
     ("psg_resnet32", [], True), ("resnet20", [], False),
     ("psg_resnet32", ["--zero-pad"], False), ("resnet20", ["--reflect-pad"], True)])
