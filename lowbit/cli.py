@@ -94,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bits of the first and last layer (default 8), or 'none' for the target")
     q.add_argument("--skip", action="append", help="layer name or regex left in float (repeatable)")
     q.add_argument("--seed", type=int)
+    q.add_argument("--size-budget", help="mixed precision: the packed file's size, e.g. 120KiB "
+                   "(bits per layer chosen by sensitivity, lowbit export writes that size)")
+    q.add_argument("--avg-bits", type=float, help="mixed precision: mean weight width")
+    q.add_argument("--bops-budget", type=float, help="mixed precision: bit operations per "
+                   "image, sum of MACs x weight bits x input bits")
+    q.add_argument("--sensitivity", help="mixed precision estimator: hessian (HAWQ-V2 trace, "
+                   "default) or output (measured logit KL)")
 
     t = sub.add_parser("train", help="train or fine-tune: float, STE QAT, LSQ, PSG, k-means, "
                                      "binary / ternary (resumable; torchrun for data parallelism)")
@@ -188,7 +195,9 @@ def _config_from_args(args):
     flags = {"w_bits": args.w_bits, "clip": args.clip, "w_clip": args.w_clip,
              "percentile": args.percentile, "calib": args.calib, "seed": args.seed,
              "bias_correction": args.bias_correction,
-             "calib_batch_size": args.calib_batch_size, "calib_memory": args.calib_memory}
+             "calib_batch_size": args.calib_batch_size, "calib_memory": args.calib_memory,
+             "size_budget": args.size_budget, "avg_bits": args.avg_bits,
+             "bops_budget": args.bops_budget, "sensitivity": args.sensitivity}
     values.update({k: v for k, v in flags.items() if v is not None})
     for flag in ("a_bits", "first_last_bits"):  # given on the command line (None = 'none')
         if flag in vars(args):
@@ -211,6 +220,20 @@ def _config_from_args(args):
     if args.skip:
         values["skip"] = list(values.get("skip", [])) + args.skip
     return PTQConfig.from_dict(values)
+
+
+def _mixed_summary(mixed: dict | None) -> str:
+    """report.md's mixed-precision paragraph (empty for one width everywhere)."""
+    if not mixed:
+        return ""
+    budget = ", ".join(f"{k} {v:g}" for k, v in mixed["budget"].items())
+    predicted = mixed["predicted"]
+    measured = mixed.get("measured_bytes")
+    return (f"Mixed precision under {budget} ({mixed['estimator']} sensitivity): packed file "
+            f"{predicted['size_bytes']} bytes predicted"
+            + (f", {measured} measured" if measured is not None else "")
+            + f"; mean weight width {predicted['avg_bits']:.2f} bits; "
+            f"{predicted['bops'] / 1e9:.3f} G bit operations per image.\n\n")
 
 
 def _normalization(model_spec: str, dataset, trust_model_code: bool | str = True):
@@ -316,7 +339,8 @@ def cmd_quantize(args) -> int:
     n = min(len(dataset.test), args.limit or len(dataset.test))
     headers = ["model", "w_bits", "a_bits", "top-1 %", "size KiB", "x smaller"]
     rows = [["fp32", 32, 32, fp_top1, fp_bytes / 1024, 1.0],
-            ["quantized", config.w_bits, config.a_bits or 32, q_top1, q_bytes / 1024,
+            ["quantized", "mixed" if qmodel.lowbit.mixed else config.w_bits,
+             config.a_bits or 32, q_top1, q_bytes / 1024,
              fp_bytes / q_bytes]]
     table = format_table(headers, rows)
     info = qmodel.lowbit
@@ -328,12 +352,13 @@ def cmd_quantize(args) -> int:
         "config": config.to_dict(),
         "plan": {k: {"w_bits": b.w_bits, "a_bits": b.a_bits} for k, b in info.plan.items()},
         "layers": layer_stats(qmodel),
+        "mixed_precision": info.mixed,
     }
     layer_rows = [[r["layer"], r["w_bits"], r["a_bits"], r["weight_mse"], r["weight_sqnr_db"]]
                   for r in report["layers"]]
     md = (f"# lowbit quantize: {args.model}\n\n{markdown_table(headers, rows)}\n\n"
           f"Calibration: {config.calib} training images, {info.calibration_seconds:.1f} s. "
-          f"Evaluated on {n} test images.\n\n## Layers\n\n"
+          f"Evaluated on {n} test images.\n\n{_mixed_summary(info.mixed)}## Layers\n\n"
           + markdown_table(["layer", "w_bits", "a_bits", "weight MSE", "weight SQNR dB"], layer_rows))
     save_quantized(out / "quantized.pt", qmodel, args.model)
     write_json(out / "report.json", report)

@@ -63,6 +63,13 @@ class LayerPolicy:
             plan[name] = LayerBits(wb, ab)
         return plan
 
+    def fixed(self, order: list[str]) -> set[str]:
+        """The layers whose widths this policy sets itself (first / last, overrides): a
+        mixed-precision plan leaves them as they are."""
+        ends = {order[0], order[-1]} if self.first_last_bits is not None and order else set()
+        return ends | {name for name in order
+                       if any(_match(p, name) for p in self.overrides)}
+
 
 MATCH_SECONDS = 0.1  # a pattern that needs longer on a layer name is a backtracking bomb
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -55,6 +56,7 @@ from lowbit.quant.affine import QScheme, check_bits
 from lowbit.quant.bias_correction import correct_weight_bias
 from lowbit.quant.ranges import channel_sample, minmax_range
 from lowbit.methods.activation_store import MemoryBudget, gib, parse_bytes
+from lowbit.methods.mixed_precision import ESTIMATORS, Budget, candidate_list, mixed_plan
 from lowbit.transforms import bn_sources, equalize_model, fold_batchnorm, layer_order, \
     swap_layers, trace
 from lowbit.transforms.segments import segments
@@ -97,6 +99,14 @@ class PTQConfig(ConfigMixin):
     first_last_bits: int | None = 8
     skip: list[str] = field(default_factory=list)
     overrides: dict[str, dict] = field(default_factory=dict)
+    size_budget: int | str | None = None
+    avg_bits: float | None = None
+    bops_budget: float | None = None
+    w_candidates: list[int] = field(default_factory=lambda: [2, 3, 4, 6, 8])
+    a_candidates: list[int] = field(default_factory=list)
+    sensitivity: str = "hessian"
+    sensitivity_images: int = 256
+    hessian_samples: int = 32
     seed: int = 0
 
     def validate(self) -> "PTQConfig":
@@ -128,7 +138,38 @@ class PTQConfig(ConfigMixin):
                 or self.round_iters < 1:
             raise ConfigError(f"round_iters must be a positive integer, got {self.round_iters!r}")
         self.policy().validate()
+        self._validate_budget()
         return self
+
+    def _validate_budget(self) -> None:
+        if self.size_budget is not None and parse_bytes(self.size_budget) <= 0:
+            raise ConfigError(f"size_budget must be positive, got {self.size_budget!r}")
+        for name in ("avg_bits", "bops_budget"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or
+                                      not isinstance(value, (int, float)) or not value > 0):
+                raise ConfigError(f"{name} must be a positive number, got {value!r}")
+        for name in ("w_candidates", "a_candidates"):
+            for bits in getattr(self, name):
+                check_bits(bits, f"{name} entry")
+        if not self.w_candidates:
+            raise ConfigError("w_candidates must list at least one weight width")
+        if self.a_candidates and self.a_bits is None:
+            raise ConfigError("a_candidates choose input widths: they need a_bits")
+        if self.sensitivity not in ESTIMATORS:
+            raise ConfigError(f"sensitivity must be one of {', '.join(ESTIMATORS)}, "
+                              f"got {self.sensitivity!r}")
+        for name in ("sensitivity_images", "hessian_samples"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+    def budget(self) -> Budget | None:
+        """The mixed-precision budget, or None for one width everywhere."""
+        if self.size_budget is None and self.avg_bits is None and self.bops_budget is None:
+            return None
+        size = parse_bytes(self.size_budget) if self.size_budget is not None else None
+        return Budget(size, self.avg_bits, self.bops_budget)
 
     def policy(self) -> LayerPolicy:
         return LayerPolicy(self.first_last_bits, list(self.skip), dict(self.overrides))
@@ -145,6 +186,7 @@ class QuantInfo:
     notes: list[str] = field(default_factory=list)
     calibration_seconds: float = 0.0
     equalized_pairs: int = 0
+    mixed: dict | None = None  # the mixed-precision report, when a budget chose the widths
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,22 +243,32 @@ def check_finite(model: nn.Module) -> None:
 
 @torch.no_grad()
 def calibrate_weights(model: nn.Module, config: PTQConfig) -> None:
-    for name, layer in model.named_modules():
-        if not isinstance(layer, QUANT_LAYERS):
-            continue
-        slot = layer.weight_quantizer
-        quantizer = affine_part(slot)
-        w = layer.weight.detach()
-        per_channel = quantizer.axis is not None
-        exact = minmax_range(w, 0 if per_channel else None)
-        rows = channel_sample(w, 0, max_total=w.numel())  # every weight, one row per channel
-        bits = bits_for(rows, quantizer.scheme.bits, config.w_bit_alloc and per_channel, "std")
-        sample = rows if per_channel else rows.reshape(1, -1)
-        lo, hi = fit_range(sample, exact, config.w_clip, bits, quantizer, quantizer.scheme.signed,
-                        config.percentile, per_channel)
-        quantizer.set_range(lo, hi, bits)
-        if isinstance(slot, CorrectedQuantizer):
-            slot.set_correction(*correct_weight_bias(w, quantizer(w), config.bias_correction))
+    for layer in model.modules():
+        if isinstance(layer, QUANT_LAYERS):
+            fit_weight(layer.weight_quantizer, layer.weight.detach(), config)
+
+
+@torch.no_grad()
+def quantized_weight(w: torch.Tensor, config: PTQConfig, w_bits: int) -> torch.Tensor:
+    """``w`` through the weight quantizer a PTQ run with ``config`` gives it at ``w_bits``."""
+    slot = _weight_quantizer(config, LayerBits(w_bits, None), "weight")
+    fit_weight(slot, w, config)
+    return slot(w)
+
+
+def fit_weight(slot: nn.Module, w: torch.Tensor, config: PTQConfig) -> None:
+    """Range (and bit allocation, bias correction) of one weight quantizer slot from ``w``."""
+    quantizer = affine_part(slot)
+    per_channel = quantizer.axis is not None
+    exact = minmax_range(w, 0 if per_channel else None)
+    rows = channel_sample(w, 0, max_total=w.numel())  # every weight, one row per channel
+    bits = bits_for(rows, quantizer.scheme.bits, config.w_bit_alloc and per_channel, "std")
+    sample = rows if per_channel else rows.reshape(1, -1)
+    lo, hi = fit_range(sample, exact, config.w_clip, bits, quantizer, quantizer.scheme.signed,
+                       config.percentile, per_channel)
+    quantizer.set_range(lo, hi, bits)
+    if isinstance(slot, CorrectedQuantizer):
+        slot.set_correction(*correct_weight_bias(w, quantizer(w), config.bias_correction))
 
 
 def quantize(model: nn.Module, config: PTQConfig | None = None, calib_data=None,
@@ -242,19 +294,49 @@ def quantize(model: nn.Module, config: PTQConfig | None = None, calib_data=None,
         images = calibration_images(calib_data, config.calib, config.calib_batch_size, budget,
                                     device)
         count = len(images)
-        qmodel, plan, notes, folded, pairs = _quantize(model, config, images, budget, device)
+        mixed = {} if config.budget() is not None else None
+        qmodel, plan, notes, folded, pairs = _quantize(model, config, images, budget, device,
+                                                       mixed)
     qmodel = qmodel.to(home)
     notes.append(f"calibration: {count} images in batches of {config.calib_batch_size}"
                  + (f", {gib(budget.spilled)} of activations spilled to disk"
                     if budget.spilled else ""))
-    qmodel.lowbit = QuantInfo("ptq", config.to_dict(), plan, folded, notes,
-                              time.perf_counter() - start, pairs)
+    qmodel.lowbit = QuantInfo("ptq", config.to_dict(), plan, folded, notes, 0.0, pairs,
+                              mixed=mixed.get("report") if mixed else None)
+    if mixed is not None and config.budget().size_bytes is not None:
+        measured = packed_file_size(qmodel)
+        mixed["report"]["measured_bytes"] = measured
+        if measured > config.budget().size_bytes:  # the margin below was too small
+            warnings.warn(f"the packed file is {measured} bytes, "
+                          f"{measured - config.budget().size_bytes} over size_budget "
+                          f"{config.size_budget}", stacklevel=2)
+    qmodel.lowbit.calibration_seconds = time.perf_counter() - start
     return qmodel
 
 
-def _quantize(model: nn.Module, config: PTQConfig, images, budget, device: torch.device):
+# The plan is solved for the budget less this margin: the file's non-code bytes are measured on
+# the uniform plan before calibration, and the final file differs from it by its model name
+# (a torchvision spec, a user's module path) and calibrated details; it is measured afterwards.
+SIZE_MARGIN_BYTES = 256
+
+
+def packed_file_size(qmodel: nn.Module) -> int:
+    """Bytes of the packed file ``lowbit export`` writes for ``qmodel`` (written to a
+    temporary folder and measured)."""
+    import tempfile
+    from pathlib import Path
+
+    from lowbit.deploy.packed import export_packed
+
+    with tempfile.TemporaryDirectory() as folder:
+        return export_packed(qmodel, Path(folder) / "m.lowbit", "model").stat().st_size
+
+
+def _quantize(model: nn.Module, config: PTQConfig, images, budget, device: torch.device,
+              mixed: dict | None = None):
     """The pipeline of the module docstring on cached calibration ``images``, calibrating on
-    ``device``; returns ``(qmodel, plan, notes, folded, equalized pairs)``."""
+    ``device``; returns ``(qmodel, plan, notes, folded, equalized pairs)``. ``mixed`` (a dict):
+    choose the widths under ``config.budget()``; its ``"report"`` is filled in."""
     example = next(iter(images)).cpu()
     qmodel = copy.deepcopy(model).cpu().eval()
     notes = []
@@ -278,6 +360,10 @@ def _quantize(model: nn.Module, config: PTQConfig, images, budget, device: torch
     if not order:
         raise ConfigError("the model has no Conv2d or Linear layer to quantize")
     plan = config.policy().resolve(order, config.w_bits, config.a_bits)
+    if mixed is not None:
+        plan = _mixed_plan(qmodel, config, plan, order, images, mixed)
+        notes.append(f"mixed precision: widths per layer chosen by {config.sensitivity} "
+                     "sensitivity under the budget (the plan)")
     if config.a_bits is not None and not any(b.a_bits for b in plan.values()):
         raise ConfigError("a_bits is set but no layer has an input to quantize "
                           "(all skipped or overridden); drop a_bits or quantize a layer")
@@ -294,6 +380,35 @@ def _quantize(model: nn.Module, config: PTQConfig, images, budget, device: torch
     if config.int_bias:  # layers the calibration pass did not reach
         round_biases(qmodel)
     return qmodel, plan, notes, folded, pairs
+
+
+def _mixed_plan(model: nn.Module, config: PTQConfig, plan: dict, order: list[str], images,
+                mixed: dict) -> dict:
+    """The plan with widths chosen under the budget (:mod:`lowbit.methods.mixed_precision`)
+    on the folded float ``model``; the file's non-code bytes are those of the packed file of the
+    uniform plan (weights quantized, inputs not yet calibrated) plus a margin."""
+    fixed = config.policy().fixed(order)
+    free = [n for n in plan if n not in fixed]
+    batches, n = [], 0
+    for x in images:
+        batches.append(x.cpu())
+        n += len(x)
+        if n >= config.sensitivity_images:
+            break
+    candidates = candidate_list(config.w_candidates, config.a_candidates, config.a_bits)
+    weights = {name: model.get_submodule(name).weight.detach() for name in plan}
+    if "fixed_bytes" not in mixed:  # the file of the uniform plan, less its codes
+        probe = prepare(copy.deepcopy(model), config, plan, folded=False)
+        calibrate_weights(probe, config)
+        probe.lowbit = QuantInfo("ptq", config.to_dict(), plan, False)
+        codes = sum((w.numel() * plan[name].w_bits + 7) // 8 for name, w in weights.items())
+        mixed["fixed_bytes"] = packed_file_size(probe) - codes + SIZE_MARGIN_BYTES
+    new_plan, report = mixed_plan(
+        model, plan, free, config.budget(), candidates, config.sensitivity, batches,
+        lambda name, bits: quantized_weight(weights[name], config, bits),
+        mixed["fixed_bytes"], config.hessian_samples, config.seed, mixed)
+    mixed["report"] = report
+    return new_plan
 
 
 def _segment_graphs(model: nn.Module, example: torch.Tensor, plan: dict) -> tuple[list | None, str]:

@@ -1,0 +1,153 @@
+"""Mixed precision under a budget (ALGORITHMS.md 8.3): Hutchinson's trace against the exact
+Hessian, the integer program against brute force, the two sensitivity estimators against each
+other, and budgets met by the real packed file."""
+import itertools
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lowbit
+from lowbit.cli import main
+from lowbit.data import Batches
+from lowbit.deploy import export_packed
+from lowbit.errors import ConfigError
+from lowbit.methods.mixed_precision import greedy, hessian_traces, solve
+from lowbit.methods.ptq import PTQConfig
+
+
+def test_hutchinson_trace_matches_the_exact_hessian_trace():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    x = torch.randn(40, 6)
+    y = model(x).argmax(1)
+    estimate = hessian_traces(model, ["0", "2"], [x], samples=3000)
+    for name in ("0", "2"):
+        layer = model.get_submodule(name)
+        w0 = layer.weight.detach().clone()
+
+        def loss(w, layer=layer):
+            saved = layer.weight
+            del layer.weight
+            layer.weight = w
+            out = F.cross_entropy(model(x), y)
+            layer.weight = saved
+            return out
+        exact = torch.autograd.functional.hessian(loss, w0).reshape(w0.numel(), -1).trace()
+        assert estimate[name] == pytest.approx(float(exact), rel=0.05)
+
+
+def _problem(seed):
+    g = torch.Generator().manual_seed(seed)
+    cands = [(2, 8), (4, 8), (8, 8)]
+    omega = {f"l{i}": {c: float(torch.rand(1, generator=g)) / c[0] for c in cands}
+             for i in range(4)}
+    sizes = {f"l{i}": int(torch.randint(50, 500, (1,), generator=g)) for i in range(4)}
+    costs = {"size_bytes": {n: {c: sizes[n] * c[0] for c in cands} for n in omega}}
+    return omega, costs, sum(sizes.values()) * 4
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_integer_program_finds_the_brute_force_optimum(seed):
+    omega, costs, limit = _problem(seed)
+    chosen = solve(omega, costs, {"size_bytes": limit})
+    best = min((dict(zip(omega, combo)) for combo in itertools.product(*map(list, omega.values()))
+                if sum(costs["size_bytes"][n][c] for n, c in zip(omega, combo)) <= limit),
+               key=lambda plan: sum(omega[n][c] for n, c in plan.items()))
+    value = lambda plan: sum(omega[n][c] for n, c in plan.items())  # noqa: E731
+    assert value(chosen) == pytest.approx(value(best))
+    fallback = greedy(omega, costs, {"size_bytes": limit})
+    assert sum(costs["size_bytes"][n][c] for n, c in fallback.items()) <= limit
+    assert value(fallback) >= value(best) - 1e-12
+
+
+def test_greedy_says_when_nothing_fits():
+    omega, costs, _ = _problem(0)
+    with pytest.raises(ConfigError, match="no bit widths fit the budget"):
+        greedy(omega, costs, {"size_bytes": 10})
+
+
+@pytest.fixture(scope="module")
+def digits_calib(digits_fp):
+    data, model = digits_fp
+    return model, [x for x, _ in Batches(data.train, data.normalization(), 64)], data
+
+
+def test_the_two_estimators_agree_on_what_is_sensitive(digits_calib):
+    from scipy.stats import spearmanr
+
+    model, calib, _ = digits_calib
+    tables = {}
+    for estimator in ("hessian", "output"):
+        config = PTQConfig(w_bits=4, a_bits=8, calib=256, avg_bits=4.0, sensitivity=estimator,
+                           w_candidates=[2, 3, 4, 8])
+        tables[estimator] = lowbit.quantize(model, config, calib).lowbit.mixed["sensitivity"]
+    keys = [(n, c) for n in tables["output"] for c in tables["output"][n]]
+    rho = spearmanr([tables["hessian"][n][c] for n, c in keys],
+                    [tables["output"][n][c] for n, c in keys]).statistic
+    assert rho > 0.7
+
+
+def test_size_budget_is_met_by_the_exported_file(digits_calib, tmp_path):
+    model, calib, _ = digits_calib
+    uniform3 = lowbit.quantize(model, PTQConfig(w_bits=3, a_bits=8, calib=256), calib)
+    budget = export_packed(uniform3, tmp_path / "u3.lowbit", "digits_cnn").stat().st_size
+    config = PTQConfig(w_bits=4, a_bits=8, calib=256, size_budget=budget)
+    q = lowbit.quantize(model, config, calib)
+    size = export_packed(q, tmp_path / "mixed.lowbit", "digits_cnn").stat().st_size
+    assert size <= budget
+    widths = {b.w_bits for b in q.lowbit.plan.values()}
+    plan = list(q.lowbit.plan)
+    assert q.lowbit.plan[plan[0]].w_bits == 8 and q.lowbit.plan[plan[-1]].w_bits == 8  # policy
+    assert len(widths) > 1 and q.lowbit.mixed["measured_bytes"] <= budget
+    smaller = lowbit.quantize(model, PTQConfig(w_bits=4, a_bits=8, calib=256,
+                                               size_budget=int(budget * 0.9)), calib)
+    assert export_packed(smaller, tmp_path / "s.lowbit", "digits_cnn").stat().st_size \
+        <= int(budget * 0.9)
+    with pytest.raises(ConfigError, match="cannot be met: the narrowest widths allowed"):
+        lowbit.quantize(model, PTQConfig(w_bits=4, a_bits=8, calib=256,
+                                         size_budget=int(budget * 0.5)), calib)
+
+
+def test_average_bits_and_bops_budgets(digits_calib):
+    model, calib, _ = digits_calib
+    q = lowbit.quantize(model, PTQConfig(w_bits=4, a_bits=8, calib=256, avg_bits=3.5), calib)
+    layers = {n: model.get_submodule(n).weight.numel() for n in q.lowbit.plan}
+    mean = sum(q.lowbit.plan[n].w_bits * k for n, k in layers.items()) / sum(layers.values())
+    assert mean <= 3.5 and mean == pytest.approx(q.lowbit.mixed["predicted"]["avg_bits"])
+    full = lowbit.quantize(model, PTQConfig(w_bits=8, a_bits=8, calib=256, avg_bits=8,
+                                            a_candidates=[4, 8]), calib)
+    bops = full.lowbit.mixed["predicted"]["bops"]
+    q = lowbit.quantize(model, PTQConfig(w_bits=8, a_bits=8, calib=256, bops_budget=bops / 3,
+                                         a_candidates=[4, 6, 8]), calib)
+    assert q.lowbit.mixed["predicted"]["bops"] <= bops / 3
+    assert any(b.a_bits in (4, 6) for b in q.lowbit.plan.values())
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"size_budget": "lots"}, "memory size"), ({"avg_bits": 0}, "avg_bits"),
+    ({"a_candidates": [4], "a_bits": None}, "a_candidates"), ({"w_candidates": [17]}, "w_candidates entry"), ({"w_candidates": []}, "at least one"),
+    ({"sensitivity": "fisher"}, "sensitivity must be one of")])
+def test_bad_budget_settings(values, message):
+    with pytest.raises(ConfigError, match=message):
+        PTQConfig(**values).validate()
+
+
+def test_cli_size_budget(capsys, tmp_path, digits_fp):
+    data, model = digits_fp
+    ckpt = tmp_path / "fp.pt"
+    torch.save(model.state_dict(), ckpt)
+    code = main(["quantize", "--model", "digits_cnn", "--checkpoint", str(ckpt), "--data",
+                 "digits", "--w-bits", "4", "--calib", "256", "--size-budget", "8KiB",
+                 "--out", str(tmp_path / "q")])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    report = json.loads((tmp_path / "q" / "report.json").read_text())
+    assert report["mixed_precision"]["measured_bytes"] <= 8 * 1024
+    assert "predicted" in (tmp_path / "q" / "report.md").read_text()
+    code = main(["quantize", "--model", "digits_cnn", "--checkpoint", str(ckpt), "--data",
+                 "digits", "--size-budget", "10", "--out", str(tmp_path / "tiny")])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1
