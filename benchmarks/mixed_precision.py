@@ -1,0 +1,124 @@
+"""Mixed precision against uniform widths at the same packed size (issue 18): the three CIFAR
+checkpoints, lowbit's best PTQ recipe (``ptq-w4a4-best``) at weights 2 / 3 / 4 / 6 / 8 bits with
+4-bit activations as the uniform points, and the same recipe with widths per layer chosen under
+a ``size_budget`` equal to each uniform file's size (and half-way sizes) as the mixed-precision
+frontier. Sizes are the real packed files (``lowbit export``); top-1 on the full test set.
+
+    python benchmarks/mixed_precision.py [--models resnet20,resnet32,psg_resnet32]
+        [--estimators hessian,output] [--threads 1]
+
+Targets: at the size of uniform W3A4, mixed precision >= uniform W4A4 - 0.5 on ResNet-20 and
+ResNet-32, and >= uniform W3A4 + 2 on the PSG ResNet-32. Writes
+``benchmarks/results/mixed_precision.json`` row by row (a rerun skips finished rows) and
+``benchmarks/results/mixed_precision_<model>.png`` (top-1 against packed size).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+import lowbit
+from lowbit.deploy import export_packed
+
+from ptq_ablation import commit, load_benchmark, record  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "mixed_precision.json"
+UNIFORM = (2, 3, 4, 6, 8)
+
+
+def packed_bytes(qmodel, spec: str) -> int:
+    with tempfile.TemporaryDirectory() as folder:
+        return export_packed(qmodel, Path(folder) / "m.lowbit", spec).stat().st_size
+
+
+def run(name: str, label: str, model, config, calib, test, done: dict) -> dict:
+    if label in done:
+        return done[label]
+    t = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        q = lowbit.quantize(model, config, calib)
+    seconds = time.perf_counter() - t
+    row = {"top1": lowbit.evaluate(q, test), "bytes": packed_bytes(q, name),
+           "bits": {n: b.w_bits for n, b in q.lowbit.plan.items()},
+           "quantize_seconds": seconds, "config": config.to_dict(), "commit": commit()}
+    if q.lowbit.mixed:
+        row["predicted_bytes"] = q.lowbit.mixed["predicted"]["size_bytes"]
+        row["estimator"] = q.lowbit.mixed["estimator"]
+    record(RESULTS, name, label, row)
+    print(name, label, f"{row['top1']:.2f}", row["bytes"], f"{seconds:.0f} s", flush=True)
+    done[label] = row
+    return row
+
+
+def plot(name: str, rows: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    uniform = sorted((r["bytes"], r["top1"], label) for label, r in rows.items()
+                     if label.startswith("uniform"))
+    ax.plot([u[0] / 1024 for u in uniform], [u[1] for u in uniform], "o", color="black",
+            label="uniform W{2,3,4,6,8}A4")
+    for u in uniform:
+        ax.annotate(u[2].split()[1], (u[0] / 1024, u[1]), textcoords="offset points",
+                    xytext=(4, -10), fontsize=8)
+    for estimator, style in (("hessian", "-s"), ("output", "--^")):
+        mixed = sorted((r["bytes"], r["top1"]) for label, r in rows.items()
+                       if label.startswith(f"mixed {estimator}"))
+        if mixed:
+            ax.plot([m[0] / 1024 for m in mixed], [m[1] for m in mixed], style,
+                    label=f"mixed precision ({estimator})")
+    ax.set_xlabel("packed file (KiB)")
+    ax.set_ylabel("top-1 %")
+    ax.set_title(f"{name}: ptq-w4a4-best, 4-bit activations")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(RESULTS.parent / f"mixed_precision_{name}.png", dpi=120)
+    plt.close(fig)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default="resnet20,resnet32,psg_resnet32")
+    ap.add_argument("--estimators", default="hessian,output")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    for name in args.models.split(","):
+        model, calib, test = load_benchmark(name)
+        done = results.get(name, {})
+        rows = {}
+        for bits in UNIFORM:
+            config = lowbit.load_recipe("ptq-w4a4-best", w_bits=bits,
+                                        **({"bias_correction": "mean"} if bits == 2 else {}))
+            rows[f"uniform W{bits}A4"] = run(name, f"uniform W{bits}A4", model, config, calib,
+                                             test, done)
+        sizes = [rows[f"uniform W{b}A4"]["bytes"] for b in UNIFORM[:3]]
+        budgets = sorted({*sizes, (sizes[0] + sizes[1]) // 2, (sizes[1] + sizes[2]) // 2})
+        for estimator in args.estimators.split(","):
+            for budget in budgets:
+                label = f"mixed {estimator} {budget}"
+                config = lowbit.load_recipe("ptq-w4a4-best", size_budget=budget,
+                                            sensitivity=estimator)
+                rows[label] = run(name, label, model, config, calib, test, done)
+        plot(name, rows)
+    record(RESULTS, "meta", None, {
+        "machine": platform.processor() or platform.machine(), "threads": args.threads,
+        "command": f"python benchmarks/mixed_precision.py --models {args.models} "
+                   f"--estimators {args.estimators}"})
+
+
+if __name__ == "__main__":
+    main()
