@@ -803,7 +803,9 @@ def mixed_precision_section(res: dict) -> list[str]:
              "widths per layer chosen under `size_budget` = a uniform file's size (and the "
              "sizes half-way). Sizes are the real packed files; full test sets. Targets: at "
              "the W3A4 size, mixed >= uniform W4A4 - 0.5 (ResNet-20, ResNet-32) and >= uniform "
-             "W3A4 + 2 (PSG ResNet-32). Plots: `benchmarks/results/mixed_precision_<model>.png`.",
+             "W3A4 + 2 (PSG ResNet-32). The PTQ s column ran beside a training job: upper bounds, not speed "
+             "figures. Plots: `benchmarks/results/mixed_precision_<model>.png` (written by the "
+             "script, not committed).",
              "", "| model | row | packed KiB | predicted KiB | within budget | top-1 | weight "
              "widths (layers) | PTQ s |", "|---|---|---|---|---|---|---|---|"]
     for model, rows in res.items():

@@ -52,10 +52,9 @@ FLOAT_INPUT_BITS = 32  # a layer whose input is not quantized costs 32-bit opera
 
 @dataclass(frozen=True)
 class LayerShape:
-    """What a layer's width costs: weights, output channels (rows of codes), MACs per image."""
+    """What a layer's width costs: its weights and its MACs per image."""
 
     weights: int
-    channels: int
     macs: int
 
     def code_bytes(self, w_bits: int) -> int:
@@ -70,15 +69,14 @@ class Budget:
 
 
 def layer_shapes(model: nn.Module, names: list[str], example: torch.Tensor) -> dict[str, LayerShape]:
-    """Weights, output channels and MACs per image of each named Conv2d / Linear."""
+    """Weights and MACs per image of each named Conv2d / Linear."""
     shapes, handles = {}, []
     for name in names:
         layer = model.get_submodule(name)
 
         def hook(module, _inputs, out, name=name):
             per_output = module.weight[0].numel()  # in_channels / groups * kernel taps
-            shapes[name] = LayerShape(module.weight.numel(), module.weight.shape[0],
-                                      out[0].numel() * per_output)
+            shapes[name] = LayerShape(module.weight.numel(), out[0].numel() * per_output)
         handles.append(layer.register_forward_hook(hook))
     try:
         with torch.no_grad():
@@ -166,8 +164,9 @@ class _Swap:
 
 def output_sensitivity(model: nn.Module, names: list[str], batches, candidates,
                        quantized_weight) -> dict[str, dict[tuple, float]]:
-    """``KL(p_float || p_q)`` of the output with one layer at a time at each candidate;
-    ``quantized_weight(name, w_bits)`` gives that layer's quantized weight."""
+    """``KL(p_float || p_q)`` of the output with one layer at a time at each candidate
+    ``(w, a)``; ``quantized_weight(name, w_bits)`` gives that layer's quantized weight, and a
+    ``w`` or ``a`` of None leaves the weight or the input in float."""
     model = model.eval()
     with torch.no_grad():
         reference = [model(x) for x in batches]
@@ -176,26 +175,9 @@ def output_sensitivity(model: nn.Module, names: list[str], batches, candidates,
         layer = model.get_submodule(name)
         table[name] = {}
         for w, a in candidates:
-            with _Swap(layer, quantized_weight(name, w), a):
+            weight = quantized_weight(name, w) if w is not None else None
+            with _Swap(layer, weight, a):
                 table[name][(w, a)] = _kl(reference, model, batches)
-    return table
-
-
-def input_sensitivity(model: nn.Module, names: list[str], batches, a_widths):
-    """The output KL with one layer's input quantized at each width (float weights)."""
-    model = model.eval()
-    with torch.no_grad():
-        reference = [model(x) for x in batches]
-    table = {}
-    for name in names:
-        layer = model.get_submodule(name)
-        table[name] = {}
-        for a in a_widths:
-            if a is None:
-                table[name][a] = 0.0
-                continue
-            with _Swap(layer, None, a):
-                table[name][a] = _kl(reference, model, batches)
     return table
 
 
@@ -331,13 +313,13 @@ def sensitivities(model: nn.Module, free: list[str], batches, candidates, estima
     if estimator == "output":
         return output_sensitivity(model, free, batches, candidates, quantized_weight)
     traces = hessian_traces(model, free, batches, hessian_samples, seed)
-    inputs = input_sensitivity(model, free, batches, sorted({a for _, a in candidates},
-                                                            key=lambda a: a or 0))
+    inputs = output_sensitivity(model, free, batches, {(None, a) for _, a in candidates},
+                                quantized_weight)  # the input width's term: float weights
     omega = {}
     for n in free:
         w = model.get_submodule(n).weight.detach()
         errors = {b: float((quantized_weight(n, b) - w).pow(2).sum())
                   for b in {c[0] for c in candidates}}
-        omega[n] = {c: 0.5 * traces[n] / w.numel() * errors[c[0]] + inputs[n][c[1]]
+        omega[n] = {c: 0.5 * traces[n] / w.numel() * errors[c[0]] + inputs[n][(None, c[1])]
                     for c in candidates}
     return omega

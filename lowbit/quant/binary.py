@@ -51,13 +51,8 @@ class SignSTE(torch.autograd.Function):
         return grad * (x.abs() <= 1)
 
 
-class ApproxSignSTE(torch.autograd.Function):
-    """Forward ``binarize(x)``; backward Bi-Real Net's ApproxSign ``g * max(2 - 2|x|, 0)``."""
-
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return binarize(x)
+class ApproxSignSTE(SignSTE):
+    """:class:`SignSTE`'s forward; backward Bi-Real Net's ApproxSign ``g * max(2 - 2|x|, 0)``."""
 
     @staticmethod
     def backward(ctx, grad):
