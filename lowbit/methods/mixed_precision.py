@@ -26,14 +26,15 @@ against the budget at those bits.
 
 The size of a candidate plan is ``fixed + sum_l codes_l(w)``: ``codes`` the packed bytes of the
 layer's weight codes (one bit stream, as :mod:`lowbit.deploy.bitpack` packs it), ``fixed``
-everything else in the file (biases, scales, header), measured by the PTQ pipeline on the
-packed file of the uniform plan, plus a small margin; the final file is measured too and
-reported beside the prediction (:func:`lowbit.methods.ptq.quantize`).
+everything else in the file (biases, scales, input qparams, header), measured by the PTQ
+pipeline on the packed file of a dry run at the uniform plan, plus a small margin; the final
+file is measured too and reported beside the prediction (:func:`lowbit.methods.ptq.quantize`).
 """
 from __future__ import annotations
 
 import copy
 import math
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -270,10 +271,12 @@ def mixed_plan(model: nn.Module, plan: dict[str, LayerBits], free: list[str], bu
         raise ConfigError(f"sensitivity must be one of {', '.join(ESTIMATORS)}, got {estimator!r}")
     cache = {} if cache is None else cache
     names = list(plan)
+    start = time.perf_counter()
     if "omega" not in cache:
         cache["shapes"] = layer_shapes(model, names, batches[0])
         cache["omega"] = sensitivities(copy.deepcopy(model).eval(), free, batches, candidates,
                                        estimator, quantized_weight, hessian_samples, seed)
+        cache["sensitivity_seconds"] = time.perf_counter() - start
     shapes, omega = cache["shapes"], dict(cache["omega"])
     for n in names:  # the policy's layers: their one width, no sensitivity to minimise
         if n not in free:
@@ -300,6 +303,7 @@ def mixed_plan(model: nn.Module, plan: dict[str, LayerBits], free: list[str], bu
                  "avg_bits": sum(costs["avg_bits"][n][chosen[n]] for n in names),
                  "bops": sum(costs["bops"][n][chosen[n]] for n in names)}
     report = {"estimator": estimator, "predicted": predicted,
+              "search_seconds": cache["sensitivity_seconds"] + time.perf_counter() - start,
               "budget": {k: v for k, v in vars(budget).items() if v is not None},
               "sensitivity": {n: {f"w{c[0]}a{c[1]}": v for c, v in omega[n].items()}
                               for n in free},

@@ -38,7 +38,7 @@ from __future__ import annotations
 import copy
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -55,7 +55,7 @@ from lowbit.policy import LayerBits, LayerPolicy
 from lowbit.quant.affine import QScheme, check_bits
 from lowbit.quant.bias_correction import correct_weight_bias
 from lowbit.quant.ranges import channel_sample, minmax_range
-from lowbit.methods.activation_store import MemoryBudget, gib, parse_bytes
+from lowbit.methods.activation_store import ActivationStore, MemoryBudget, gib, parse_bytes
 from lowbit.methods.mixed_precision import ESTIMATORS, Budget, candidate_list, mixed_plan
 from lowbit.transforms import bn_sources, equalize_model, fold_batchnorm, layer_order, \
     swap_layers, trace
@@ -315,8 +315,8 @@ def quantize(model: nn.Module, config: PTQConfig | None = None, calib_data=None,
 
 
 # The plan is solved for the budget less this margin: the file's non-code bytes are measured on
-# the uniform plan before calibration, and the final file differs from it by its model name
-# (a torchvision spec, a user's module path) and calibrated details; it is measured afterwards.
+# a dry run at the uniform plan, and the final file's header differs from it by its model name
+# (a torchvision spec, a user's module path) and its width fields; it is measured afterwards.
 SIZE_MARGIN_BYTES = 256
 
 
@@ -361,7 +361,7 @@ def _quantize(model: nn.Module, config: PTQConfig, images, budget, device: torch
         raise ConfigError("the model has no Conv2d or Linear layer to quantize")
     plan = config.policy().resolve(order, config.w_bits, config.a_bits)
     if mixed is not None:
-        plan = _mixed_plan(qmodel, config, plan, order, images, mixed)
+        plan = _mixed_plan(qmodel, config, plan, order, images, budget, mixed)
         notes.append(f"mixed precision: widths per layer chosen by {config.sensitivity} "
                      "sensitivity under the budget (the plan)")
     if config.a_bits is not None and not any(b.a_bits for b in plan.values()):
@@ -383,10 +383,9 @@ def _quantize(model: nn.Module, config: PTQConfig, images, budget, device: torch
 
 
 def _mixed_plan(model: nn.Module, config: PTQConfig, plan: dict, order: list[str], images,
-                mixed: dict) -> dict:
+                budget: MemoryBudget, mixed: dict) -> dict:
     """The plan with widths chosen under the budget (:mod:`lowbit.methods.mixed_precision`)
-    on the folded float ``model``; the file's non-code bytes are those of the packed file of the
-    uniform plan (weights quantized, inputs not yet calibrated) plus a margin."""
+    on the folded float ``model``."""
     fixed = config.policy().fixed(order)
     free = [n for n in plan if n not in fixed]
     batches, n = [], 0
@@ -397,18 +396,40 @@ def _mixed_plan(model: nn.Module, config: PTQConfig, plan: dict, order: list[str
             break
     candidates = candidate_list(config.w_candidates, config.a_candidates, config.a_bits)
     weights = {name: model.get_submodule(name).weight.detach() for name in plan}
-    if "fixed_bytes" not in mixed:  # the file of the uniform plan, less its codes
-        probe = prepare(copy.deepcopy(model), config, plan, folded=False)
-        calibrate_weights(probe, config)
-        probe.lowbit = QuantInfo("ptq", config.to_dict(), plan, False)
-        codes = sum((w.numel() * plan[name].w_bits + 7) // 8 for name, w in weights.items())
-        mixed["fixed_bytes"] = packed_file_size(probe) - codes + SIZE_MARGIN_BYTES
+    if "fixed_bytes" not in mixed:
+        mixed["fixed_bytes"] = _file_overhead(model, config, plan, batches[0][:2], budget)
     new_plan, report = mixed_plan(
         model, plan, free, config.budget(), candidates, config.sensitivity, batches,
         lambda name, bits: quantized_weight(weights[name], config, bits),
         mixed["fixed_bytes"], config.hessian_samples, config.seed, mixed)
     mixed["report"] = report
     return new_plan
+
+
+def _file_overhead(model: nn.Module, config: PTQConfig, plan: dict, sample: torch.Tensor,
+                   budget: MemoryBudget) -> int:
+    """Bytes of the packed file beside its weight codes: a dry run of the pipeline at the
+    uniform ``plan`` on two images (nearest rounding and no empirical correction: they change
+    values, not sizes), exported and measured, less its codes. Every input quantizer's
+    parameters (per channel where the recipe says so) are then in the file as they will be.
+    The per-channel width lists of weight bit allocation are counted for every layer whether
+    or not this plan's widths happen to vary, and a margin covers the header's few changes."""
+    quick = replace(config, w_round="nearest", empirical_bias_correction=False)
+    probe = prepare(copy.deepcopy(model), quick, plan, folded=False)
+    calibrate_weights(probe, quick)
+    images = ActivationStore(budget, "the size probe's images")
+    images.append(sample)
+    calibrate_activations(probe, images, quick, list(plan), budget)
+    probe.lowbit = QuantInfo("ptq", config.to_dict(), plan, False)
+    total = packed_file_size(probe)
+    for name in plan:
+        layer = probe.get_submodule(name)
+        rows, widths = layer.weight.shape[0], affine_part(layer.weight_quantizer).bits.reshape(-1)
+        total -= (layer.weight.numel() * plan[name].w_bits + 7) // 8
+        if bool((widths != widths[0]).any()):
+            total -= rows  # this plan's width list, counted below for every layer alike
+        total += rows if config.w_bit_alloc else 0
+    return total + SIZE_MARGIN_BYTES
 
 
 def _segment_graphs(model: nn.Module, example: torch.Tensor, plan: dict) -> tuple[list | None, str]:
