@@ -112,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--recipe", help="YAML with 'method', method keys and a 'train' mapping; "
                                     "flags override it")
     t.add_argument("--resume", action="store_true", help="continue the run in --out")
+    t.add_argument("--plan", help="qat / lsq: fine-tune the per-layer widths of a mixed-precision "
+                                  "`lowbit quantize` report.json")
     t.add_argument("--w-bits", type=int)
     t.add_argument("--a-bits", type=_bits_or_none, default=argparse.SUPPRESS)
     t.add_argument("--lambda-s", type=float, help="PSG gradient scale (150)")
@@ -370,6 +372,7 @@ def cmd_quantize(args) -> int:
 
 def _training_from_args(args):
     from lowbit.models import model_info
+    from lowbit.policy import plan_overrides
     from lowbit.recipes import read_recipe
     from lowbit.training import TrainConfig
 
@@ -383,6 +386,12 @@ def _training_from_args(args):
     if "a_bits" in vars(args):
         method_flags["a_bits"] = args.a_bits
     values.update({k: v for k, v in method_flags.items() if v is not None or k == "a_bits"})
+    if args.plan:
+        if method not in PLAN_METHODS:
+            raise ConfigError(f"--plan fine-tunes a mixed-precision plan with "
+                              f"{' or '.join(PLAN_METHODS)}, not {method}")
+        values["overrides"] = {**(values.get("overrides") or {}),
+                               **plan_overrides(_read_plan(args.plan))}
     train_flags = {"epochs": args.epochs, "batch_size": args.train_batch_size, "lr": args.lr,
                    "optimizer": args.optimizer, "schedule": args.schedule,
                    "milestones": args.milestones, "weight_decay": args.weight_decay,
@@ -395,6 +404,30 @@ def _training_from_args(args):
     train_values.update({k: v for k, v in train_flags.items() if v is not None})
     train_values.setdefault("reflect_pad", model_info(args.model).reflect_pad)
     return method, values, TrainConfig.from_dict(train_values)
+
+
+PLAN_METHODS = ("qat", "lsq")  # the methods with per-layer affine widths
+
+
+def _read_plan(path: str) -> dict:
+    """The per-layer ``[w_bits, a_bits]`` of a mixed-precision ``lowbit quantize`` report.json."""
+    import json
+
+    try:
+        report = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"--plan {path}: no such file") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ConfigError(f"--plan {path} is not a JSON report: {e}") from None
+    mixed = report.get("mixed_precision") if isinstance(report, dict) else None
+    bits = mixed.get("bits") if isinstance(mixed, dict) else None
+    if not isinstance(bits, dict) or not bits or not all(
+            isinstance(v, list) and len(v) == 2 and isinstance(v[0], int)
+            and (v[1] is None or isinstance(v[1], int)) for v in bits.values()):
+        raise ConfigError(f"--plan {path} holds no mixed-precision plan (mixed_precision.bits); "
+                          "write one with lowbit quantize --size-budget, --avg-bits or "
+                          "--bops-budget")
+    return bits
 
 
 def cmd_train(args) -> int:

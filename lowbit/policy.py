@@ -71,6 +71,18 @@ class LayerPolicy:
                        if any(_match(p, name) for p in self.overrides)}
 
 
+def plan_overrides(bits: dict) -> dict[str, dict]:
+    """``overrides`` that pin every layer of a per-layer plan at its widths: ``bits`` maps a
+    layer name to ``[w_bits, a_bits]`` (a mixed-precision report's ``bits``) or to a
+    :class:`LayerBits` (a quantized model's ``model.lowbit.plan``). For QAT / LSQ from a mixed
+    plan; names are escaped, so each matches its own layer only."""
+    overrides = {}
+    for name, widths in bits.items():
+        w, a = (widths.w_bits, widths.a_bits) if isinstance(widths, LayerBits) else widths
+        overrides[regex.escape(name)] = {"w_bits": w, "a_bits": a}
+    return overrides
+
+
 MATCH_SECONDS = 0.1  # a pattern that needs longer on a layer name is a backtracking bomb
 
 

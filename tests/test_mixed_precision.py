@@ -12,7 +12,7 @@ from torch import nn
 import lowbit
 from lowbit.cli import main
 from lowbit.data import Batches
-from lowbit.deploy import export_packed
+from lowbit.deploy import IntegerEngine, OnnxRunner, export_packed, load_packed, lower, to_onnx
 from lowbit.errors import ConfigError
 from lowbit.methods.mixed_precision import greedy, hessian_traces, solve
 from lowbit.methods.ptq import SIZE_MARGIN_BYTES, PTQConfig
@@ -167,3 +167,68 @@ def test_cli_size_budget(capsys, tmp_path, digits_fp):
                  "digits", "--size-budget", "10", "--out", str(tmp_path / "tiny")])
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1
+
+
+def test_lsq_fine_tunes_a_mixed_plan(capsys, tmp_path, digits_fp):
+    """``lowbit train --method lsq --plan report.json``: the trained model's layers carry the
+    plan's widths, and it exports as packed file, integer engine and ONNX alike."""
+    from lowbit.training.run import load_trained
+
+    data, model = digits_fp
+    ckpt = tmp_path / "fp.pt"
+    torch.save(model.state_dict(), ckpt)
+    code = main(["quantize", "--model", "digits_cnn", "--checkpoint", str(ckpt), "--data",
+                 "digits", "--w-bits", "4", "--calib", "256", "--avg-bits", "3",
+                 "--out", str(tmp_path / "q")])
+    assert code == 0, capsys.readouterr().err
+    plan = json.loads((tmp_path / "q" / "report.json").read_text())["mixed_precision"]["bits"]
+    assert len({w for w, _ in plan.values()}) > 2  # 8 at the ends and mixed between
+    code = main(["train", "--model", "digits_cnn", "--checkpoint", str(ckpt), "--data", "digits",
+                 "--method", "lsq", "--plan", str(tmp_path / "q" / "report.json"), "--epochs",
+                 "1", "--train-limit", "256", "--no-augment", "--out", str(tmp_path / "lsq")])
+    assert code == 0, capsys.readouterr().err
+    trained = load_trained(torch.load(tmp_path / "lsq" / "model.pt", weights_only=False),
+                           torch.zeros(1, 1, 8, 8))
+    for name, (w, a) in plan.items():
+        layer = trained.get_submodule(name)
+        assert layer.weight_quantizer.bits == w and layer.input_quantizer.bits == a, name
+    for fmt in ("lowbit", "onnx"):
+        code = main(["export", "--checkpoint", str(tmp_path / "lsq" / "model.pt"), "--format",
+                     fmt, "--out", str(tmp_path / f"m.{fmt}")])
+        assert code == 0, capsys.readouterr().err
+    x = torch.cat([x for x, _ in Batches(data.test, data.normalization(), 256)])
+    assert torch.equal(load_packed(tmp_path / "m.lowbit")[0](x), trained(x))
+    simulated = lower(trained).simulation()(x)
+    agree = (OnnxRunner(tmp_path / "m.onnx")(x).argmax(1) == simulated.argmax(1)).float().mean()
+    assert agree >= 0.99
+    fully = lower(trained, [x[:256]])  # the BatchNorms stay: their outputs quantized too
+    agree = (IntegerEngine(fully)(x).argmax(1) == fully.simulation()(x).argmax(1)).float().mean()
+    assert agree >= 0.99
+
+
+def test_a_mixed_ptq_model_runs_on_the_integer_engine_and_onnxruntime(digits_calib):
+    model, calib, data = digits_calib
+    q = lowbit.quantize(model, PTQConfig(w_bits=4, a_bits=8, calib=256, avg_bits=3.0), calib)
+    assert len({b.w_bits for b in q.lowbit.plan.values()}) > 2
+    x = torch.cat([x for x, _ in Batches(data.test, data.normalization(), 256)])
+    lowering = lower(q)
+    simulated = lowering.simulation()(x)
+    assert torch.allclose(simulated, q(x), atol=1e-5)
+    for out in (IntegerEngine(lowering)(x), OnnxRunner(to_onnx(lowering, (1, 1, 8, 8)))(x)):
+        assert (out.argmax(1) == simulated.argmax(1)).float().mean() >= 0.99
+
+
+@pytest.mark.parametrize("plan, message", [
+    (None, "no such file"), ("{", "not a JSON report"), ('{"mixed_precision": null}', "no mixed"),
+    ('{"mixed_precision": {"bits": {"conv1": [4]}}}', "no mixed")])
+def test_bad_plan_files(plan, message, capsys, tmp_path, digits_fp):
+    path = tmp_path / "report.json"
+    if plan is not None:
+        path.write_text(plan)
+    code = main(["train", "--model", "digits_cnn", "--data", "digits", "--method", "lsq",
+                 "--plan", str(path), "--epochs", "1", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    code = main(["train", "--model", "digits_cnn", "--data", "digits", "--method", "bnn",
+                 "--plan", str(path), "--epochs", "1", "--out", str(tmp_path / "run")])
+    assert code == 2 and "qat or lsq" in capsys.readouterr().err
