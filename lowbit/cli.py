@@ -151,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="lowbit: packed file; onnx: QDQ ONNX; openvino: OpenVINO IR (.xml + "
                          ".bin) of the same QDQ graph")
     ex.add_argument("--out", required=True, help="the file to write, e.g. model.lowbit")
+    ex.add_argument("--entropy", choices=["huffman"], help="packed file: Huffman-code the weight "
+                    "codes (pruned k-means weights sparse, by relative index, where smaller)")
     ex.add_argument("--input-shape", help="C,H,W of one input for ONNX (default: the model's)")
     ex.add_argument("--model", help="the package.module:factory the checkpoint names, to allow "
                                     "running that model code (registry and torchvision models "
@@ -499,12 +501,16 @@ def cmd_export(args) -> int:
         raise ConfigError(f"{args.checkpoint} is neither a quantized checkpoint (lowbit quantize) "
                           "nor a trained model (lowbit train's model.pt)")
     if args.format in ("onnx", "openvino"):
+        if args.entropy:
+            raise ConfigError(f"--entropy codes the packed file (--format lowbit), not "
+                              f"{args.format}")
         return _export_onnx(qmodel, payload, args)
     path = export_packed(qmodel, Path(args.out), payload["model"], payload.get("num_classes"),
-                         trained=trained)
+                         trained=trained, entropy=args.entropy)
     size, ideal = path.stat().st_size, quantized_size_bytes(qmodel)
-    print(f"wrote {path}: {size / 1024:.1f} KiB (ideal {ideal / 1024:.1f} KiB, "
-          f"{100 * (size - ideal) / ideal:+.1f}%)")
+    coded = ", weight codes Huffman-coded" if args.entropy else ""
+    print(f"wrote {path}: {size / 1024:.1f} KiB (ideal {ideal / 1024:.1f} KiB at fixed widths, "
+          f"{100 * (size - ideal) / ideal:+.1f}%{coded})")
     return 0
 
 

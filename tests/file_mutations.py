@@ -27,7 +27,7 @@ from lowbit.io import load_torch
 from lowbit.methods import training_method
 from lowbit.training.run import TRAINED_FORMAT, load_trained
 
-KINDS = ("packed", "packed_kmeans", "quantized", "trained")
+KINDS = ("packed", "packed_kmeans", "packed_huffman", "quantized", "trained")
 
 SPECS = ["os:system", "subprocess:getoutput", "lowbit.io:write_text", "builtins:eval",
          "torchvision.models:vit_h_14", "torchvision.models:get_model", "resnet20", "digits_cnn",
@@ -46,7 +46,8 @@ VALUES = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=4)
 
 def make_files(root, data, fp):
     """Real files of every format lowbit loads, from a float digits CNN: a PTQ packed file
-    (per-channel widths, bias correction), a k-means packed file (a trained method), the PTQ
+    (per-channel widths, bias correction), a k-means packed file (a trained method), a pruned
+    k-means packed file with Huffman-coded, relative-index codes, the PTQ
     ``quantized.pt`` and the k-means ``model.pt``; returns (paths, input, outputs)."""
     calib = Batches(data.train, data.normalization(), 256)
     x = next(iter(Batches(data.test, data.normalization(), 64)))[0]
@@ -56,16 +57,22 @@ def make_files(root, data, fp):
     km = method.prepare(copy.deepcopy(fp), x[:8])
     trained = {"method": "kmeans", "method_config": method.config.to_dict(),
                "input_shape": list(x.shape[1:])}
+    sparse = training_method("kmeans", {"w_bits": 3, "prune": 0.6})  # Huffman, relative indices
+    pruned = sparse.prepare(copy.deepcopy(fp), x[:8])
+    pruned_trained = {**trained, "method_config": sparse.config.to_dict()}
     paths = {"packed": export_packed(q, root / "q.lowbit", "digits_cnn"),
              "packed_kmeans": export_packed(km, root / "km.lowbit", "digits_cnn", 10,
                                             trained=trained),
+             "packed_huffman": export_packed(pruned, root / "huff.lowbit", "digits_cnn", 10,
+                                             trained=pruned_trained, entropy="huffman"),
              "quantized": save_quantized(root / "q.pt", q, "digits_cnn"),
              "trained": root / "model.pt"}
     torch.save({"format": TRAINED_FORMAT, "state_dict": km.state_dict(), "model": "digits_cnn",
                 "num_classes": 10, "method": "kmeans",
                 "method_config": trained["method_config"]}, paths["trained"])
     with torch.no_grad():
-        outputs = {"packed": q(x), "quantized": q(x), "packed_kmeans": km(x), "trained": km(x)}
+        outputs = {"packed": q(x), "quantized": q(x), "packed_kmeans": km(x), "trained": km(x),
+                   "packed_huffman": pruned(x)}
     return paths, x, outputs
 
 

@@ -109,6 +109,12 @@ def test_size_budget_is_met_by_the_exported_file(digits_calib, tmp_path):
     with pytest.raises(ConfigError, match="cannot be met: the narrowest widths allowed"):
         lowbit.quantize(model, PTQConfig(w_bits=4, a_bits=8, calib=256,
                                          size_budget=int(budget * 0.5)), calib)
+    # just below the narrowest plan, with the 8-bit first / last layer counted at 8 bits
+    uniform2 = lowbit.quantize(model, PTQConfig(w_bits=2, a_bits=8, calib=256), calib)
+    narrowest = export_packed(uniform2, tmp_path / "u2.lowbit", "digits_cnn").stat().st_size
+    with pytest.raises(ConfigError, match="cannot be met: the narrowest widths allowed"):
+        lowbit.quantize(model, PTQConfig(w_bits=4, a_bits=8, calib=256,
+                                         size_budget=narrowest - 64), calib)
 
 
 @pytest.mark.parametrize("recipe", ["ptq-w4a4-best", "ptq-w4a4-deploy"])

@@ -49,6 +49,7 @@ from lowbit.checkpoint import check_loaded_state, quantized_header, rebuild_quan
     rebuild_trained
 from lowbit.deploy.bitpack import MAX_BITS, pack_rows, packed_size, unpack_rows
 from lowbit.deploy.codes import decode, encode
+from lowbit.deploy.entropy import CODINGS, decode_codes, encode_codes
 from lowbit.errors import CheckpointError, ConfigError
 from lowbit.io import atomic_write, load_weights
 from lowbit.methods import TRAINING_METHODS
@@ -56,7 +57,7 @@ from lowbit.nn.layers import QUANT_LAYERS
 from lowbit.nn.quantizer import AffineQuantizer, CorrectedQuantizer, affine_part
 from lowbit.quant.affine import integer_range
 
-FORMAT, VERSION = "lowbit-packed", 1
+FORMAT, VERSION = "lowbit-packed", 2  # 2: Huffman-coded weights
 MAX_HEADER_BYTES = 64 << 20     # the inflated JSON header (a compression bomb is refused)
 MAX_INPUT_NUMEL = 3 * 2048 * 2048  # the input a trained model is rebuilt on
 
@@ -91,16 +92,21 @@ def _checksum(blobs: dict[str, torch.Tensor], header: bytes) -> str:
 
 
 def export_packed(qmodel, path, model_spec: str, num_classes: int | None = None,
-                  trained: dict | None = None) -> Path:
+                  trained: dict | None = None, entropy: str | None = None) -> Path:
     """Write a quantized model as a packed file; returns the path.
 
     ``qmodel`` comes from :func:`lowbit.quantize`, or, with ``trained`` = ``{"method",
-    "method_config", "input_shape"}``, from a ``lowbit train`` run (its ``model.pt``)."""
+    "method_config", "input_shape"}``, from a ``lowbit train`` run (its ``model.pt``).
+    ``entropy="huffman"`` Huffman-codes every weight's codes of up to 8 bits, pruned k-means
+    weights stored sparsely where that is smaller (:mod:`lowbit.deploy.entropy`; such a file
+    is format version 2)."""
+    if entropy is not None and entropy not in CODINGS:
+        raise ConfigError(f"entropy must be one of {', '.join(CODINGS)}, got {entropy!r}")
     if trained is not None:
         header = {"model": model_spec, "num_classes": num_classes, "trained": trained}
     else:
         header = quantized_header(qmodel, model_spec, num_classes)
-    header.update(format=FORMAT, version=VERSION, weights={})
+    header.update(format=FORMAT, version=1, weights={})
     tensors: dict[str, torch.Tensor] = {}
     state = qmodel.state_dict()
     skip = set()
@@ -127,8 +133,16 @@ def export_packed(qmodel, path, model_spec: str, num_classes: int | None = None,
             params = encoded.params
             skip.update(k for k in state if k.startswith(slot_prefix))
             entry = {"kind": encoded.kind}
-        packed = pack_rows(codes.numpy(), widths.numpy())
-        tensors[f"{key}.codes"] = torch.from_numpy(packed)
+        coded = encode_codes(codes.numpy(), _pruned_code(entry["kind"], params)) \
+            if entropy else None
+        if coded is None:
+            tensors[f"{key}.codes"] = torch.from_numpy(pack_rows(codes.numpy(), widths.numpy()))
+        else:
+            tensors[f"{key}.codes"] = _byte_tensor(coded.codes)
+            if coded.gaps is not None:
+                tensors[f"{key}.gaps"] = _byte_tensor(coded.gaps)
+            entry["entropy"] = coded.header()
+            header["version"] = 2
         for param, value in params.items():
             tensors[f"{key}.{param}"] = value
         varying = bool((widths != widths[0]).any())
@@ -143,11 +157,20 @@ def export_packed(qmodel, path, model_spec: str, num_classes: int | None = None,
             tensors[key] = value.contiguous()
     blobs, header["index"] = _bundle(tensors)
     packed_header = zlib.compress(json.dumps(header, separators=(",", ":")).encode(), 9)
-    metadata = {"format": FORMAT, "version": str(VERSION),
+    metadata = {"format": FORMAT, "version": str(header["version"]),
                 "header": base64.b64encode(packed_header).decode(),
                 "sha256": _checksum(blobs, packed_header)}
     data = st_save(blobs, metadata=metadata)
     return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+def _pruned_code(kind: str, params: dict) -> int | None:
+    """The code of a pruned weight (k-means: the code past the k clusters), else None."""
+    return params["codebook"].shape[-1] if kind == "kmeans" else None
+
+
+def _byte_tensor(data: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 
 def is_packed_file(path) -> bool:
@@ -292,15 +315,43 @@ def _load_weight(key: str, meta, modules: dict, tensors: dict, where: str) -> di
     widths = _widths(meta, tensors.get(f"{key}.bits"), rows, q, reference, where)
     per_row = layer.weight.numel() // rows
     packed = tensors.get(f"{key}.codes")
-    need = sum(packed_size(per_row, int(b)) for b in widths) if len(set(widths.tolist())) > 1 \
-        else packed_size(rows * per_row, int(widths[0]))
-    if packed is None or packed.dtype != torch.uint8 or packed.shape != (need,):
-        raise untrusted.refuse(f"{where} codes", f"must be {need} bytes of uint8 codes")
-    codes = torch.from_numpy(unpack_rows(packed.numpy(), widths.numpy(), rows, per_row))
+    if meta.get("entropy") is not None:
+        codes = _entropy_codes(meta["entropy"], packed, tensors.get(f"{key}.gaps"), rows,
+                               per_row, widths, _pruned_code(kind, params), where)
+    else:
+        need = sum(packed_size(per_row, int(b)) for b in widths) \
+            if len(set(widths.tolist())) > 1 else packed_size(rows * per_row, int(widths[0]))
+        if packed is None or packed.dtype != torch.uint8 or packed.shape != (need,):
+            raise untrusted.refuse(f"{where} codes", f"must be {need} bytes of uint8 codes")
+        codes = torch.from_numpy(unpack_rows(packed.numpy(), widths.numpy(), rows, per_row))
     if q is None:
         layer.weight_quantizer = nn.Identity()
         return {key: decode(kind, codes, params).reshape(layer.weight.shape)}
     return _affine_state(key, meta, slot, q, codes, params, widths, where)
+
+
+def _entropy_codes(coding, packed, gaps, rows: int, per_row: int, widths: torch.Tensor,
+                   pruned: int | None, where: str) -> torch.Tensor:
+    """The ``[rows, per_row]`` codes of a Huffman-coded weight, after checking its header
+    entry, and that every code fits its row's width."""
+    coding = untrusted.mapping(coding, f"{where} entropy")
+    kind = untrusted.text(coding.get("coding"), f"{where} entropy coding",
+                          ["huffman", "huffman-sparse"])
+    count = rows * per_row
+    untrusted.integer(coding.get("count"), f"{where} entropy count", count, count)
+    untrusted.integer(coding.get("kept"), f"{where} entropy kept", 0, count)
+    streams = [packed] + ([gaps] if kind == "huffman-sparse" else [])
+    if any(t is None or t.dtype != torch.uint8 or t.dim() != 1 for t in streams):
+        raise untrusted.refuse(f"{where} codes", "must be uint8 Huffman streams")
+    try:
+        flat = decode_codes(coding, packed.numpy().tobytes(),
+                            gaps.numpy().tobytes() if gaps is not None else None, pruned, where)
+    except ConfigError as e:
+        raise untrusted.refuse(f"{where} codes", str(e).removeprefix(f"{where}: ")) from None
+    codes = torch.from_numpy(flat.reshape(rows, per_row))
+    if bool((codes >= (2 ** widths).reshape(-1, 1)).any()):
+        raise untrusted.refuse(f"{where} codes", "hold a code past the row's width")
+    return codes
 
 
 def _widths(meta: dict, stored, rows: int, q, reference, where: str) -> torch.Tensor:

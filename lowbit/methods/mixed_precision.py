@@ -290,7 +290,7 @@ def mixed_plan(model: nn.Module, plan: dict[str, LayerBits], free: list[str], bu
     if budget.bops is not None:
         limits["bops"] = budget.bops
     for key, limit in limits.items():
-        need = sum(min(costs[key][n].values()) for n in names)
+        need = sum(min(costs[key][n][c] for c in omega[n]) for n in names)
         if need > limit:
             extra = fixed_bytes if key == "size_bytes" else 0
             raise ConfigError(f"the {BUDGET_NAMES[key]} {getattr(budget, key):g} cannot be met: "
