@@ -99,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--avg-bits", type=float, help="mixed precision: mean weight width")
     q.add_argument("--bops-budget", type=float, help="mixed precision: bit operations per "
                    "image, sum of MACs x weight bits x input bits")
+    q.add_argument("--size-entropy", choices=["huffman"], help="mixed precision: --size-budget "
+                   "counts the Huffman-coded file (lowbit export --entropy huffman)")
     q.add_argument("--sensitivity", help="mixed precision estimator: hessian (HAWQ-V2 trace, "
                    "default) or output (measured logit KL)")
 
@@ -201,7 +203,8 @@ def _config_from_args(args):
              "bias_correction": args.bias_correction,
              "calib_batch_size": args.calib_batch_size, "calib_memory": args.calib_memory,
              "size_budget": args.size_budget, "avg_bits": args.avg_bits,
-             "bops_budget": args.bops_budget, "sensitivity": args.sensitivity}
+             "bops_budget": args.bops_budget, "sensitivity": args.sensitivity,
+             "size_entropy": args.size_entropy}
     values.update({k: v for k, v in flags.items() if v is not None})
     for flag in ("a_bits", "first_last_bits"):  # given on the command line (None = 'none')
         if flag in vars(args):

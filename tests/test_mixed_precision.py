@@ -133,6 +133,26 @@ def test_size_prediction_holds_with_per_channel_inputs_and_bit_allocation(recipe
     assert 0 <= q.lowbit.mixed["predicted"]["size_bytes"] - size <= SIZE_MARGIN_BYTES + 0.01 * size
 
 
+def test_size_budget_can_count_the_huffman_coded_file(digits_calib, tmp_path):
+    model, calib, _ = digits_calib
+    uniform = lowbit.quantize(model, PTQConfig(w_bits=3, a_bits=8, calib=256), calib)
+    budget = export_packed(uniform, tmp_path / "u3.lowbit", "digits_cnn",
+                           entropy="huffman").stat().st_size
+    plain = lowbit.quantize(model, PTQConfig(w_bits=4, a_bits=8, calib=256, size_budget=budget),
+                            calib)
+    coded = lowbit.quantize(model, PTQConfig(w_bits=4, a_bits=8, calib=256, size_budget=budget,
+                                             size_entropy="huffman"), calib)
+    size = export_packed(coded, tmp_path / "h.lowbit", "digits_cnn",
+                         entropy="huffman").stat().st_size
+    assert size <= budget
+    assert 0 <= coded.lowbit.mixed["predicted"]["size_bytes"] - size <= SIZE_MARGIN_BYTES \
+        + 0.01 * size
+    bits = lambda q: sum(b.w_bits for b in q.lowbit.plan.values())  # noqa: E731
+    assert bits(coded) > bits(plain)  # the coded file leaves room for wider layers
+    with pytest.raises(ConfigError, match="size_entropy"):
+        PTQConfig(size_entropy="zip").validate()
+
+
 def test_average_bits_and_bops_budgets(digits_calib):
     model, calib, _ = digits_calib
     q = lowbit.quantize(model, PTQConfig(w_bits=4, a_bits=8, calib=256, avg_bits=3.5), calib)

@@ -62,7 +62,7 @@ MAX_HEADER_BYTES = 64 << 20     # the inflated JSON header (a compression bomb i
 MAX_INPUT_NUMEL = 3 * 2048 * 2048  # the input a trained model is rebuilt on
 
 
-def _codes(w: torch.Tensor, q: AffineQuantizer):
+def affine_codes(w: torch.Tensor, q: AffineQuantizer):
     """([rows, n] codes - q_min as int64, per-row widths) of a weight on its quantizer's grid."""
     rows = q.codes(w.detach()).reshape(w.shape[0] if q.axis is not None else 1, -1)
     col = (lambda t: t.reshape(-1, 1)) if q.scale.dim() else (lambda t: t)
@@ -120,7 +120,7 @@ def export_packed(qmodel, path, model_spec: str, num_classes: int | None = None,
             if not q.calibrated:
                 raise ConfigError(f"{name}: the weight quantizer was never calibrated; quantize "
                                   "the model before exporting it")
-            codes, widths = _codes(layer.weight, q)
+            codes, widths = affine_codes(layer.weight, q)
             prefix = slot_prefix + ("quantizer." if isinstance(layer.weight_quantizer,
                                                                CorrectedQuantizer) else "")
             params = {"scale": q.scale.float(), "zero_point": q.zero_point.to(torch.int32)}

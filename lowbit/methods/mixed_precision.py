@@ -247,25 +247,30 @@ def greedy(omega, costs, limits) -> dict[str, tuple]:
 # The plan
 
 
-def budget_costs(shapes: dict[str, LayerShape], candidates) -> dict[str, dict[str, dict]]:
-    """Per budget kind, per layer, per candidate: the cost that kind adds up."""
+def budget_costs(shapes: dict[str, LayerShape], candidates,
+                 code_bytes=None) -> dict[str, dict[str, dict]]:
+    """Per budget kind, per layer, per candidate: the cost that kind adds up. ``code_bytes(name,
+    w_bits)``: a layer's bytes in the file (default: its codes bit-packed at one width)."""
     total_weights = sum(s.weights for s in shapes.values())
+    code_bytes = code_bytes or (lambda name, bits: shapes[name].code_bytes(bits))
     return {
-        "size_bytes": {n: {c: s.code_bytes(c[0]) for c in candidates} for n, s in shapes.items()},
-        "avg_bits": {n: {c: c[0] * s.weights / total_weights for c in candidates}
+        "size_bytes": {n: {c: code_bytes(n, c[0]) for c in candidates[n]} for n in shapes},
+        "avg_bits": {n: {c: c[0] * s.weights / total_weights for c in candidates[n]}
                      for n, s in shapes.items()},
-        "bops": {n: {c: s.macs * c[0] * (c[1] or FLOAT_INPUT_BITS) for c in candidates}
+        "bops": {n: {c: s.macs * c[0] * (c[1] or FLOAT_INPUT_BITS) for c in candidates[n]}
                  for n, s in shapes.items()}}
 
 
 def mixed_plan(model: nn.Module, plan: dict[str, LayerBits], free: list[str], budget: Budget,
                candidates, estimator: str, batches: list[torch.Tensor], quantized_weight,
                fixed_bytes: int, hessian_samples: int = 32, seed: int = 0,
-               cache: dict | None = None):
+               cache: dict | None = None, code_bytes=None):
     """``(plan, report)``: ``plan`` with the ``free`` layers' widths chosen under ``budget``;
     the other layers keep theirs and count against it. ``fixed_bytes``: the packed file's size
     beside the weight codes. ``cache`` keeps the sensitivities between calls (a second solve
-    with a measured ``fixed_bytes``). ``report``: the estimator, the sensitivities, the chosen
+    with a measured ``fixed_bytes``). ``code_bytes(name, w_bits)``: a layer's bytes in the file
+    (default: bit-packed at one width; the PTQ pipeline passes Banner's widths or the Huffman
+    coder's measured size). ``report``: the estimator, the sensitivities, the chosen
     bits and the predicted cost of each budget kind."""
     if estimator not in ESTIMATORS:
         raise ConfigError(f"sensitivity must be one of {', '.join(ESTIMATORS)}, got {estimator!r}")
@@ -281,7 +286,9 @@ def mixed_plan(model: nn.Module, plan: dict[str, LayerBits], free: list[str], bu
     for n in names:  # the policy's layers: their one width, no sensitivity to minimise
         if n not in free:
             omega[n] = {(plan[n].w_bits, plan[n].a_bits): 0.0}
-    costs = budget_costs(shapes, {c for cands in omega.values() for c in cands})
+    if "costs" not in cache:  # coded sizes run the coder: once per layer and width
+        cache["costs"] = budget_costs(shapes, {n: list(omega[n]) for n in names}, code_bytes)
+    costs = cache["costs"]
     limits = {}
     if budget.size_bytes is not None:
         limits["size_bytes"] = budget.size_bytes - fixed_bytes

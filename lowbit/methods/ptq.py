@@ -105,6 +105,7 @@ class PTQConfig(ConfigMixin):
     w_candidates: list[int] = field(default_factory=lambda: [2, 3, 4, 6, 8])
     a_candidates: list[int] = field(default_factory=list)
     sensitivity: str = "hessian"
+    size_entropy: str | None = None  # "huffman": size_budget counts the Huffman-coded file
     sensitivity_images: int = 256
     hessian_samples: int = 32
     seed: int = 0
@@ -156,6 +157,11 @@ class PTQConfig(ConfigMixin):
             raise ConfigError("w_candidates must list at least one weight width")
         if self.a_candidates and self.a_bits is None:
             raise ConfigError("a_candidates choose input widths: they need a_bits")
+        from lowbit.deploy.entropy import CODINGS  # lowbit.deploy imports the methods
+
+        if self.size_entropy is not None and self.size_entropy not in CODINGS:
+            raise ConfigError(f"size_entropy must be one of {', '.join(CODINGS)} or null, "
+                              f"got {self.size_entropy!r}")
         if self.sensitivity not in ESTIMATORS:
             raise ConfigError(f"sensitivity must be one of {', '.join(ESTIMATORS)}, "
                               f"got {self.sensitivity!r}")
@@ -249,13 +255,6 @@ def calibrate_weights(model: nn.Module, config: PTQConfig) -> None:
 
 
 @torch.no_grad()
-def quantized_weight(w: torch.Tensor, config: PTQConfig, w_bits: int) -> torch.Tensor:
-    """``w`` through the weight quantizer a PTQ run with ``config`` gives it at ``w_bits``."""
-    slot = _weight_quantizer(config, LayerBits(w_bits, None), "weight")
-    fit_weight(slot, w, config)
-    return slot(w)
-
-
 def fit_weight(slot: nn.Module, w: torch.Tensor, config: PTQConfig) -> None:
     """Range (and bit allocation, bias correction) of one weight quantizer slot from ``w``."""
     quantizer = affine_part(slot)
@@ -304,7 +303,7 @@ def quantize(model: nn.Module, config: PTQConfig | None = None, calib_data=None,
     qmodel.lowbit = QuantInfo("ptq", config.to_dict(), plan, folded, notes, 0.0, pairs,
                               mixed=mixed.get("report") if mixed else None)
     if mixed is not None and config.budget().size_bytes is not None:
-        measured = packed_file_size(qmodel)
+        measured = packed_file_size(qmodel, config.size_entropy)
         mixed["report"]["measured_bytes"] = measured
         if measured > config.budget().size_bytes:  # the margin below was too small
             warnings.warn(f"the packed file is {measured} bytes, "
@@ -320,16 +319,41 @@ def quantize(model: nn.Module, config: PTQConfig | None = None, calib_data=None,
 SIZE_MARGIN_BYTES = 256
 
 
-def packed_file_size(qmodel: nn.Module) -> int:
-    """Bytes of the packed file ``lowbit export`` writes for ``qmodel`` (written to a
-    temporary folder and measured)."""
+def packed_file_size(qmodel: nn.Module, entropy: str | None = None) -> int:
+    """Bytes of the packed file ``lowbit export [--entropy ENTROPY]`` writes for ``qmodel``
+    (written to a temporary folder and measured)."""
     import tempfile
     from pathlib import Path
 
     from lowbit.deploy.packed import export_packed
 
     with tempfile.TemporaryDirectory() as folder:
-        return export_packed(qmodel, Path(folder) / "m.lowbit", "model").stat().st_size
+        return export_packed(qmodel, Path(folder) / "m.lowbit", "model",
+                             entropy=entropy).stat().st_size
+
+
+def _fitted_slot(w: torch.Tensor, config: PTQConfig, w_bits: int) -> nn.Module:
+    """The weight quantizer a PTQ run with ``config`` gives ``w`` at ``w_bits``, fitted."""
+    slot = _weight_quantizer(config, LayerBits(w_bits, None), "weight")
+    fit_weight(slot, w, config)
+    return slot
+
+
+def _code_bytes(w: torch.Tensor, slot: nn.Module, config: PTQConfig) -> int:
+    """Bytes of ``w``'s codes in the packed file on its fitted weight quantizer ``slot``:
+    bit-packed at their widths, or Huffman-coded with ``config.size_entropy`` (the coder run on
+    the codes)."""
+    from lowbit.deploy.bitpack import packed_size  # lowbit.deploy imports the methods
+    from lowbit.deploy.entropy import coded_bytes
+    from lowbit.deploy.packed import affine_codes
+
+    codes, widths = affine_codes(w, affine_part(slot))
+    coded = coded_bytes(codes.numpy()) if config.size_entropy else None
+    if coded is not None:
+        return coded
+    per_row = codes.shape[1]
+    return sum(packed_size(per_row, int(b)) for b in widths) if len(widths) == codes.shape[0] \
+        and len(set(widths.tolist())) > 1 else packed_size(codes.numel(), int(widths[0]))
 
 
 def _quantize(model: nn.Module, config: PTQConfig, images, budget, device: torch.device,
@@ -398,10 +422,17 @@ def _mixed_plan(model: nn.Module, config: PTQConfig, plan: dict, order: list[str
     weights = {name: model.get_submodule(name).weight.detach() for name in plan}
     if "fixed_bytes" not in mixed:
         mixed["fixed_bytes"] = _file_overhead(model, config, plan, batches[0][:2], budget)
+    slots = {}  # each layer's weight quantizer fitted once per width, for both uses
+
+    def slot(name, bits):
+        if (name, bits) not in slots:
+            slots[name, bits] = _fitted_slot(weights[name], config, bits)
+        return slots[name, bits]
     new_plan, report = mixed_plan(
         model, plan, free, config.budget(), candidates, config.sensitivity, batches,
-        lambda name, bits: quantized_weight(weights[name], config, bits),
-        mixed["fixed_bytes"], config.hessian_samples, config.seed, mixed)
+        lambda name, bits: slot(name, bits)(weights[name]),
+        mixed["fixed_bytes"], config.hessian_samples, config.seed, mixed,
+        code_bytes=lambda name, bits: _code_bytes(weights[name], slot(name, bits), config))
     mixed["report"] = report
     return new_plan
 
@@ -421,11 +452,11 @@ def _file_overhead(model: nn.Module, config: PTQConfig, plan: dict, sample: torc
     images.append(sample)
     calibrate_activations(probe, images, quick, list(plan), budget)
     probe.lowbit = QuantInfo("ptq", config.to_dict(), plan, False)
-    total = packed_file_size(probe)
+    total = packed_file_size(probe, config.size_entropy)
     for name in plan:
         layer = probe.get_submodule(name)
         rows, widths = layer.weight.shape[0], affine_part(layer.weight_quantizer).bits.reshape(-1)
-        total -= (layer.weight.numel() * plan[name].w_bits + 7) // 8
+        total -= _code_bytes(layer.weight.detach(), layer.weight_quantizer, config)
         if bool((widths != widths[0]).any()):
             total -= rows  # this plan's width list, counted below for every layer alike
         total += rows if config.w_bit_alloc else 0
