@@ -34,7 +34,10 @@ from train_speed import cpu_description  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results" / "deploy_agreement.json"
 SETTINGS = {"W8A8": lowbit.PTQConfig(w_bits=8, a_bits=8),
             "W4A4 deploy recipe": lowbit.load_recipe("ptq-w4a4-deploy"),
-            "W7A8 int8 deploy recipe": lowbit.load_recipe("ptq-int8-deploy")}
+            "W7A8 int8 deploy recipe": lowbit.load_recipe("ptq-int8-deploy"),
+            # mixed precision (issue 18): widths per layer at a 3-bit mean, through every path
+            "W4A4 deploy recipe mixed to avg 3 bits": lowbit.load_recipe("ptq-w4a4-deploy",
+                                                                          avg_bits=3.0)}
 RUNTIMES = ("integer engine", "onnxruntime", "openvino")
 
 

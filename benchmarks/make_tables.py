@@ -808,15 +808,14 @@ def mixed_precision_section(res: dict) -> list[str]:
              "(sensitivity + solve) under 30 s for ResNet-20. Times ran beside other jobs: upper "
              "bounds. Plots: `benchmarks/results/mixed_precision_<model>.png`.",
              "", "| model | row | packed KiB | predicted (error) | within budget | top-1 | weight "
-             "widths (layers) | search s | PTQ s |", "|---|---|---|---|---|---|---|---|---|"]
+             "widths (layers) | PTQ s |", "|---|---|---|---|---|---|---|---|"]
     summary = []
     for model, rows in res.items():
-        if model == "meta":
+        if model in ("meta", "search_cost"):
             continue
         for label, r in sorted(rows.items(), key=lambda kv: kv[1].get("bytes", 0)):
             if "error" in r:
-                lines.append(f"| {model} | {label} | - | - | refused: {r['error']} | - | - | - "
-                             "| - |")
+                lines.append(f"| {model} | {label} | - | - | refused: {r['error']} | - | - | - |")
                 continue
             counts = {}
             for bits in r["bits"].values():
@@ -828,9 +827,8 @@ def mixed_precision_section(res: dict) -> list[str]:
             budget = r["config"].get("size_budget")
             within = "-" if budget is None else ("yes" if r["bytes"] <= int(budget) else
                                                  f"no (+{r['bytes'] - int(budget)} B)")
-            search = f"{r['search_seconds']:.0f}" if "search_seconds" in r else "-"
             lines.append(f"| {model} | {label} | {r['bytes'] / 1024:.1f} | {predicted} | "
-                         f"{within} | {r['top1']:.2f} | {widths} | {search} | "
+                         f"{within} | {r['top1']:.2f} | {widths} | "
                          f"{r['quantize_seconds']:.0f} |")
         w3, w4 = rows.get("uniform W3A4"), rows.get("uniform W4A4")
         if w3 and w4:
@@ -840,7 +838,16 @@ def mixed_precision_section(res: dict) -> list[str]:
                 summary.append(f"- {model}, {r['estimator']} at the W3A4 size: {r['top1']:.2f} "
                                f"against uniform W3A4 {w3['top1']:.2f} ({r['top1'] - w3['top1']:+.2f})"
                                f" and uniform W4A4 {w4['top1']:.2f} ({r['top1'] - w4['top1']:+.2f})")
-    return lines + (["", "At the size of uniform W3A4:", ""] + summary if summary else [])
+    lines += ["", "At the size of uniform W3A4:", ""] + summary if summary else []
+    cost = res.get("search_cost", {})
+    if cost:
+        lines += ["", "Search cost (sensitivity + solve, excluding calibration; "
+                  "`python benchmarks/mixed_precision.py --search-cost`, idle machine):", "",
+                  "| model | threads | hessian s | output s | commit |", "|---|---|---|---|---|"]
+        for model, r in cost.items():
+            lines.append(f"| {model} | {r['threads']} | {r.get('hessian', 0):.1f} | "
+                         f"{r.get('output', 0):.1f} | {r['commit']} |")
+    return lines
 
 
 def deep_compression_section(res: dict) -> list[str]:

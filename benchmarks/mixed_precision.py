@@ -97,14 +97,36 @@ def plot(name: str, rows: dict) -> None:
     plt.close(fig)
 
 
+def search_cost(args, results: dict) -> None:
+    """Seconds of sensitivity + solve per estimator (the issue's search cost, excluding the
+    calibration), at the W3A4 size's budget, on an otherwise idle machine."""
+    for name in args.models.split(","):
+        model, calib, _ = load_benchmark(name)
+        budget = results[name]["uniform W3A4"]["bytes"]
+        row = {"threads": args.threads, "commit": commit()}
+        for estimator in args.estimators.split(","):
+            config = lowbit.load_recipe("ptq-w4a4-best", size_budget=budget, sensitivity=estimator)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                q = lowbit.quantize(model, config, calib)
+            row[estimator] = q.lowbit.mixed["search_seconds"]
+            row[f"{estimator} quantize"] = q.lowbit.calibration_seconds
+            print(name, estimator, f"search {row[estimator]:.1f} s", flush=True)
+        record(RESULTS, "search_cost", name, row)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="resnet20,resnet32,psg_resnet32")
     ap.add_argument("--estimators", default="hessian,output")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--search-cost", action="store_true", help="only time the search "
+                    "(sensitivity + solve) of each estimator at the W3A4 size, quietly")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    if args.search_cost:
+        return search_cost(args, results)
     for name in args.models.split(","):
         model, calib, test = load_benchmark(name)
         done = results.get(name, {})

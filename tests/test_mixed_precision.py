@@ -102,6 +102,7 @@ def test_size_budget_is_met_by_the_exported_file(digits_calib, tmp_path):
     plan = list(q.lowbit.plan)
     assert q.lowbit.plan[plan[0]].w_bits == 8 and q.lowbit.plan[plan[-1]].w_bits == 8  # policy
     assert len(widths) > 1 and q.lowbit.mixed["measured_bytes"] <= budget
+    assert 0 < q.lowbit.mixed["search_seconds"] < q.lowbit.calibration_seconds
     smaller = lowbit.quantize(model, PTQConfig(w_bits=4, a_bits=8, calib=256,
                                                size_budget=int(budget * 0.9)), calib)
     assert export_packed(smaller, tmp_path / "s.lowbit", "digits_cnn").stat().st_size \

@@ -282,6 +282,7 @@ def mixed_plan(model: nn.Module, plan: dict[str, LayerBits], free: list[str], bu
         cache["omega"] = sensitivities(copy.deepcopy(model).eval(), free, batches, candidates,
                                        estimator, quantized_weight, hessian_samples, seed)
         cache["sensitivity_seconds"] = time.perf_counter() - start
+        start = time.perf_counter()
     shapes, omega = cache["shapes"], dict(cache["omega"])
     for n in names:  # the policy's layers: their one width, no sensitivity to minimise
         if n not in free:
