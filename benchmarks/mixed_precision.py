@@ -22,15 +22,18 @@ import time
 import warnings
 from pathlib import Path
 
+import regex
 import torch
 
 import lowbit
 from lowbit.deploy import export_packed
+from lowbit.methods import training_method
 from lowbit.errors import ConfigError
 
 from ptq_ablation import commit, load_benchmark, record  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results" / "mixed_precision.json"
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "mixed_precision.json"
 UNIFORM = (2, 3, 4, 6, 8)
 
 
@@ -97,6 +100,58 @@ def plot(name: str, rows: dict) -> None:
     plt.close(fig)
 
 
+LSQ_EPOCHS = 3
+
+
+def lsq_rows(args, results: dict) -> None:
+    """LSQ fine-tuning (``lsq-w4a4-finetune``: MSE step init, distillation, SGD 2e-3 cosine,
+    ``LSQ_EPOCHS`` epochs) of the uniform W2 / W3 / W4 A4 models and of the mixed plans the
+    output estimator chose at the W3A4 size and half-way from W2 (``lowbit train --plan``),
+    each measured as its packed file (LSQ weights are per-tensor, so these files differ from
+    the PTQ ones). Resumable runs in ``benchmarks/runs/mixed-lsq-*``."""
+    from lowbit.models import MODELS
+    from lowbit.recipes import read_recipe
+    from lowbit.training import TrainConfig, train
+
+    from ptq_ablation import training_data  # noqa: E402
+
+    for name in args.models.split(","):
+        model, _, test = load_benchmark(name)
+        data, norm = training_data(name)
+        example = next(iter(test))[0][:8]
+        ptq = results[name]
+        sizes = [ptq[f"uniform W{b}A4"]["bytes"] for b in (2, 3)]
+        plans = {f"uniform W{b}A4": {"w_bits": b} for b in (2, 3, 4)}
+        for budget in ((sizes[0] + sizes[1]) // 2, sizes[1]):  # the rows keep weight widths
+            plans[f"mixed output {budget}"] = {"overrides": {
+                regex.escape(n): {"w_bits": w}
+                for n, w in ptq[f"mixed output {budget}"]["bits"].items()}}
+        recipe = read_recipe("lsq-w4a4-finetune")
+        train_values = {**recipe.pop("train"), "epochs": LSQ_EPOCHS,
+                        "reflect_pad": MODELS[name].reflect_pad, "seed": 0,
+                        "eval_every": LSQ_EPOCHS}
+        recipe.pop("method")
+        done = results.get(f"{name} lsq", {})
+        for label, values in plans.items():
+            if label in done:
+                continue
+            method = training_method("lsq", {**recipe, **values})
+            slug = label.replace(" ", "-")
+            out = ROOT / "benchmarks" / "runs" / f"mixed-lsq-{name}-{slug}"
+            result = train(model, data, norm, TrainConfig.from_dict(train_values),
+                           method=method, out=out, resume=(out / "checkpoint.pt").is_file())
+            trained = {"method": "lsq", "method_config": method.config.to_dict(),
+                       "input_shape": list(example.shape[1:])}
+            with tempfile.TemporaryDirectory() as folder:
+                size = export_packed(result.model.eval(), Path(folder) / "m.lowbit", name, 10,
+                                     trained=trained).stat().st_size
+            row = {"top1": result.metrics[-1]["test_top1"], "bytes": size,
+                   "bits": {n: b.w_bits for n, b in method.plan.items()},
+                   "train": train_values, "commit": commit()}
+            record(RESULTS, f"{name} lsq", label, row)
+            print(name, "lsq", label, row["top1"], size, flush=True)
+
+
 def search_cost(args, results: dict) -> None:
     """Seconds of sensitivity + solve per estimator (the issue's search cost, excluding the
     calibration), at the W3A4 size's budget, on an otherwise idle machine."""
@@ -120,6 +175,8 @@ def main():
     ap.add_argument("--models", default="resnet20,resnet32,psg_resnet32")
     ap.add_argument("--estimators", default="hessian,output")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--lsq", action="store_true", help="LSQ fine-tuning of uniform and mixed "
+                    "plans (after the PTQ rows)")
     ap.add_argument("--search-cost", action="store_true", help="only time the search "
                     "(sensitivity + solve) of each estimator at the W3A4 size, quietly")
     args = ap.parse_args()
@@ -127,6 +184,8 @@ def main():
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     if args.search_cost:
         return search_cost(args, results)
+    if args.lsq:
+        return lsq_rows(args, results)
     for name in args.models.split(","):
         model, calib, test = load_benchmark(name)
         done = results.get(name, {})
