@@ -811,7 +811,7 @@ def mixed_precision_section(res: dict) -> list[str]:
              "widths (layers) | PTQ s |", "|---|---|---|---|---|---|---|---|"]
     summary = []
     for model, rows in res.items():
-        if model in ("meta", "search_cost"):
+        if model in ("meta", "search_cost") or model.endswith(" lsq"):
             continue
         for label, r in sorted(rows.items(), key=lambda kv: kv[1].get("bytes", 0)):
             if "error" in r:
@@ -838,7 +838,10 @@ def mixed_precision_section(res: dict) -> list[str]:
                 summary.append(f"- {model}, {r['estimator']} at the W3A4 size: {r['top1']:.2f} "
                                f"against uniform W3A4 {w3['top1']:.2f} ({r['top1'] - w3['top1']:+.2f})"
                                f" and uniform W4A4 {w4['top1']:.2f} ({r['top1'] - w4['top1']:+.2f})")
-    lines += ["", "At the size of uniform W3A4:", ""] + summary if summary else []
+        summary += _frontier_check(model, rows)
+    lines += ["", "At the size of uniform W3A4, and the frontier against every uniform point:",
+              ""] + summary if summary else []
+    lines += _lsq_rows(res)
     cost = res.get("search_cost", {})
     if cost:
         lines += ["", "Search cost (sensitivity + solve, excluding calibration; "
@@ -847,6 +850,61 @@ def mixed_precision_section(res: dict) -> list[str]:
         for model, r in cost.items():
             lines.append(f"| {model} | {r['threads']} | {r.get('hessian', 0):.1f} | "
                          f"{r.get('output', 0):.1f} | {r['commit']} |")
+    return lines
+
+
+def _frontier_check(model: str, rows: dict) -> list[str]:
+    """Whether each estimator's mixed model beats the uniform point whose size is its budget
+    (the target: the curve lies above every uniform point)."""
+    uniform = {r["bytes"]: (label, r["top1"]) for label, r in rows.items()
+               if label.startswith("uniform")}
+    lines = []
+    for estimator in ("hessian", "output"):
+        below = []
+        for label, r in rows.items():
+            budget = r.get("config", {}).get("size_budget")
+            if (label.startswith(f"mixed {estimator}") and "error" not in r
+                    and budget in uniform and uniform[budget][1] > r["top1"]):
+                below.append(f"{uniform[budget][0]} ({r['top1']:.2f} < {uniform[budget][1]:.2f})")
+        if any(label.startswith(f"mixed {estimator}") for label in rows):
+            lines.append(f"- {model}, {estimator}: " + (
+                "at or above every uniform point it was budgeted at" if not below else
+                "below " + ", ".join(below)))
+    return lines
+
+
+def _lsq_rows(res: dict) -> list[str]:
+    """LSQ fine-tuned uniform and mixed plans (``mixed_precision.py --lsq``)."""
+    lines = []
+    for model, rows in res.items():
+        if not model.endswith(" lsq"):
+            continue
+        name = model.removesuffix(" lsq")
+        epochs = next(iter(rows.values()))["train"]["epochs"]
+        lines += ["", f"LSQ fine-tuning of {name} (`python benchmarks/mixed_precision.py "
+                  f"--models {name} --lsq`: recipe `lsq-w4a4-finetune`, {epochs} epochs, "
+                  "per-tensor weight steps, so the files are smaller than the PTQ ones; the "
+                  "mixed rows fine-tune the output estimator's plans at the PTQ budget named, "
+                  "via `lowbit train --plan`):", "",
+                  "| plan | packed KiB | top-1 | weight widths (layers) |", "|---|---|---|---|"]
+        for label, r in sorted(rows.items(), key=lambda kv: kv[1]["bytes"]):
+            counts = {}
+            for bits in r["bits"].values():
+                counts[bits] = counts.get(bits, 0) + 1
+            widths = ", ".join(f"{b}: {n}" for b, n in sorted(counts.items()))
+            lines.append(f"| {label} | {r['bytes'] / 1024:.1f} | {r['top1']:.2f} | {widths} |")
+        uniform = sorted((r["bytes"], r["top1"]) for label, r in rows.items()
+                         if label.startswith("uniform"))
+        for label, r in rows.items():
+            if not label.startswith("mixed"):
+                continue
+            # the uniform curve at this file's size, linear between neighbouring points
+            left = max((u for u in uniform if u[0] <= r["bytes"]), default=None)
+            right = min((u for u in uniform if u[0] >= r["bytes"]), default=None)
+            if left and right and right[0] > left[0]:
+                at = left[1] + (right[1] - left[1]) * (r["bytes"] - left[0]) / (right[0] - left[0])
+                lines.append(f"- {label}: {r['top1']:.2f} at {r['bytes'] / 1024:.1f} KiB against "
+                             f"the uniform line's {at:.2f} there ({r['top1'] - at:+.2f})")
     return lines
 
 

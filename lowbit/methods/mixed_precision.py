@@ -106,23 +106,29 @@ def _pseudo_labels(model, batches):
 def hessian_traces(model: nn.Module, names: list[str], batches: list[torch.Tensor],
                    samples: int = 32, seed: int = 0) -> dict[str, float]:
     """Hutchinson's estimate of each layer's weight-Hessian trace ``Tr(H_l)`` of the cross
-    entropy against the model's own predictions, averaged over ``batches``. One Rademacher
-    vector over all layers per sample: ``v_l . (Hv)_l`` is unbiased for ``Tr(H_ll)`` (the
-    cross-layer terms have mean zero)."""
+    entropy against the model's own predictions. ``samples`` Rademacher vectors in all, dealt
+    round-robin over ``batches`` (each Hessian-vector product costs a pass over its batch, so
+    the cost is ``samples`` passes whatever the number of batches). One vector over all layers
+    per sample: ``v_l . (Hv)_l`` is unbiased for ``Tr(H_ll)`` (the cross-layer terms have mean
+    zero)."""
     model = model.eval()
     weights = [model.get_submodule(n).weight for n in names]
     g = torch.Generator().manual_seed(seed)
     totals = torch.zeros(len(names), dtype=torch.float64)
-    for x, y in zip(batches, _pseudo_labels(model, batches)):
+    count = 0
+    for b, (x, y) in enumerate(zip(batches, _pseudo_labels(model, batches))):
+        share = samples // len(batches) + (b < samples % len(batches))
+        if share == 0:
+            break
         loss = F.cross_entropy(model(x), y)
         grads = torch.autograd.grad(loss, weights, create_graph=True)
-        for _ in range(samples):
+        for _ in range(share):
             vs = [torch.randint(0, 2, w.shape, generator=g).to(w) * 2 - 1 for w in weights]
             hvs = torch.autograd.grad(sum((gr * v).sum() for gr, v in zip(grads, vs)), weights,
                                       retain_graph=True)
             totals += torch.tensor([float((hv * v).sum()) for hv, v in zip(hvs, vs)],
                                    dtype=torch.float64)
-    count = samples * len(batches)
+            count += 1
     return {n: float(t) / count for n, t in zip(names, totals)}
 
 
