@@ -151,6 +151,17 @@ def test_torchvision_builders_resolve_by_name_and_size_is_bounded(torchvision_mo
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200 * 1024
 
 
+def test_a_builder_that_cannot_run_on_meta_is_sized_by_extrapolation(torchvision_models):
+    """RegNet reads tensor values while it builds: its size comes from real builds at one and
+    two classes, and equals the real model's; too large a class count is still refused."""
+    spec = "torchvision.models:regnet_x_400mf"
+    real = sum(t.numel() for t in build_model(spec, num_classes=10).state_dict().values())
+    model = build_model(spec, num_classes=10, trust_model_code=False, file_bytes=4 * real)
+    assert sum(t.numel() for t in model.state_dict().values()) == real
+    with pytest.raises(ModelError, match="more than a"):
+        build_model(spec, num_classes=10 ** 7, trust_model_code=False, file_bytes=4 * real)
+
+
 def test_a_torchvision_model_file_loads_by_name_without_trust(torchvision_models, tmp_path):
     """MobileNetV3 (depthwise, squeeze-excite, hardswish) quantized, saved in both formats and
     loaded with no trust: its builder resolves by name and the outputs are bit-identical."""

@@ -148,9 +148,23 @@ class _NoInitOnMeta(TorchFunctionMode):
 
 
 def _parameter_count(factory, spec: str, kwargs: dict) -> int:
-    """Parameters and buffers of the model, built on the meta device (nothing allocated)."""
-    with torch.device("meta"), _NoInitOnMeta():
-        model = _call_factory(factory, spec, kwargs)
+    """Parameters and buffers of the model, built on the meta device (nothing allocated).
+
+    A builder that reads tensor values while it builds (torchvision's RegNets round their
+    widths with ``torch`` ops and ``tolist``) cannot run there. Its count is affine in the class
+    count (only the classifier grows with it), so it is extrapolated from two real builds at
+    one and two classes, whose size the known builder itself bounds."""
+    try:
+        with torch.device("meta"), _NoInitOnMeta():
+            return _count(_call_factory(factory, spec, kwargs))
+    except ModelError:
+        if "num_classes" not in kwargs:
+            return _count(_call_factory(factory, spec, {}))
+        one, two = (_count(_call_factory(factory, spec, {"num_classes": n})) for n in (1, 2))
+        return one + (kwargs["num_classes"] - 1) * (two - one)
+
+
+def _count(model: nn.Module) -> int:
     return sum(t.numel() for t in (*model.parameters(), *model.buffers()))
 
 
