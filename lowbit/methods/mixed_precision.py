@@ -106,29 +106,25 @@ def _pseudo_labels(model, batches):
 def hessian_traces(model: nn.Module, names: list[str], batches: list[torch.Tensor],
                    samples: int = 32, seed: int = 0) -> dict[str, float]:
     """Hutchinson's estimate of each layer's weight-Hessian trace ``Tr(H_l)`` of the cross
-    entropy against the model's own predictions. ``samples`` Rademacher vectors in all, dealt
-    round-robin over ``batches`` (each Hessian-vector product costs a pass over its batch, so
-    the cost is ``samples`` passes whatever the number of batches). One vector over all layers
-    per sample: ``v_l . (Hv)_l`` is unbiased for ``Tr(H_ll)`` (the cross-layer terms have mean
-    zero)."""
+    entropy against the model's own predictions, averaged over ``batches``. One Rademacher
+    vector over all layers per sample: ``v_l . (Hv)_l`` is unbiased for ``Tr(H_ll)`` (the
+    cross-layer terms have mean zero). ``samples`` vectors per batch: fewer (32 in all over
+    ResNet's four batches of 64, or 128 in all on chunks of 16 images) cut the search time by
+    up to 4x but made ResNet-32's plan at the W3A4 size 0.9 to 3.4 points worse."""
     model = model.eval()
     weights = [model.get_submodule(n).weight for n in names]
     g = torch.Generator().manual_seed(seed)
     totals = torch.zeros(len(names), dtype=torch.float64)
-    count = 0
-    for b, (x, y) in enumerate(zip(batches, _pseudo_labels(model, batches))):
-        share = samples // len(batches) + (b < samples % len(batches))
-        if share == 0:
-            break
+    for x, y in zip(batches, _pseudo_labels(model, batches)):
         loss = F.cross_entropy(model(x), y)
         grads = torch.autograd.grad(loss, weights, create_graph=True)
-        for _ in range(share):
+        for _ in range(samples):
             vs = [torch.randint(0, 2, w.shape, generator=g).to(w) * 2 - 1 for w in weights]
             hvs = torch.autograd.grad(sum((gr * v).sum() for gr, v in zip(grads, vs)), weights,
                                       retain_graph=True)
             totals += torch.tensor([float((hv * v).sum()) for hv, v in zip(hvs, vs)],
                                    dtype=torch.float64)
-            count += 1
+    count = samples * len(batches)
     return {n: float(t) / count for n, t in zip(names, totals)}
 
 
