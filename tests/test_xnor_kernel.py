@@ -42,7 +42,8 @@ def test_binary_gemm_is_the_signed_dot_product(kernel, k):
 
 @pytest.mark.parametrize("cin, cout, stride, size", [(16, 16, 1, 8), (32, 64, 2, 9),
                                                      (70, 24, 1, 5), (3, 8, 2, 7),
-                                                     (300, 6, 1, 11)])
+                                                     (300, 6, 1, 11), (128, 8, 2, 6),
+                                                     (16, 8, 2, 1), (16, 8, 2, 2)])
 def test_popcount_conv_equals_the_xnor_simulation(kernel, cin, cout, stride, size):
     torch.manual_seed(cin)
     conv = torch.nn.Conv2d(cin, cout, 3, stride, 1)

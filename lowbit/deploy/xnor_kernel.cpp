@@ -68,6 +68,56 @@ static inline void put_bits(uint64_t* row, int64_t offset, uint64_t value, int64
   if (shift && shift + nbits > 64) row[word + 1] |= value >> (64 - shift);
 }
 
+// The rows alone (the steady state: masks depend only on the geometry, so the caller has them),
+// tap by tap over a run of output pixels of one output row: for a fixed tap, consecutive pixels
+// read consecutive input words and write consecutive row words (one vector op per 4 or 8 pixels
+// at stride 1), and the output row's words stay in L1 across its taps. A pixel's C sign bits
+// are clean words (pack_signs sets no bit at or above C), so each tap is OR-ed in at its bit
+// offset without masking. Each pixel's K still sums its taps row by row (padding adds nothing),
+// as the simulation does, so the vector lanes keep the scalar order.
+__attribute__((target_clones("avx512f", "avx2", "default")))
+static void im2col_rows(const uint64_t* A, const float* S, uint64_t* R, float* Kp, int64_t N,
+                        int64_t H, int64_t W, int64_t CW, int64_t C, int64_t KH, int64_t KW,
+                        int64_t stride, int64_t pad, int64_t OH, int64_t OW, int64_t KWp,
+                        float scale) {
+  const int64_t P = N * OH * OW;
+  std::fill(R, R + KWp * P, uint64_t(0));
+  std::fill(Kp, Kp + P, 0.0f);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t oy = 0; oy < OH; ++oy) {
+      const int64_t p0 = (n * OH + oy) * OW;
+      float* __restrict box = Kp + p0;
+      for (int64_t ky = 0; ky < KH; ++ky) {
+        const int64_t iy = oy * stride + ky - pad;
+        if (iy < 0 || iy >= H) continue;  // padding adds 0
+        const uint64_t* line = A + (n * H + iy) * W * CW;
+        const float* sums = S + (n * H + iy) * W;
+        for (int64_t kx = 0; kx < KW; ++kx) {
+          // the output pixels whose tap kx lands inside the row: 0 <= ox*stride + kx - pad < W
+          const int64_t first = std::max<int64_t>(0, (pad - kx + stride - 1) / stride);
+          const int64_t reach = W - 1 + pad - kx;  // C++ division truncates: keep it >= 0
+          const int64_t last = reach < 0 ? 0 : std::min<int64_t>(OW, reach / stride + 1);
+          const int64_t start = first * stride + kx - pad;
+          for (int64_t ox = first; ox < last; ++ox) box[ox] += sums[start + (ox - first) * stride];
+          const int64_t offset = (ky * KW + kx) * C;
+          for (int64_t w = 0; w < CW; ++w) {
+            const int64_t bit = offset + 64 * w, word = bit / 64, shift = bit % 64;
+            const bool spills = shift && shift + std::min<int64_t>(64, C - 64 * w) > 64;
+            uint64_t* __restrict lo = R + word * P + p0;
+            uint64_t* __restrict hi = R + (word + 1) * P + p0;
+            const uint64_t* src = line + start * CW + w;
+            for (int64_t ox = first; ox < last; ++ox) {
+              const uint64_t v = src[(ox - first) * stride * CW];
+              lo[ox] |= v << shift;
+              if (spills) hi[ox] |= v >> (64 - shift);
+            }
+          }
+        }
+      }
+      for (int64_t ox = 0; ox < OW; ++ox) box[ox] *= scale;
+    }
+}
+
 // bits [N, H, W, CW], sums [N, H, W] -> (rows [KWp, P], k [P]) and, with_masks, (masks [KWp, P],
 // valid [P] int64); P = N * OH * OW.
 std::vector<torch::Tensor> im2col(torch::Tensor bits, torch::Tensor sums, int64_t C, int64_t KH,
@@ -86,41 +136,33 @@ std::vector<torch::Tensor> im2col(torch::Tensor bits, torch::Tensor sums, int64_
   float* Kp = k.data_ptr<float>();
   int64_t* V = valid.data_ptr<int64_t>();
   const float scale = static_cast<float>(1.0 / static_cast<double>(C * KH * KW));
-  std::vector<uint64_t> row(KWp + 1), mask(KWp + 1);
+  im2col_rows(A, S, R, Kp, N, H, W, CW, C, KH, KW, stride, pad, OH, OW, KWp, scale);
+  if (!with_masks) return {rows, k};
+  std::vector<uint64_t> mask(KWp + 1);  // the taps inside the image, and how many bits they hold
   int64_t p = 0;
   for (int64_t n = 0; n < N; ++n)
     for (int64_t oy = 0; oy < OH; ++oy)
       for (int64_t ox = 0; ox < OW; ++ox, ++p) {
-        std::fill(row.begin(), row.end(), 0);
         std::fill(mask.begin(), mask.end(), 0);
         int64_t count = 0;
-        float box = 0.0f;
         for (int64_t ky = 0; ky < KH; ++ky) {
           const int64_t iy = oy * stride + ky - pad;
           for (int64_t kx = 0; kx < KW; ++kx) {
             const int64_t ix = ox * stride + kx - pad;
-            if (iy < 0 || iy >= H || ix < 0 || ix >= W) continue;  // padding adds 0
-            box += S[(n * H + iy) * W + ix];
+            if (iy < 0 || iy >= H || ix < 0 || ix >= W) continue;
             const int64_t offset = (ky * KW + kx) * C;
-            const uint64_t* src = A + ((n * H + iy) * W + ix) * CW;
             for (int64_t w = 0; w < CW; ++w) {
               const int64_t nbits = std::min<int64_t>(64, C - 64 * w);
               const uint64_t used = nbits == 64 ? ~uint64_t(0) : (uint64_t(1) << nbits) - 1;
-              put_bits(row.data(), offset + 64 * w, src[w] & used, nbits);
-              if (with_masks) put_bits(mask.data(), offset + 64 * w, used, nbits);
+              put_bits(mask.data(), offset + 64 * w, used, nbits);
             }
             count += C;
           }
         }
-        Kp[p] = box * scale;
-        for (int64_t w = 0; w < KWp; ++w) R[w * P + p] = row[w];
-        if (with_masks) {
-          for (int64_t w = 0; w < KWp; ++w) M[w * P + p] = mask[w];
-          V[p] = count;
-        }
+        for (int64_t w = 0; w < KWp; ++w) M[w * P + p] = mask[w];
+        V[p] = count;
       }
-  if (with_masks) return {rows, k, masks, valid};
-  return {rows, k};
+  return {rows, k, masks, valid};
 }
 
 // The popcount GEMM, one function per instruction set, each compiled for its own target
