@@ -33,6 +33,7 @@ from torch.nn import functional as F
 
 from lowbit.errors import ConfigError
 from lowbit.nn.binary import XNORConv2d
+from lowbit.nn.layers import QUANT_LAYERS
 from lowbit.quant.binary import binarize, xnor_input_scale
 
 SOURCE = Path(__file__).with_name("xnor_kernel.cpp")
@@ -176,13 +177,31 @@ class XNORPopcountConv2d(nn.Module):
         return out.reshape(len(x), -1, oh, ow)
 
 
+class FrozenWeight(nn.Module):
+    """A weight quantizer replaced by its output. The 8-bit first / last layers of an XNOR
+    network quantize the same constant weight on every call, and a min-max observer refits its
+    range each time (at batch 1 that was a quarter of the deployed network's time); the frozen
+    tensor is the quantizer's own output, so the values are unchanged."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.register_buffer("weight", weight)
+
+    def forward(self, _weight: torch.Tensor) -> torch.Tensor:
+        return self.weight
+
+
 def deploy_xnor(model: nn.Module) -> nn.Module:
     """A copy of an XNOR-Net model (``lowbit train --method xnor``) whose XNOR convolutions run
-    the popcount kernel; every other layer is unchanged."""
+    the popcount kernel and whose other quantized layers keep their quantized weights frozen
+    (:class:`FrozenWeight`); everything else is unchanged."""
     model = copy.deepcopy(model).eval()
     for name, module in list(model.named_modules()):
+        parent, _, child = name.rpartition(".")
         if isinstance(module, XNORConv2d):
-            parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child,
                     XNORPopcountConv2d(module))
+        elif isinstance(module, QUANT_LAYERS):
+            with torch.no_grad():
+                module.weight_quantizer = FrozenWeight(module.quantized_weight().detach().clone())
     return model
