@@ -284,12 +284,26 @@ def cmd_eval(args) -> int:
             raise ConfigError(f"{args.checkpoint} holds plain weights: give --model too")
         spec = args.model
         model = build_model(spec, args.checkpoint)
+    model = _on_binary_kernel(model, args.device)
     # the spec was loaded above (registry, torchvision, or trusted), so resolving it is safe
     test = Batches(dataset.test, _normalization(spec, dataset, spec), args.batch_size)
     top1 = evaluate(model.to(resolve_device(args.device)), test, args.limit)
     n = min(len(dataset.test), args.limit or len(dataset.test))
     print(f"top-1 {top1:.2f}% on {n} {dataset.name} test images")
     return 0
+
+
+def _on_binary_kernel(model, device: str):
+    """An XNOR-Net model with its XNOR convolutions on the popcount kernel (the same outputs as
+    its float form, :func:`lowbit.deploy.deploy_xnor`) when it runs on the CPU."""
+    from lowbit.deploy import xnor
+    from lowbit.nn.binary import XNORConv2d
+
+    if device != "cpu" or not any(isinstance(m, XNORConv2d) for m in model.modules()):
+        return model
+    path = xnor.kernel_path() if xnor.extension() is not None else "pure-torch"
+    print(f"XNOR layers run on the popcount kernel ({path} path)")
+    return xnor.deploy_xnor(model)
 
 
 def _eval_onnx(args, dataset) -> int:

@@ -212,6 +212,14 @@ def test_trained_models_reload_with_the_same_accuracy(capsys, tmp_path, digits_c
     top1 = json.loads((out / "report.json").read_text())["top1"]
     code, stdout, _ = run(capsys, "eval", "--checkpoint", str(out / "model.pt"), "--data", "digits")
     assert code == 0 and f"top-1 {top1:.2f}%" in stdout
+    assert ("popcount kernel" in stdout) == (method[0] == "xnor")  # XNOR runs the binary kernel
+    code, stdout, err = run(capsys, "export", "--checkpoint", str(out / "model.pt"),
+                            "--out", str(tmp_path / "m.lowbit"))
+    assert code == 0, err
+    code, stdout, _ = run(capsys, "eval", "--checkpoint", str(tmp_path / "m.lowbit"),
+                          "--data", "digits")
+    assert code == 0 and f"top-1 {top1:.2f}%" in stdout
+    assert ("popcount kernel" in stdout) == (method[0] == "xnor")
     code, _, err = run(capsys, "eval", "--checkpoint", str(digits_ckpt), "--data", "digits")
     assert code == 2 and "--model" in err
 

@@ -118,3 +118,31 @@ def test_deployed_xnor_network_matches_its_simulation(kernel, digits_fp):
         assert any(isinstance(m, xnor.XNORPopcountConv2d) for m in deployed.modules())
         a, b = sim(x), deployed(x)
     assert torch.equal(a, b)
+
+
+def test_a_convolution_the_kernel_does_not_take_stays_in_float_form():
+    """A dilated XNOR convolution (its K box-filters the dilated taps) keeps its float form,
+    named in a warning; the rest deploys."""
+    torch.manual_seed(0)
+    layers = [XNORConv2d.from_float(torch.nn.Conv2d(16, 16, 3, 1, d, dilation=d),
+                                    ScaledBinaryWeight(), SignActivation()) for d in (1, 2)]
+    model = torch.nn.Sequential(*layers).eval()
+    with pytest.warns(UserWarning, match="1 stays in float XNOR form"):
+        deployed = xnor.deploy_xnor(model)
+    assert isinstance(deployed[0], xnor.XNORPopcountConv2d) and isinstance(deployed[1], XNORConv2d)
+    x = torch.randn(2, 16, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(deployed(x), model(x))
+
+
+@pytest.mark.parametrize("stride, dilation", [(1, 2), (2, 3)])
+def test_xnor_scale_box_filters_the_dilated_taps(stride, dilation):
+    from torch.nn import functional as F
+
+    from lowbit.quant.binary import xnor_input_scale
+
+    x = torch.randn(2, 5, 11, 11)
+    box = torch.ones(1, 1, 3, 3) / 9
+    expected = F.conv2d(x.abs().mean(1, keepdim=True), box, None, stride, dilation, dilation)
+    got = xnor_input_scale(x, 3, stride, dilation, dilation)
+    assert got.shape == expected.shape and torch.allclose(got, expected, atol=1e-6)

@@ -194,13 +194,18 @@ class FrozenWeight(nn.Module):
 def deploy_xnor(model: nn.Module) -> nn.Module:
     """A copy of an XNOR-Net model (``lowbit train --method xnor``) whose XNOR convolutions run
     the popcount kernel and whose other quantized layers keep their quantized weights frozen
-    (:class:`FrozenWeight`); everything else is unchanged."""
+    (:class:`FrozenWeight`); everything else is unchanged. An XNOR convolution the kernel does
+    not take (grouped, dilated, rectangular stride) stays in its float form, with a warning."""
     model = copy.deepcopy(model).eval()
     for name, module in list(model.named_modules()):
         parent, _, child = name.rpartition(".")
         if isinstance(module, XNORConv2d):
-            setattr(model.get_submodule(parent) if parent else model, child,
-                    XNORPopcountConv2d(module))
+            try:
+                deployed = XNORPopcountConv2d(module)
+            except ValueError as e:
+                warnings.warn(f"{name} stays in float XNOR form: {e}", stacklevel=2)
+                continue
+            setattr(model.get_submodule(parent) if parent else model, child, deployed)
         elif isinstance(module, QUANT_LAYERS):
             with torch.no_grad():
                 module.weight_quantizer = FrozenWeight(module.quantized_weight().detach().clone())

@@ -166,7 +166,8 @@ class XNORConv2d(QuantConv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.input_quantizer.shifted(x)  # RSign's threshold: K is that of the shifted input
-        k = xnor_input_scale(x.detach(), self.kernel_size, self.stride, self.padding)
+        k = xnor_input_scale(x.detach(), self.kernel_size, self.stride, self.padding,
+                             self.dilation)
         alpha, signs = self.binary_factors()
         dot = self._conv_forward(self.input_quantizer.sign(x), signs, None)
         out = dot * alpha.reshape(1, -1, 1, 1) * k

@@ -81,27 +81,29 @@ def bwn_alpha(w: torch.Tensor) -> torch.Tensor:
     return w.abs().mean(dim=tuple(range(1, w.dim())), keepdim=True)
 
 
-def xnor_input_scale(x: torch.Tensor, kernel_size, stride, padding) -> torch.Tensor:
+def xnor_input_scale(x: torch.Tensor, kernel_size, stride, padding, dilation=1) -> torch.Tensor:
     """K = (mean over channels of |x|) convolved with a 1/(k_h k_w) box filter using the conv's
-    stride and zero padding: one beta per output position, shape [N, 1, H_out, W_out].
+    stride, zero padding and dilation: one beta per output position, shape [N, 1, H_out, W_out].
 
     The sums run in a fixed order (channels 0..C-1, then the taps row by row, padding adding
     0), followed by one multiplication by 1 / (C k_h k_w). The deployed popcount kernel fuses the
     same sums into its sign-packing and im2col passes and so reproduces K bit for bit, which a
     library mean and average pooling (free to sum in any order) would not guarantee.
     """
-    (kh, kw), (sh, sw), (ph, pw) = (_pair(v) for v in (kernel_size, stride, padding))
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (_pair(v) for v in (kernel_size, stride, padding,
+                                                                  dilation))
     magnitude = x.abs()
     total = magnitude[:, 0]
     for c in range(1, x.shape[1]):
         total = total + magnitude[:, c]
     padded = F.pad(total, (pw, pw, ph, ph))
-    oh = (padded.shape[1] - kh) // sh + 1
-    ow = (padded.shape[2] - kw) // sw + 1
+    oh = (padded.shape[1] - dh * (kh - 1) - 1) // sh + 1
+    ow = (padded.shape[2] - dw * (kw - 1) - 1) // sw + 1
     box = None
     for ky in range(kh):
         for kx in range(kw):
-            tap = padded[:, ky:ky + sh * (oh - 1) + 1:sh, kx:kx + sw * (ow - 1) + 1:sw]
+            y0, x0 = ky * dh, kx * dw
+            tap = padded[:, y0:y0 + sh * (oh - 1) + 1:sh, x0:x0 + sw * (ow - 1) + 1:sw]
             box = tap if box is None else box + tap
     return (box * (1.0 / (x.shape[1] * kh * kw))).unsqueeze(1)
 
