@@ -186,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     bi.add_argument("--out", help="also write the results as JSON here")
     bi.add_argument("--runners", help="comma-separated runner names (default: every runner "
                     "whose packages are installed; the fp32 eager baseline is always run)")
+    bi.add_argument("--binary", metavar="FILE", help="also time this XNOR-Net model (its "
+                    "packed file or model.pt) on the XNOR-popcount kernel, as 'xnor popcount'")
 
     sub.add_parser("recipes", help="list the packaged recipes")
     return parser
@@ -304,6 +306,27 @@ def _on_binary_kernel(model, device: str):
     path = xnor.kernel_path() if xnor.extension() is not None else "pure-torch"
     print(f"XNOR layers run on the popcount kernel ({path} path)")
     return xnor.deploy_xnor(model)
+
+
+def _binary_runner(path: str, dataset, norm):
+    """The XNOR-Net model in ``path`` (a packed file or a trained model.pt) on the popcount
+    kernel, for bench-infer."""
+    from lowbit.data import Batches
+    from lowbit.deploy.packed import is_packed_file, load_packed
+    from lowbit.io import load_torch
+    from lowbit.nn.binary import XNORConv2d
+    from lowbit.training.run import is_trained_checkpoint, load_trained
+
+    if is_packed_file(path):
+        model, _ = load_packed(path)
+    else:
+        payload = load_torch(path)
+        if not is_trained_checkpoint(payload):
+            raise ConfigError(f"--binary {path}: not a packed file or a lowbit train model.pt")
+        model = load_trained(payload, next(iter(Batches(dataset.test, norm, 8)))[0], path)
+    if not any(isinstance(m, XNORConv2d) for m in model.modules()):
+        raise ConfigError(f"--binary {path} holds no XNOR-Net layer (train with --method xnor)")
+    return _on_binary_kernel(model, "cpu")
 
 
 def _eval_onnx(args, dataset) -> int:
@@ -643,6 +666,7 @@ def cmd_bench_infer(args) -> int:
                     norm, 256)
     test = Batches(dataset.test, norm, args.batch_size)
     qmodel = quantize(model, config, calib)
+    binary = _binary_runner(args.binary, dataset, norm) if args.binary else None
     example = next(iter(test))[0]
     if len(example) < max(sizes):
         raise ConfigError(f"--batch-size {args.batch_size} is smaller than the largest batch "
@@ -653,6 +677,8 @@ def cmd_bench_infer(args) -> int:
     for t in threads:
         torch.set_num_threads(t)
         runs = runners(model, qmodel, calib, (1, *example.shape[1:]), t, names)
+        if binary is not None:
+            runs["xnor popcount"] = binary
         if "precisions" not in result:  # which layers each OpenVINO model really ran in int8
             result["precisions"] = {name: run.precisions() for name, run in runs.items()
                                     if hasattr(run, "precisions")}

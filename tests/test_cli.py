@@ -220,6 +220,17 @@ def test_trained_models_reload_with_the_same_accuracy(capsys, tmp_path, digits_c
                           "--data", "digits")
     assert code == 0 and f"top-1 {top1:.2f}%" in stdout
     assert ("popcount kernel" in stdout) == (method[0] == "xnor")
+    if method[0] == "xnor":  # timed beside the float and int8 models in one run
+        bench = tmp_path / "bench.json"
+        flags = ["bench-infer", "--model", "digits_cnn", "--checkpoint", str(digits_ckpt),
+                 "--data", "digits", "--batch-sizes", "1,8", "--rounds", "1", "--limit", "64",
+                 "--runners", "lowbit int8", "--out", str(bench)]
+        code, _, err = run(capsys, *flags, "--binary", str(tmp_path / "m.lowbit"))
+        assert code == 0, err
+        timing = json.loads(bench.read_text())["timing"]["threads=1 batch=8"]
+        assert set(timing) == {"fp32 eager", "lowbit int8", "xnor popcount"}
+        code, _, err = run(capsys, *flags, "--binary", str(digits_ckpt))
+        assert code == 2 and "--binary" in err
     code, _, err = run(capsys, "eval", "--checkpoint", str(digits_ckpt), "--data", "digits")
     assert code == 2 and "--model" in err
 
