@@ -736,8 +736,13 @@ def matrix_section(res: dict) -> list[str]:
              "path missing from a cell refused the model with a one-line reason (in the JSON): "
              "sign inputs (BNN, XNOR), TTQ's two scales and k-means codebooks have no QDQ form; "
              "float inputs (W4A32 PSG, BC / BWN / TWN) and per-channel activations (Banner) no "
-             "integer engine.", "",
-             "| method | " + " | ".join(archs) + " |", "|---|" + "---|" * len(archs)]
+             "integer engine."]
+    reruns = {a: {r.get("commit") for r in res[a].values()} - {meta["commit"]} for a in archs}
+    reruns = {a: c for a, c in reruns.items() if c}
+    if reruns:
+        lines[-1] += " Cells rerun at later commits (`--archs`, `--methods`): " + ", ".join(
+            f"{a} at {', '.join(f'`{c}`' for c in sorted(c))}" for a, c in reruns.items()) + "."
+    lines += ["", "| method | " + " | ".join(archs) + " |", "|---|" + "---|" * len(archs)]
     for m in methods:
         lines.append(f"| {m} | " + " | ".join(mark(res[a][m]) if m in res[a] else "-"
                                               for a in archs) + " |")
