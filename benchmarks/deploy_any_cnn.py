@@ -49,6 +49,7 @@ from ptq_ablation import DATA, commit, record  # noqa: E402
 from train_speed import cpu_description  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "deploy_any_cnn.json"
+DEFAULT_EPOCHS = 4
 ARCHITECTURES = ("mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0",
                  "resnet18", "resnet50", "shufflenet_v2_x1_0", "regnet_x_400mf",
                  "squeezenet1_1")
@@ -142,7 +143,8 @@ def main():
     ap.add_argument("--images", type=int, default=1000)
     ap.add_argument("--size", type=int, default=32, help="input pixels (CIFAR images resized)")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--train-epochs", type=int, default=4)
+    ap.add_argument("--train-epochs", type=int, default=DEFAULT_EPOCHS,
+                    help="rows trained longer are recorded apart, as '<arch>, N epochs'")
     ap.add_argument("--runs", default=str(Path.home() / "lowbit-runs" / "deploy-any-cnn"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -150,7 +152,8 @@ def main():
     data = load_dataset(DATA["cifar10"])
     command = "python benchmarks/deploy_any_cnn.py " + " ".join(sys.argv[1:])
     meta = json.loads(RESULTS.read_text()).get("meta", {}) if RESULTS.is_file() else {}
-    commands = {**meta.get("commands", {}), f"{args.size} px": command.strip()}
+    longer = "" if args.train_epochs == DEFAULT_EPOCHS else f", {args.train_epochs} epochs"
+    commands = {**meta.get("commands", {}), f"{args.size} px{longer}": command.strip()}
     record(RESULTS, "meta", None, {"commit": commit(), "cpu": cpu_description(),
                                    "threads": args.threads, "commands": commands})
     for arch in args.archs.split(","):
@@ -159,8 +162,8 @@ def main():
             row = run(arch, w_bits, data, args)
             row.update(seconds=time.perf_counter() - start, images=args.images,
                        train_epochs=args.train_epochs, commit=commit())
-            record(RESULTS, arch if args.size == 32 else f"{arch} at {args.size} px",
-                   f"W{w_bits}A8", row)
+            key = (arch if args.size == 32 else f"{arch} at {args.size} px") + longer
+            record(RESULTS, key, f"W{w_bits}A8", row)
             print(arch, w_bits, {k: (v["top1_agreement"], round(v["max_logit_diff_steps"], 2))
                                  if isinstance(v, dict) else v for k, v in row.items()},
                   flush=True)

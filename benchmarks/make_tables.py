@@ -559,8 +559,8 @@ def any_cnn_section(res: dict) -> list[str]:
              "Commands: " + ", ".join(f"`{c}` ({size})" for size, c in meta["commands"].items())
              + f"; last at commit `{meta['commit']}`, {meta['cpu']}. Each "
              "model is torchvision's own definition, trained here from scratch on the 10,000 "
-             "CIFAR-10 training images of `../shared` (4 epochs; no ImageNet weights can be "
-             "downloaded), then quantized by PTQ (W8A8 or W4A8, first / last layer 8-bit) and "
+             "CIFAR-10 training images of `../shared` (4 epochs unless the row names more; no "
+             "ImageNet weights can be downloaded), then quantized by PTQ (W8A8 or W4A8, first / last layer 8-bit) and "
              "lowered once (`lowbit.deploy.lower` with calibration: every tensor an integer). "
              "The simulation, the integer engine and onnxruntime all read that lowering. "
              "Compared on 1,000 CIFAR-10 test images at 32 px (rows \"at 224 px\": 50 test images "
