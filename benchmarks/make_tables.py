@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from pathlib import Path
 
 from lowbit.models import MODELS as MODEL_INFO
@@ -828,10 +829,7 @@ def mixed_precision_section(res: dict) -> list[str]:
             if "error" in r:
                 lines.append(f"| {model} | {label} | - | - | refused: {r['error']} | - | - | - |")
                 continue
-            counts = {}
-            for bits in r["bits"].values():
-                counts[bits] = counts.get(bits, 0) + 1
-            widths = ", ".join(f"{b}: {n}" for b, n in sorted(counts.items()))
+            widths = _width_counts(r["bits"])
             predicted = (f"{r['predicted_bytes'] / 1024:.1f} "
                          f"({100 * (r['predicted_bytes'] - r['bytes']) / r['bytes']:+.2f}%)"
                          if "predicted_bytes" in r else "-")
@@ -862,6 +860,11 @@ def mixed_precision_section(res: dict) -> list[str]:
             lines.append(f"| {model} | {r['threads']} | {r.get('hessian', 0):.1f} | "
                          f"{r.get('output', 0):.1f} | {r['commit']} |")
     return lines
+
+
+def _width_counts(bits: dict) -> str:
+    """``{layer: w_bits}`` as "width: layers, ...", narrowest first."""
+    return ", ".join(f"{b}: {n}" for b, n in sorted(Counter(bits.values()).items()))
 
 
 def _frontier_check(model: str, rows: dict) -> list[str]:
@@ -899,10 +902,7 @@ def _lsq_rows(res: dict) -> list[str]:
                   "via `lowbit train --plan`):", "",
                   "| plan | packed KiB | top-1 | weight widths (layers) |", "|---|---|---|---|"]
         for label, r in sorted(rows.items(), key=lambda kv: kv[1]["bytes"]):
-            counts = {}
-            for bits in r["bits"].values():
-                counts[bits] = counts.get(bits, 0) + 1
-            widths = ", ".join(f"{b}: {n}" for b, n in sorted(counts.items()))
+            widths = _width_counts(r["bits"])
             lines.append(f"| {label} | {r['bytes'] / 1024:.1f} | {r['top1']:.2f} | {widths} |")
         uniform = sorted((r["bytes"], r["top1"]) for label, r in rows.items()
                          if label.startswith("uniform"))

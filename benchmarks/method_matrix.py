@@ -131,7 +131,8 @@ def main():
     full = load_dataset(DATA["cifar10"])
     data = Dataset(full.name, full.train.subset(args.images, seed=0), full.test.head(64), 10)
     command = "python benchmarks/method_matrix.py " + " ".join(sys.argv[1:])
-    if args.archs == ap.get_default("archs"):  # a rerun of some columns keeps the full run's meta
+    if args.archs == ap.get_default("archs") and args.methods == ap.get_default("methods"):
+        # a rerun of some cells keeps the full run's meta (each cell records its commit)
         record(RESULTS, "meta", None, {"commit": commit(), "cpu": cpu_description(),
                                        "command": command.strip(), "images": args.images,
                                        "round_iters": args.round_iters})

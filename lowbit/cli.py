@@ -252,15 +252,34 @@ def _normalization(model_spec: str, dataset, trust_model_code: bool | str = True
     return norm if norm is not None else dataset.normalization()
 
 
-def cmd_eval(args) -> int:
+def _load_lowbit_file(path, dataset, trust):
+    """``(model, spec)`` from a packed file, a quantized checkpoint or a ``lowbit train``
+    model.pt; None for a file of plain weights."""
     from lowbit.checkpoint import is_quantized_checkpoint, load_quantized
+    from lowbit.data import Batches
+    from lowbit.deploy.packed import is_packed_file, load_packed
+    from lowbit.io import load_torch
+    from lowbit.training.run import is_trained_checkpoint, load_trained
+
+    if is_packed_file(path):
+        model, payload = load_packed(path, trust_model_code=trust)
+        return model, payload["model"]
+    payload = load_torch(path)
+    if is_quantized_checkpoint(payload):
+        model, payload = load_quantized(path, trust_model_code=trust)
+        return model, payload["model"]
+    if is_trained_checkpoint(payload):
+        spec = payload.get("model")
+        example = next(iter(Batches(dataset.test, _normalization(spec, dataset, trust), 8)))[0]
+        return load_trained(payload, example, path, trust_model_code=trust), spec
+    return None
+
+
+def cmd_eval(args) -> int:
     from lowbit.devices import resolve_device
     from lowbit.data import Batches, load_dataset
     from lowbit.evaluate import evaluate
-    from lowbit.io import load_torch
     from lowbit.models import build_model
-    from lowbit.deploy.packed import is_packed_file, load_packed
-    from lowbit.training.run import is_trained_checkpoint, load_trained
 
     if not args.checkpoint and not args.model:
         raise ConfigError("eval needs --model (with an optional --checkpoint) or a lowbit checkpoint")
@@ -268,19 +287,9 @@ def cmd_eval(args) -> int:
     if args.checkpoint and str(args.checkpoint).endswith((".onnx", ".xml")):
         return _eval_onnx(args, dataset)
     trust = args.model or False  # a file's own model code runs only if --model names it
-    packed = args.checkpoint and is_packed_file(args.checkpoint)
-    payload = load_torch(args.checkpoint) if args.checkpoint and not packed else None
-    if packed:
-        model, payload = load_packed(args.checkpoint, trust_model_code=trust)
-        spec = payload["model"]
-    elif is_quantized_checkpoint(payload):
-        model, payload = load_quantized(args.checkpoint, trust_model_code=trust)
-        spec = payload["model"]
-    elif is_trained_checkpoint(payload):
-        spec = payload.get("model")
-        norm = _normalization(spec, dataset, trust)
-        example = next(iter(Batches(dataset.test, norm, 8)))[0]
-        model = load_trained(payload, example, args.checkpoint, trust_model_code=trust)
+    loaded = _load_lowbit_file(args.checkpoint, dataset, trust) if args.checkpoint else None
+    if loaded is not None:
+        model, spec = loaded
     else:
         if not args.model:
             raise ConfigError(f"{args.checkpoint} holds plain weights: give --model too")
@@ -308,25 +317,16 @@ def _on_binary_kernel(model, device: str):
     return xnor.deploy_xnor(model)
 
 
-def _binary_runner(path: str, dataset, norm):
+def _binary_runner(path: str, dataset):
     """The XNOR-Net model in ``path`` (a packed file or a trained model.pt) on the popcount
     kernel, for bench-infer."""
-    from lowbit.data import Batches
-    from lowbit.deploy.packed import is_packed_file, load_packed
-    from lowbit.io import load_torch
     from lowbit.nn.binary import XNORConv2d
-    from lowbit.training.run import is_trained_checkpoint, load_trained
 
-    if is_packed_file(path):
-        model, _ = load_packed(path)
-    else:
-        payload = load_torch(path)
-        if not is_trained_checkpoint(payload):
-            raise ConfigError(f"--binary {path}: not a packed file or a lowbit train model.pt")
-        model = load_trained(payload, next(iter(Batches(dataset.test, norm, 8)))[0], path)
-    if not any(isinstance(m, XNORConv2d) for m in model.modules()):
-        raise ConfigError(f"--binary {path} holds no XNOR-Net layer (train with --method xnor)")
-    return _on_binary_kernel(model, "cpu")
+    loaded = _load_lowbit_file(path, dataset, False)
+    if loaded is None or not any(isinstance(m, XNORConv2d) for m in loaded[0].modules()):
+        raise ConfigError(f"--binary {path} holds no XNOR-Net model (train one with "
+                          "--method xnor)")
+    return _on_binary_kernel(loaded[0], "cpu")
 
 
 def _eval_onnx(args, dataset) -> int:
@@ -665,8 +665,8 @@ def cmd_bench_infer(args) -> int:
     calib = Batches(dataset.train.subset(min(config.calib, len(dataset.train)), config.seed),
                     norm, 256)
     test = Batches(dataset.test, norm, args.batch_size)
+    binary = _binary_runner(args.binary, dataset) if args.binary else None  # before the PTQ
     qmodel = quantize(model, config, calib)
-    binary = _binary_runner(args.binary, dataset, norm) if args.binary else None
     example = next(iter(test))[0]
     if len(example) < max(sizes):
         raise ConfigError(f"--batch-size {args.batch_size} is smaller than the largest batch "
