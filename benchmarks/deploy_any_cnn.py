@@ -153,7 +153,9 @@ def main():
     command = "python benchmarks/deploy_any_cnn.py " + " ".join(sys.argv[1:])
     meta = json.loads(RESULTS.read_text()).get("meta", {}) if RESULTS.is_file() else {}
     longer = "" if args.train_epochs == DEFAULT_EPOCHS else f", {args.train_epochs} epochs"
-    commands = {**meta.get("commands", {}), f"{args.size} px{longer}": command.strip()}
+    # Longer-trained runs are made one architecture list at a time: each keeps its own command.
+    run_name = f"{args.size} px" + (f", {args.archs}{longer}" if longer else "")
+    commands = {**meta.get("commands", {}), run_name: command.strip()}
     record(RESULTS, "meta", None, {"commit": commit(), "cpu": cpu_description(),
                                    "threads": args.threads, "commands": commands})
     for arch in args.archs.split(","):
