@@ -63,6 +63,8 @@ def run(name: str, label: str, model, config, calib, test, done: dict) -> dict:
     if q.lowbit.mixed:
         row["predicted_bytes"] = q.lowbit.mixed["predicted"]["size_bytes"]
         row["estimator"] = q.lowbit.mixed["estimator"]
+        if "trace" in q.lowbit.mixed:
+            row["trace"] = q.lowbit.mixed["trace"]
         row["search_seconds"] = q.lowbit.mixed["search_seconds"]
     record(RESULTS, name, label, row)
     print(name, label, f"{row['top1']:.2f}", row["bytes"], f"{seconds:.0f} s", flush=True)

@@ -238,7 +238,8 @@ def _mixed_summary(mixed: dict | None) -> str:
     budget = ", ".join(f"{k} {v:g}" for k, v in mixed["budget"].items())
     predicted = mixed["predicted"]
     measured = mixed.get("measured_bytes")
-    return (f"Mixed precision under {budget} ({mixed['estimator']} sensitivity): packed file "
+    how = mixed["estimator"] + (f", trace by {mixed['trace']}" if "trace" in mixed else "")
+    return (f"Mixed precision under {budget} ({how} sensitivity): packed file "
             f"{predicted['size_bytes']} bytes predicted"
             + (f", {measured} measured" if measured is not None else "")
             + f"; mean weight width {predicted['avg_bits']:.2f} bits; "

@@ -1,5 +1,5 @@
-"""Mixed precision under a budget (ALGORITHMS.md 8.3): Hutchinson's trace against the exact
-Hessian, the integer program against brute force, the two sensitivity estimators against each
+"""Mixed precision under a budget (ALGORITHMS.md 8.3): the exact Gauss-Newton trace and
+Hutchinson's estimate against the brute-force Hessian, the integer program against brute force, the two sensitivity estimators against each
 other, and budgets met by the real packed file."""
 import itertools
 import json
@@ -14,8 +14,25 @@ from lowbit.cli import main
 from lowbit.data import Batches
 from lowbit.deploy import IntegerEngine, OnnxRunner, export_packed, load_packed, lower, to_onnx
 from lowbit.errors import ConfigError
-from lowbit.methods.mixed_precision import greedy, hessian_traces, solve
+from lowbit.methods.mixed_precision import (gauss_newton_exact, gauss_newton_traces, greedy,
+                                            hessian_traces, solve)
 from lowbit.methods.ptq import SIZE_MARGIN_BYTES, PTQConfig
+
+
+def _hessian_trace(model, name, x):
+    """Tr of the cross entropy's Hessian in layer ``name``'s weight, by
+    ``torch.autograd.functional.hessian`` (the labels do not enter it)."""
+    layer = model.get_submodule(name)
+    w0, y = layer.weight.detach().clone(), model(x).argmax(1)
+
+    def loss(w):
+        saved = layer.weight
+        del layer.weight
+        layer.weight = w
+        out = F.cross_entropy(model(x), y)
+        layer.weight = saved
+        return out
+    return float(torch.autograd.functional.hessian(loss, w0).reshape(w0.numel(), -1).trace())
 
 
 @pytest.mark.parametrize("batches", [1, 4])
@@ -24,21 +41,52 @@ def test_hutchinson_trace_matches_the_exact_hessian_trace(batches):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
     x = torch.randn(40, 6)
-    y = model(x).argmax(1)
+    assert gauss_newton_exact(model, ["0", "2"]) == "1 (Tanh) is not piecewise linear"
     estimate = hessian_traces(model, ["0", "2"], list(x.chunk(batches)), samples=3000)
     for name in ("0", "2"):
-        layer = model.get_submodule(name)
-        w0 = layer.weight.detach().clone()
+        assert estimate[name] == pytest.approx(_hessian_trace(model, name, x), rel=0.05)
 
-        def loss(w, layer=layer):
-            saved = layer.weight
-            del layer.weight
-            layer.weight = w
-            out = F.cross_entropy(model(x), y)
-            layer.weight = saved
-            return out
-        exact = torch.autograd.functional.hessian(loss, w0).reshape(w0.numel(), -1).trace()
-        assert estimate[name] == pytest.approx(float(exact), rel=0.05)
+
+def _relu_cnn():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.Conv2d(4, 6, 3, stride=2, groups=2), nn.ReLU6(), nn.MaxPool2d(2),
+                          nn.Flatten(), nn.Linear(24, 5))
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-0.5, 0.5)
+        model[1].running_var.uniform_(0.5, 2)
+    return model.eval()
+
+
+@pytest.mark.parametrize("batches", [1, 3])
+def test_gauss_newton_trace_is_the_exact_hessian_trace_of_a_relu_network(batches):
+    """Grouped, strided and padded convolutions, batch norm, ReLU6, max pooling: the network is
+    piecewise linear in each weight, so the Gauss-Newton trace is the Hessian's own."""
+    model, names = _relu_cnn(), ["0", "3", "7"]
+    x = torch.randn(24, 3, 11, 11)
+    assert gauss_newton_exact(model, names) == ""
+    traces = gauss_newton_traces(model, names, list(x.chunk(batches)))
+    for name in names:
+        assert traces[name] == pytest.approx(_hessian_trace(model, name, x), rel=1e-4)
+
+
+class _Shared(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner, self.head = nn.Linear(3, 3), nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.inner(torch.relu(self.inner(x)))))
+
+
+def test_gauss_newton_says_why_it_is_not_exact():
+    """A smooth activation or a layer called twice (its Hessian has cross terms between the
+    calls' second derivatives) falls back to Hutchinson."""
+    silu = nn.Sequential(nn.Linear(3, 3), nn.SiLU(), nn.Linear(3, 2))
+    assert gauss_newton_exact(silu, ["0", "2"]) == "1 (SiLU) is not piecewise linear"
+    assert gauss_newton_exact(_Shared(), ["inner", "head"]) == "inner is called 2 times"
+    training = _relu_cnn().train()
+    assert "BatchNorm2d" in gauss_newton_exact(training, ["0"])
 
 
 def _problem(seed):
