@@ -18,10 +18,12 @@ first trained here from scratch on the 10,000 CIFAR-10 training images of ``../s
 ``train`` (checkpointed under ``--runs``, so an interrupted run resumes and a finished one is
 reused). The weights are then real, if weaker than ImageNet ones.
 
-The last two pairs separate engine error from float32 noise: the same simulation run in float64
-(:meth:`Lowering.simulation`) against the engine, and against the float32 simulation. The
-float32 simulation's rounding decisions differ from exact arithmetic wherever float32 error
-moves a value across a half step; how often that flips a top-1 depends on the model's margins.
+The last three pairs separate engine error from float32 noise: the same simulation run in
+float64 on the model's own weight codes (:meth:`Lowering.simulation`, the exact simulation)
+against the engine, onnxruntime and the float32 simulation. The float32 simulation's rounding
+decisions differ from exact arithmetic wherever float32 error moves a value across a half step,
+and each changed code moves the next layer's sums, so the differences multiply layer by layer;
+how often that flips a top-1 depends on the model's margins.
 """
 from __future__ import annotations
 
@@ -123,6 +125,7 @@ def run(arch: str, w_bits: int, data, args) -> dict:
     pairs = {"engine vs simulation": (sim, engine), "onnxruntime vs simulation": (sim, runtime),
              "onnxruntime vs engine": (engine, runtime),
              "engine vs float64 simulation": (exact, engine),
+             "onnxruntime vs float64 simulation": (exact, runtime),
              "float32 vs float64 simulation": (exact, sim)}
     row = {"fp_top1": evaluate(model, test), "sim_form_top1": evaluate(q, test),
            "lower_seconds": lower_seconds, "export_seconds": export_seconds,

@@ -38,6 +38,10 @@ def _check_agreement(q, lowering, x):
         assert (out.argmax(1) == sim.argmax(1)).float().mean() >= 0.9, name
         assert steps.median() <= 1.0, name
     assert_kernels_exact(lowering, engine, x)
+    # With float32 noise removed (the float64 simulation on the model's own weight codes), the
+    # engine computes the simulation exactly: every code equal, the logits to float32 precision.
+    exact = lowering.simulation(torch.float64)(x)
+    assert (engine(x) - exact).abs().max() <= 1e-3 * step
 
 
 @pytest.mark.parametrize("name", ARCHITECTURES)

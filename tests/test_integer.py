@@ -4,7 +4,7 @@ from fractions import Fraction
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -19,14 +19,17 @@ from tests.user_models import ConvThen, UserNet, trained_like
 
 @settings(max_examples=300, deadline=None)
 @given(st.floats(1e-6, 1e3, allow_nan=False), st.integers(-2 ** 31, 2 ** 31 - 1))
-def test_fixed_point_multiply_rounds_the_exact_product_half_up(multiplier, acc):
+@example(0.5, 5).via("a tie rounds down to even")
+@example(0.25, 6).via("a tie rounds up to even")
+@example(0.25, -10).via("a negative tie")
+def test_fixed_point_multiply_rounds_the_exact_product_half_to_even(multiplier, acc):
     m0, shift = fixed_point(multiplier)
     assert 2 ** 30 <= int(m0) < 2 ** 31
     held = Fraction(int(m0), 2 ** (31 + int(shift)))
     assert abs(held - Fraction(multiplier)) <= Fraction(multiplier) * Fraction(1, 2 ** 30)
     got = int(multiply_by_fixed_point(torch.tensor(acc), m0, shift))
     exact = held * acc
-    assert got == (exact + Fraction(1, 2)).__floor__()
+    assert got == round(exact)  # Fraction rounds half to even, as torch.round
 
 
 def _digits(digits_fp, **cfg):

@@ -14,16 +14,19 @@ gemmlowp):
 
   brought to the output grid by a fixed-point multiplier ``M = S_acc / S_out = M0 * 2^-(31 + n)``
   with ``M0`` an int32 in ``[2^30, 2^31)`` (``M0 / 2^31`` in [0.5, 1)) and a shift ``n``:
-  ``q_out = Z_out + round(acc * M)``, computed as ``(acc * M0 + 2^(30 + n)) >> (31 + n)`` in int64
-  (one rounding, half up); a fused ReLU / ReLU6 / clamp is the integer clamp of that result.
+  ``q_out = Z_out + round(acc * M)``, computed as ``acc * M0`` shifted right by ``31 + n`` in
+  int64 (one rounding, half to even, as the simulation rounds); a fused ReLU / ReLU6 / clamp is
+  the integer clamp of that result.
 * **Clamps** on a grid clamp the integers at ``Z + round(lo / S)`` and ``Z + round(hi / S)``.
 * **Smooth activations** (Hardswish, Hardsigmoid, Sigmoid, SiLU, GELU, Tanh, LeakyReLU, ELU,
   PReLU, an unfolded batch norm, ``x * c``): a lookup table over the input's codes,
   ``T[k] = clamp(round(f(S_in (k - Z_in)) / S_out) + Z_out)``, one entry per code (256 for 8-bit
   inputs) and per channel where ``f`` depends on the channel (PReLU, batch norm). The table is
   computed with the same float function the simulation runs, so the two agree exactly.
-* **Add**: each operand rescaled to ``S_out / 2^16`` by a fixed-point multiplier, summed, and
-  shifted down to ``S_out`` with one rounding. **Mul** (squeeze-excite):
+* **Add**: each operand rescaled to ``S_out / 2^24`` by a fixed-point multiplier, summed, and
+  shifted down to ``S_out`` with one rounding (TFLite's int32 add keeps ``2^20``; the engine's
+  int64 intermediates afford four more bits, so that an operand's rescaling error, at most
+  ``2^-25`` of a step, hardly ever moves a sum across a half step). **Mul** (squeeze-excite):
   ``Z_out + round((q_a - Z_a)(q_b - Z_b) * S_a S_b / S_out)``. **Concat**: each input requantized
   to the output grid.
 * **Average pooling**: exact integer window sums times ``S_in / (n S_out)`` in fixed point (``n``
@@ -47,9 +50,9 @@ Where simulation and engine can differ (every one is below half an output step):
 
 * The simulation sums ``S_W (q_W - Z_W) * S_X (q_X - Z_X)`` in float32, so its pre-rounding value
   carries float32 error; the engine's sum is exact.
-* Rounding: the simulation rounds ``y * (1/S)`` half to even in float32; the engine rounds
-  ``acc * M`` half up with ``M`` held to 31 bits. Values within about 2^-24 of a half step can
-  round the other way.
+* Rounding: the simulation rounds ``y * (1/S)`` in float32; the engine rounds ``acc * M`` with
+  ``M`` held to 31 bits (both half to even). Values within about 2^-24 of a half step can round
+  the other way.
 * The bias is rounded to the accumulator grid; ``lowbit.quantize`` does the same in the
   simulation (``int_bias``), otherwise the two differ by up to half a step of ``S_W * S_X``.
 * The residual stream has a finite step (``2^-16`` of the next rounding step), where the
@@ -68,6 +71,7 @@ accumulator fits in int32). Pooling sums run the same way in float64.
 """
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass
 
@@ -88,7 +92,7 @@ STREAM_BITS = 29  # a bound-scaled stream stays below 2^29: the sum of two still
 STREAM_FRACTION_BITS = 16
 INT32 = 2 ** 31
 
-FINE_BITS = 16  # an add sums its rescaled operands 2^16 times finer than its output step
+FINE_BITS = 24  # an add sums its rescaled operands 2^24 times finer than its output step
 
 
 @dataclass
@@ -129,10 +133,21 @@ def fixed_point(multiplier) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def multiply_by_fixed_point(acc: torch.Tensor, m0: torch.Tensor, shift: torch.Tensor):
-    """``round(acc * M)`` half up, in int64: ``(acc * M0 + 2^(30 + n)) >> (31 + n)``."""
-    total = 31 + shift
-    return torch.bitwise_right_shift(acc * m0 + torch.bitwise_left_shift(torch.ones_like(total),
-                                                                         total - 1), total)
+    """``round(acc * M)`` half to even, in int64: ``acc * M0`` shifted right by ``31 + n``."""
+    return round_shift(acc * m0, 31 + shift)
+
+
+def round_shift(x: torch.Tensor, bits) -> torch.Tensor:
+    """``round(x / 2^bits)`` half to even (``bits >= 1``), in int64: the floor shift, plus one
+    where the remainder is above half, or exactly half and the floor odd. Half to even is how
+    the simulation (``torch.round``) and ONNX's QuantizeLinear round; TFLite rounds half away
+    from zero. Only exact ties tell them apart, and a fixed-point product meets them where ``M``
+    has few bits: an average pool over 2^k values onto its input's grid, say."""
+    bits = torch.as_tensor(bits, dtype=torch.int64)
+    floor = torch.bitwise_right_shift(x, bits)
+    rest = x - torch.bitwise_left_shift(floor, bits)
+    half = torch.bitwise_left_shift(torch.ones_like(bits), bits - 1)
+    return floor + ((rest > half) | ((rest == half) & (floor % 2 == 1))).to(torch.int64)
 
 
 def _check_int32(t: torch.Tensor, what: str) -> torch.Tensor:
@@ -141,7 +156,7 @@ def _check_int32(t: torch.Tensor, what: str) -> torch.Tensor:
     return t
 
 
-def _input_grid(layer, name: str) -> Grid:
+def input_grid(layer, name: str) -> Grid:
     q = layer.input_quantizer
     if integer_codes(q) is None:
         if isinstance(q, (AffineQuantizer, LSQQuantizer)):
@@ -199,7 +214,7 @@ class IntegerEngine:
             if self.kinds[node] == "layer":
                 layer = self.modules[node.target]
                 w, s_w = integer_weight(layer, node.target)
-                qx = _input_grid(layer, node.target)
+                qx = input_grid(layer, node.target)
                 worst = int(w.abs().reshape(len(w), -1).sum(1).max()) * qx.bound
                 dtype = torch.float32 if worst < 2 ** 24 else torch.float64
                 self.layers[node] = (layer, qx, w.to(dtype), s_w)
@@ -491,13 +506,20 @@ def _requantize_to(v: QTensor, grid: Grid) -> torch.Tensor:
 
 
 def _rescale_sum(values, grid: Grid) -> torch.Tensor:
-    """``Z + round(sum S_i (q_i - Z_i) / S)`` (unclamped): each term rescaled to ``S / 2^16`` in
-    fixed point, the sum shifted down with one rounding, half up."""
+    """``Z + round(sum S_i (q_i - Z_i) / S)`` (unclamped): each term rescaled to ``S / 2^f`` in
+    fixed point, the sum shifted down with one rounding. ``f`` is :data:`FINE_BITS`, less where
+    a term's multiplier ``S_i / S`` is so large that ``2^f S_i / S`` would pass 2^30 (the most a
+    fixed-point multiplier with a right shift holds)."""
+    ratios = [v.scale / grid.scale for v in values]
+    fine = min(FINE_BITS, 29 - max(math.frexp(r)[1] for r in ratios))
+    if fine < 1:
+        raise NumericalError(f"an add's operand scale is {max(ratios):.3g} times its output's: "
+                             "no fixed-point rescaling holds that")
     total = 0
-    for v in values:
-        m0, shift = fixed_point(v.scale / grid.scale * 2 ** FINE_BITS)
+    for v, ratio in zip(values, ratios):
+        m0, shift = fixed_point(ratio * 2 ** fine)
         total = total + multiply_by_fixed_point(v.data - v.zero_point, m0, shift)
-    return torch.bitwise_right_shift(total + 2 ** (FINE_BITS - 1), FINE_BITS) + grid.zero_point
+    return round_shift(total, fine) + grid.zero_point
 
 
 def _stream_add(a: QTensor, b: QTensor, name: str, scale: float | None) -> QTensor:

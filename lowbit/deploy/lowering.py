@@ -56,6 +56,7 @@ from torch import fx, nn
 
 from lowbit.errors import CalibrationError, ConfigError, DataError, ModelError
 from lowbit.nn.accumulator import integer_codes
+from lowbit.nn.layers import QUANT_LAYERS
 from lowbit.quant.affine import affine_qparams, fake_quantize
 from lowbit.transforms.fold import trace
 from lowbit.transforms.ops import (KEEPS_GRID, KINDS, MOVES, clamp_bounds, kind_of, tensor_args,
@@ -102,7 +103,13 @@ class Grid:
         return int(min(max(round(value / self.scale) + self.zero_point, self.qmin), self.qmax))
 
     def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
-        """``S (clamp(round(x / S) + Z, q_min, q_max) - Z)``, as the layer quantizers compute it."""
+        """``S (clamp(round(x / S) + Z, q_min, q_max) - Z)``, as the layer quantizers compute it
+        (``x`` times a float32 ``1/S``). In float64 (the exact simulation) ``x / S`` is a true
+        division, so that an exact tie stays one: an average pool of 2^k values on its input's
+        grid lands on ``S (k + 1/2)`` exactly, and ``x * (1/S)`` would move it off."""
+        if x.dtype == torch.float64:
+            codes = torch.round(x / self.scale) + self.zero_point
+            return self.scale * (codes.clamp(self.qmin, self.qmax) - self.zero_point)
         t = lambda v: torch.tensor(float(v), dtype=torch.float32)  # noqa: E731
         return fake_quantize(x, t(self.scale), t(self.zero_point), t(self.qmin), t(self.qmax))
 
@@ -132,14 +139,47 @@ class Lowering:
         """The fake-quant simulation of this form: the model with every gridded tensor
         fake-quantized (in the simulation form, the model itself up to idempotent roundings).
 
-        ``dtype=torch.float64`` runs it in double precision (float32 logits out): its sums are
-        then exact for the integer engine's purposes, so it tells float32 rounding noise from
-        engine error (the engine matches it to float32 output precision)."""
+        ``dtype=torch.float64`` runs it in double precision (float32 logits out), with the
+        weights the float32 model defines: each layer's integer codes (rounded in float32, as
+        the engine and the ONNX file read them) times their scales, exact in float64, and its
+        bias on the accumulator grid (:func:`_exact_layer`). Its sums are then exact for the
+        integer engine's purposes, so it tells float32 rounding noise from engine error. (Re-rounding the weights in float64 would not do: a weight within a
+        float32 error of a half step gets the other code, and the change propagates.)"""
         module = with_grids(self, lambda graph, node, grid: graph.call_function(
             _fake_quantize, (node, *astuple(grid))))
         if dtype == torch.float32:
             return module
-        return _InDtype(copy.deepcopy(module).to(dtype), dtype)
+        module = copy.deepcopy(module)
+        for name, layer in module.named_modules():
+            if isinstance(layer, QUANT_LAYERS):
+                weight, bias = _exact_layer(layer, name)
+                layer.weight_quantizer = nn.Identity()
+                layer.weight = nn.Parameter(weight, requires_grad=False)
+                if bias is not None:
+                    layer.bias = nn.Parameter(bias, requires_grad=False)
+        return _InDtype(module.to(dtype), dtype)
+
+
+def _exact_layer(layer: nn.Module, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A quantized layer's ``(weight, bias)`` in float64 as the integer engine reads them: the
+    weight ``S_W (q_W - Z_W)`` from its integer codes; the bias ``k S_W S_X`` with
+    ``k = round(b / (S_W S_X))`` where ``b`` lies on that accumulator grid to float32 precision
+    (``int_bias`` put it there; float32 holds ``k S_W S_X`` only to 2^-24 of ``|b|``, which is
+    many output steps' worth of error for a large bias), else ``b``. Where the weights are not
+    affine codes (a per-channel shift, binary scales), the float32 quantized weight."""
+    from lowbit.deploy.integer import input_grid, integer_weight  # the engine reads lowerings
+
+    bias = None if layer.bias is None else layer.bias.detach().double()
+    try:
+        integers, s_w = integer_weight(layer, name)
+        s_acc = s_w * input_grid(layer, name).scale
+    except ConfigError:
+        return layer.quantized_weight().detach().double(), bias
+    weight = integers.double() * s_w.reshape((-1,) + (1,) * (integers.dim() - 1))
+    if bias is not None:
+        on_grid = torch.round(bias / s_acc) * s_acc
+        bias = torch.where((bias - on_grid).abs() <= 2 ** -23 * bias.abs(), on_grid, bias)
+    return weight, bias
 
 
 class _InDtype(nn.Module):
