@@ -7,15 +7,15 @@ beside it): top-1 of each, top-1 agreement, and the logit differences in 8-bit o
 Targets (issues 5 and 16): top-1 agreement >= 99.9% for W8A8 and W4A4 ResNet-20, logits within
 one output quantization step; each runtime's top-1 within 0.1 points of the simulation. OpenVINO
 rows also record the precision each conv / linear layer ran in (its execution graph). Each
-runtime is also compared with the simulation run in float64 (``vs_float64``): the engine's
-integer sums are exact, and the float32 simulation's own distance to float64 (the "float32
-simulation" row) is the noise floor of a float32 reference. Rows are merged into the JSON, so a
+runtime is also compared with the simulation run in float64 on the model's own weight codes
+(``vs_float64``, :meth:`lowbit.deploy.Lowering.simulation`): the engine's integer sums are
+exact, and the float32 simulation's own distance to float64 (the "float32 simulation" row) is
+the noise floor of a float32 reference. Rows are merged into the JSON, so a
 run of some runtimes keeps the others.
 """
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import time
 import warnings
@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 import lowbit
+from lowbit.deploy import lower
 from lowbit.deploy.integer import IntegerEngine
 from lowbit.deploy.onnx_export import OnnxRunner, to_onnx
 from lowbit.evaluate import agreement
@@ -83,8 +84,7 @@ def main():
         for label in args.settings.split(","):
             q = lowbit.quantize(model, SETTINGS[label], calib)
             sim32 = outputs(q, test)
-            q64 = copy.deepcopy(q).double()
-            sim64 = outputs(lambda x: q64(x.double()), test)
+            sim64 = outputs(lower(q).simulation(torch.float64), test)
             runs = {"float32 simulation": (None, sim32)}
             for runtime in args.runtimes.split(","):
                 run = runner(runtime, q, args.threads)

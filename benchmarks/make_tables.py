@@ -555,7 +555,8 @@ def agreement_section(res: dict) -> list[str]:
 def any_cnn_section(res: dict) -> list[str]:
     meta = res["meta"]
     pairs = ("engine vs simulation", "onnxruntime vs simulation", "onnxruntime vs engine",
-             "engine vs float64 simulation", "float32 vs float64 simulation")
+             "engine vs float64 simulation", "onnxruntime vs float64 simulation",
+             "float32 vs float64 simulation")
     lines = ["## Deployment on torchvision architectures (fully quantized)", "",
              "Commands: " + ", ".join(f"`{c}` ({size})" for size, c in meta["commands"].items())
              + f"; last at commit `{meta['commit']}`, {meta['cpu']}. Each "
@@ -567,12 +568,18 @@ def any_cnn_section(res: dict) -> list[str]:
              "Compared on 1,000 CIFAR-10 test images at 32 px (rows \"at 224 px\": 50 test images "
              "resized to 224 px, batch-norm statistics re-estimated at that size): top-1 agreement % / largest logit "
              "difference in 8-bit output steps (the reference's logit range / 255). The float64 "
-             "simulation is the same simulation in double precision: the engine's integer sums "
-             "are exact, so it matches that one, and the float32 simulation's own distance to it "
-             "is the noise floor of any float32 comparison. Target: >= 99.9% agreement.", "",
+             "simulation is the exact simulation: the same graph in double precision on the "
+             "model's own weight codes and integer biases (`Lowering.simulation(torch.float64)`). "
+             "The engine's integer sums are exact, so from commit `53917cc` on it matches that "
+             "one code for code (0.0 steps); the float32 simulation's own distance to it is the "
+             "noise floor of any float32 comparison (a float32 sum that lands a value on the "
+             "other side of a rounding boundary changes its code, and the change spreads layer by "
+             "layer). Rows before `53917cc` re-rounded the weights in float64 and kept the "
+             "float32 bias, which moved near-tie codes: their float64 columns understate every "
+             "agreement. Target: >= 99.9% agreement.", "",
              "| model | weights | FP top-1 | " + " | ".join(pairs) +
-             " | export s | ONNX KiB | packed KiB | float KiB |",
-             "|---|---|---|" + "---|" * len(pairs) + "---|---|---|---|"]
+             " | export s | ONNX KiB | packed KiB | float KiB | commit |",
+             "|---|---|---|" + "---|" * len(pairs) + "---|---|---|---|---|"]
     for model, rows in res.items():
         if model == "meta":
             continue
@@ -581,7 +588,8 @@ def any_cnn_section(res: dict) -> list[str]:
                      if p in r else "-" for p in pairs]
             lines.append(f"| {model} | {bits} | {r['fp_top1']:.1f} | " + " | ".join(cells) +
                          f" | {r['export_seconds']:.1f} | {r['onnx_bytes'] / 1024:.0f} | "
-                         f"{r['packed_bytes'] / 1024:.0f} | {r['float_bytes'] / 1024:.0f} |")
+                         f"{r['packed_bytes'] / 1024:.0f} | {r['float_bytes'] / 1024:.0f} | "
+                         f"`{r.get('commit', meta['commit'])}` |")
     return lines
 
 
@@ -817,8 +825,12 @@ def mixed_precision_section(res: dict) -> list[str]:
              "margin puts out of reach). Sizes are the real packed files; full test sets. "
              "Targets: at the W3A4 size, mixed >= uniform W4A4 - 0.5 (ResNet-20, ResNet-32) and "
              ">= uniform W3A4 + 2 (PSG ResNet-32); prediction within 1% of the file; search "
-             "(sensitivity + solve) under 30 s for ResNet-20. Times ran beside other jobs: upper "
-             "bounds. Plots: `benchmarks/results/mixed_precision_<model>.png`.",
+             "(sensitivity + solve) under 30 s for ResNet-20. \"hessian\" is the layer's "
+             "quantization error weighted by the exact Gauss-Newton trace of the loss Hessian "
+             "(one backward pass per class; these ReLU networks are piecewise linear, so it "
+             "applies), \"output\" the measured logit KL of quantizing that layer alone. Times "
+             "ran beside other jobs: upper bounds. Plots: "
+             "`benchmarks/results/mixed_precision_<model>.png`.",
              "", "| model | row | packed KiB | predicted (error) | within budget | top-1 | weight "
              "widths (layers) | PTQ s |", "|---|---|---|---|---|---|---|---|"]
     summary = []
