@@ -791,7 +791,11 @@ def xnor_section(res: dict) -> list[str]:
              "path this CPU has (float epilogue included) against PyTorch's FP32 matmul, best "
              "of interleaved rounds. Targets (issue 17): GEMM >= 4x FP32 on AVX2, >= 6x on "
              "AVX-512; the XNOR ResNet-20 >= 1.5x lowbit's int8 (the faster of its onnxruntime "
-             "and OpenVINO runs) at batch 128 and batch 1.", "",
+             "and OpenVINO runs) at batch 128 and batch 1. \"xnor popcount\" has each "
+             "convolution's BatchNorm, residual add and the next binary layer's packed input "
+             "fused into the kernel's epilogue; \"unfused\" runs them as separate modules."
+             + (f" {meta['paused_training_runs']} training runs were paused (SIGSTOP) while "
+                "timing." if meta.get("paused_training_runs") else ""), "",
              "| binary GEMM (pixels x K bits x outputs) | FP32 matmul ms | " +
              " | ".join(f"{p} ms (x FP32)" for p in paths) + " |",
              "|---|---|" + "---|" * len(paths)]

@@ -8,8 +8,12 @@ thread, interleaved rounds; plus the deployed XNOR network's agreement with its 
 
 Targets: binary GEMM >= 4x FP32 matmul on AVX2 and >= 6x on AVX-512; XNOR ResNet-20 >= 1.5x
 lowbit int8 at batch 128 and batch 1, outputs equal to the float simulation. The GEMM times are
-the kernel as the network calls it (float epilogue included). Run with no other benchmark on the
-machine; the table names the CPU's instruction sets.
+the kernel as the network calls it (float epilogue included). The network runs twice: with each
+convolution's BatchNorm, residual add and next binary input fused into the kernel (``xnor
+popcount``, :func:`lowbit.deploy.xnor.fuse_epilogues`) and with them as separate modules
+(``unfused``). Training runs of the long benchmarks are paused (SIGSTOP, ``pause.py``) while
+anything is timed; run it with no other benchmark on the machine. The table names the CPU's
+instruction sets.
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ from lowbit.deploy.openvino_runtime import OpenVinoRunner
 from lowbit.errors import LowbitError
 from lowbit.methods import training_method
 
+from pause import paused  # noqa: E402
 from ptq_ablation import commit, load_benchmark  # noqa: E402
 from train_speed import cpu_description  # noqa: E402
 
@@ -75,8 +80,10 @@ def main():
     compiled = xnor.extension() is not None
     out = {"meta": {"commit": commit(), "command": "python benchmarks/xnor_speed.py",
                     "cpu": cpu_description(), "threads": 1, "compiled_kernel": compiled,
-                    "kernel_path": xnor.kernel_path() if compiled else "torch"},
-           "gemm": gemm_rows() if compiled else {}}
+                    "kernel_path": xnor.kernel_path() if compiled else "torch"}}
+    with paused() as stopped:
+        out["gemm"] = gemm_rows() if compiled else {}
+    out["meta"]["paused_training_runs"] = len(stopped)
 
     model, calib, test = load_benchmark("resnet20")
     x = next(iter(test))[0][:128]
@@ -94,12 +101,13 @@ def main():
     int8 = lowbit.quantize(model, lowbit.load_recipe("ptq-int8-deploy"), calib)
     graph = to_onnx(int8, (1, 3, 32, 32), [x[:128]])
     runs = {"fp32 eager": model.eval(), "xnor simulation (float)": sim,
-            "xnor popcount": deployed, "lowbit int8 (onnxruntime)": OnnxRunner(graph, 1)}
+            "xnor popcount": deployed, "xnor popcount, unfused": xnor.deploy_xnor(sim, fuse=False),
+            "lowbit int8 (onnxruntime)": OnnxRunner(graph, 1)}
     try:
         runs["lowbit int8 (openvino)"] = OpenVinoRunner(graph, 1)
     except LowbitError as e:  # the optional runtime not installed: onnxruntime is the baseline
         print("no OpenVINO:", e, flush=True)
-    with torch.no_grad():
+    with torch.no_grad(), paused():
         for batch in (128, 1):
             out[f"network_batch{batch}"] = images_per_second(runs, x[:batch], rounds=5)
             print(batch, out[f"network_batch{batch}"], flush=True)

@@ -146,3 +146,89 @@ def test_xnor_scale_box_filters_the_dilated_taps(stride, dilation):
     expected = F.conv2d(x.abs().mean(1, keepdim=True), box, None, stride, dilation, dilation)
     got = xnor_input_scale(x, 3, stride, dilation, dilation)
     assert got.shape == expected.shape and torch.allclose(got, expected, atol=1e-6)
+
+
+def _xnor_resnet20(recipe: dict, x: torch.Tensor):
+    """A ResNet-20 prepared for XNOR-Net with ``recipe`` (random weights, BN statistics from
+    ``x``, RSign thresholds moved off 0 so that the fused epilogue must subtract them)."""
+    from lowbit.models import resnet20
+
+    torch.manual_seed(0)
+    sim = training_method("xnor", recipe).prepare(resnet20().eval(), x[:4]).train()
+    with torch.no_grad():
+        sim(x)
+        for name, p in sim.named_parameters():
+            if name.endswith("threshold"):
+                p.normal_(0, 0.2)
+    return sim.eval()
+
+
+@pytest.mark.parametrize("recipe", [{}, {"shortcuts": "bireal", "learnable_threshold": True},
+                                    {"shortcuts": "bireal", "learnable_threshold": True,
+                                     "rprelu": True}])
+def test_fused_epilogues_keep_the_network_bit_identical(kernel, recipe):
+    """BatchNorm, residual add and the next layer's packed signs fused into each binary
+    convolution: every convolution takes its BatchNorm, the plain XNOR ResNet passes packed
+    bits from one convolution to the next, and the outputs equal the simulation's on every
+    path (thresholds included)."""
+    x = torch.randn(6, 3, 32, 32)
+    sim = _xnor_resnet20(recipe, x)
+    deployed = xnor.deploy_xnor(sim)
+    convs = [m for m in deployed.modules() if isinstance(m, xnor.XNORPopcountConv2d)]
+    assert len(convs) == 18
+    if kernel != "torch":
+        assert all(c.bn_scale is not None for c in convs)
+        if not recipe:  # BN -> sign -> conv inside a block, BN + shortcut -> sign between blocks
+            assert [c.emits for c in convs[:2]] == ["signs", "both"] and convs[-1].emits == "float"
+        if recipe.get("learnable_threshold") and not recipe.get("rprelu"):
+            assert any(c.next_threshold is not None for c in convs)
+    with torch.no_grad():
+        assert torch.equal(deployed(x), sim(x))
+        assert torch.equal(deployed(x[:1]), sim(x[:1]))  # another geometry: new border masks
+
+
+def test_bn_terms_reproduce_atens_batchnorm():
+    """``fma(y, scale, shift)`` equals ``F.batch_norm`` element for element (else the
+    BatchNorm is not fused), with and without affine parameters."""
+    if xnor.extension() is None:
+        pytest.skip("the XNOR kernel cannot be built here")
+    for affine in (True, False):
+        bn = torch.nn.BatchNorm2d(40, affine=affine).eval()
+        with torch.no_grad():
+            bn.running_mean.normal_(0, 2)
+            bn.running_var.uniform_(0.01, 5)
+            if affine:
+                bn.weight.normal_()
+                bn.bias.normal_()
+        scale, shift = xnor.bn_terms(bn)
+        y = torch.randn(3, 40, 9, 11) * 10
+        with torch.no_grad():
+            assert torch.equal(xnor.extension().affine(y, scale, shift), bn(y))
+    assert xnor.bn_terms(torch.nn.BatchNorm2d(4).train()) is None  # batch statistics: unfused
+
+
+def test_a_residual_of_another_shape_is_added_outside_the_kernel():
+    """A broadcast residual (here [N, O, 1, 1]) is not fused into the kernel's add: the float
+    output takes torch's broadcasting add, then the signs are packed from it."""
+    if xnor.extension() is None:
+        pytest.skip("the XNOR kernel cannot be built here")
+    torch.manual_seed(0)
+    layers = [XNORConv2d.from_float(torch.nn.Conv2d(8, 8, 3, 1, 1), ScaledBinaryWeight(),
+                                    SignActivation()) for _ in range(2)]
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = layers
+
+        def forward(self, x):
+            return self.b(self.a(x) + x.mean((2, 3), keepdim=True))
+
+    from lowbit.transforms.fold import trace
+
+    net = Net().eval()
+    deployed = xnor.deploy_xnor(trace(net)[0])
+    assert deployed.a.emits == "signs"
+    x = torch.randn(2, 8, 6, 6)
+    with torch.no_grad():
+        assert torch.equal(deployed(x), net(x))

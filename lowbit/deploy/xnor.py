@@ -18,17 +18,30 @@ integer sums) with a warning. The kernel sums K's |I| inside its packing and im2
 separate passes over the activation) in the order :func:`~lowbit.quant.binary.xnor_input_scale`
 fixes, and both paths compute ``dot * alpha * K + b`` in that order in float32, so their outputs
 are identical to each other and to the simulation.
+
+:func:`deploy_xnor` also fuses what follows each binary convolution into the kernel's epilogue
+(:func:`fuse_epilogues`): the eval BatchNorm after it, a residual add after that, and, where the
+result feeds binary convolutions, their input itself: the sign bits of ``y - t`` (``t`` the
+consumers' RSign threshold) and the channel sums of ``|y - t|`` that K needs
+(:class:`PackedSigns`), so a binary block passes packed bits from one convolution to the next
+(Larq Compute Engine's bconv2d with output binarization, here with XNOR-Net's K). The fused steps
+compute what the separate modules compute, in the same float order: the BatchNorm as ATen's CPU
+kernel does (``fma(y, scale, shift)``, checked against ``F.batch_norm`` before fusing: a build that
+rounds otherwise is left unfused), the add as one float addition, the signs and sums as
+:func:`pack_signs` does; so the fused network's outputs stay bit-identical to the simulation.
 """
 from __future__ import annotations
 
 import copy
+import operator
 import os
 import warnings
 from functools import lru_cache
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
-from torch import nn
+from torch import fx, nn
 from torch.nn import functional as F
 
 from lowbit.errors import ConfigError
@@ -128,9 +141,21 @@ def popcount_gemm(rows, masks, valid, b: torch.Tensor) -> torch.Tensor:
     return (2 * counts - valid.unsqueeze(1)).to(torch.int32)
 
 
+class PackedSigns(NamedTuple):
+    """A binary convolution's input as the previous convolution's epilogue wrote it: sign words
+    ``bits`` int64 ``[N, H, W, ceil(C / 64)]`` of ``x - t`` and ``magnitude`` float ``[N, H, W]``,
+    the channel sums of ``|x - t|`` (what :func:`pack_signs` returns); ``shape`` is x's."""
+    bits: torch.Tensor
+    magnitude: torch.Tensor
+    shape: tuple
+
+
 class XNORPopcountConv2d(nn.Module):
     """An :class:`~lowbit.nn.binary.XNORConv2d` deployed: packed weight signs, per-filter alpha,
-    and the XNOR-popcount kernel."""
+    and the XNOR-popcount kernel. After :func:`fuse_epilogues` it may also apply the BatchNorm
+    that followed it (:meth:`fuse_batchnorm`), add a residual (``forward``'s second input) and
+    return its output as :class:`PackedSigns` for the next binary convolutions (``emits``:
+    "float", "signs" or "both", a ``(float, signs)`` pair)."""
 
     def __init__(self, layer: XNORConv2d):
         super().__init__()
@@ -152,31 +177,100 @@ class XNORPopcountConv2d(nn.Module):
         self.register_buffer("threshold", None if threshold is None else
                              threshold.detach().float().reshape(1, -1, 1, 1))
         self._borders = None  # (input shape, masks, valid): they depend only on the geometry
+        # the fused epilogue (fuse_epilogues)
+        self.batchnorm: nn.Module | None = None
+        self.register_buffer("bn_scale", None)
+        self.register_buffer("bn_shift", None)
+        self.emits = "float"
+        self.register_buffer("next_threshold", None)  # the consumers' RSign threshold [O]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.threshold is not None:
-            x = x - self.threshold
+    def fuse_batchnorm(self, bn: nn.BatchNorm2d, scale: torch.Tensor, shift: torch.Tensor):
+        """Apply ``bn`` (eval) in the epilogue as ``fma(y, scale, shift)`` (:func:`bn_terms`)."""
+        self.batchnorm, self.bn_scale, self.bn_shift = bn, scale, shift
+
+    def forward(self, x, residual: torch.Tensor | None = None):
         ext = extension()
         if ext is None:
-            k = xnor_input_scale(x, self.kernel_size, self.stride, self.padding)
-            dot = F.conv2d(binarize(x), self.signs, None, self.stride, self.padding)
-            return dot * self.alpha.reshape(1, -1, 1, 1) * k + self.bias.reshape(1, -1, 1, 1)
-        # one pass packs the signs and sums |x| over channels; im2col adds K's box sums
-        bits, magnitude = ext.pack_signs(x.float())
-        shape = tuple(x.shape)
+            return self._torch_forward(x, residual)
+        if isinstance(x, PackedSigns):  # the producer subtracted this layer's threshold
+            bits, magnitude, shape = x
+        else:
+            if self.threshold is not None:
+                x = x - self.threshold
+            # one pass packs the signs and sums |x| over channels; im2col adds K's box sums
+            bits, magnitude = ext.pack_signs(x.float())
+            shape = tuple(x.shape)
         known = self._borders is not None and self._borders[0] == shape
         rows, k, *borders = ext.im2col(bits, magnitude, self.in_channels, *self.kernel_size,
                                        self.stride[0], self.padding[0], not known)
         if not known:
             self._borders = (shape, *borders)  # the last geometry only: memory stays bounded
         _, masks, valid = self._borders
-        oh = (x.shape[2] + 2 * self.padding[0] - self.kernel_size[0]) // self.stride[0] + 1
-        ow = (x.shape[3] + 2 * self.padding[1] - self.kernel_size[1]) // self.stride[1] + 1
-        out = ext.popcount_gemm(rows, masks, valid, self.packed, self.alpha, k, self.bias,
-                                oh * ow, kernel_path())
-        return out.reshape(len(x), -1, oh, ow)
+        n, o = shape[0], len(self.packed)
+        oh = (shape[2] + 2 * self.padding[0] - self.kernel_size[0]) // self.stride[0] + 1
+        ow = (shape[3] + 2 * self.padding[1] - self.kernel_size[1]) // self.stride[1] + 1
+        broadcast = residual is not None and tuple(residual.shape) != (n, o, oh, ow)
+        out, bits, magnitude = ext.popcount_conv(
+            rows, masks, valid, self.packed, self.alpha, k, self.bias, oh * ow, kernel_path(),
+            self.bn_scale, self.bn_shift, None if broadcast else residual,
+            self.emits != "signs" or broadcast, self.next_threshold,
+            self.emits != "float" and not broadcast)
+        out = out.reshape(-1, o, oh, ow)
+        if broadcast:  # a residual the kernel does not take: the float add, then pack
+            return self._emit(out + residual)
+        if self.emits == "float":
+            return out
+        signs = PackedSigns(bits.reshape(n, oh, ow, -1), magnitude.reshape(n, oh, ow),
+                            (n, o, oh, ow))
+        return signs if self.emits == "signs" else (out, signs)
+
+    def _emit(self, y: torch.Tensor):
+        """``y`` as ``emits`` asks, the signs packed from the float (no fused epilogue)."""
+        if self.emits == "float":
+            return y
+        z = y if self.next_threshold is None else y - self.next_threshold.reshape(1, -1, 1, 1)
+        signs = PackedSigns(*pack_signs_and_sums(z), tuple(y.shape))
+        return signs if self.emits == "signs" else (y, signs)
+
+    def _torch_forward(self, x, residual):
+        """The pure-torch path: the same numbers from float ops (signs passed as floats)."""
+        if self.threshold is not None:
+            x = x - self.threshold
+        k = xnor_input_scale(x, self.kernel_size, self.stride, self.padding)
+        dot = F.conv2d(binarize(x), self.signs, None, self.stride, self.padding)
+        y = dot * self.alpha.reshape(1, -1, 1, 1) * k + self.bias.reshape(1, -1, 1, 1)
+        if self.batchnorm is not None:
+            y = self.batchnorm(y)
+        if residual is not None:
+            y = y + residual
+        # a consumer on this path takes the float and subtracts its own threshold
+        return (y, y) if self.emits == "both" else y
 
 
+def pack_signs_and_sums(x: torch.Tensor):
+    """(sign words, channel sums of |x|) of a float ``[N, C, H, W]``: the kernel's packing pass."""
+    return extension().pack_signs(x.float())
+
+
+def bn_terms(bn: nn.Module):
+    """``(scale, shift)`` with ``bn(y) == fma(y, scale, shift)`` bit for bit, or None where ``bn``
+    is not an eval ``BatchNorm2d`` with running statistics or this build's ATen rounds its
+    BatchNorm otherwise (checked on probe tensors through both of its CPU loops: a spatial plane
+    with a vector tail, and 1 x 1 planes)."""
+    ext = extension()
+    if ext is None or type(bn) is not nn.BatchNorm2d or bn.training \
+            or bn.running_mean is None:
+        return None
+    weight = None if bn.weight is None else bn.weight.detach().float().contiguous()
+    bias = None if bn.bias is None else bn.bias.detach().float().contiguous()
+    scale, shift = ext.bn_affine(bn.running_mean, bn.running_var, weight, bias, bn.eps)
+    g = torch.Generator().manual_seed(0)
+    for shape in ((2, bn.num_features, 5, 7), (3, bn.num_features, 1, 1)):
+        probe = torch.randn(shape, generator=g) * 4
+        with torch.no_grad():
+            if not torch.equal(ext.affine(probe, scale, shift), bn(probe)):
+                return None
+    return scale, shift
 class FrozenWeight(nn.Module):
     """A weight quantizer replaced by its output. The 8-bit first / last layers of an XNOR
     network quantize the same constant weight on every call, and a min-max observer refits its
@@ -191,11 +285,14 @@ class FrozenWeight(nn.Module):
         return self.weight
 
 
-def deploy_xnor(model: nn.Module) -> nn.Module:
+def deploy_xnor(model: nn.Module, fuse: bool = True) -> nn.Module:
     """A copy of an XNOR-Net model (``lowbit train --method xnor``) whose XNOR convolutions run
     the popcount kernel and whose other quantized layers keep their quantized weights frozen
-    (:class:`FrozenWeight`); everything else is unchanged. An XNOR convolution the kernel does
-    not take (grouped, dilated, rectangular stride) stays in its float form, with a warning."""
+    (:class:`FrozenWeight`); a traced model (``fx.GraphModule``, as lowbit's binary methods make
+    it) also has each convolution's BatchNorm, residual add and next binary input fused into the
+    kernel (:func:`fuse_epilogues`; ``fuse=False`` leaves them as separate modules). An XNOR
+    convolution the kernel does not take (grouped,
+    dilated, rectangular stride) stays in its float form, with a warning."""
     model = copy.deepcopy(model).eval()
     for name, module in list(model.named_modules()):
         parent, _, child = name.rpartition(".")
@@ -209,4 +306,84 @@ def deploy_xnor(model: nn.Module) -> nn.Module:
         elif isinstance(module, QUANT_LAYERS):
             with torch.no_grad():
                 module.weight_quantizer = FrozenWeight(module.quantized_weight().detach().clone())
+    if fuse and isinstance(model, fx.GraphModule) and extension() is not None:
+        fuse_epilogues(model)
     return model
+
+
+def fuse_epilogues(model: fx.GraphModule) -> fx.GraphModule:
+    """Fuse into each popcount convolution (called once in the graph) what follows it, in
+    place: the eval BatchNorm that is its only user (where :func:`bn_terms` matches ATen), then
+    an add that is the only user of the result (the other operand becomes the residual input,
+    and the fused call moves to the add's place, where both exist); then, where the result is
+    the input of popcount convolutions with one threshold among them, it is emitted as their
+    packed signs (:class:`PackedSigns`), and as a float too where anything else reads it."""
+    graph, modules = model.graph, dict(model.named_modules())
+    calls = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+
+    def conv_of(node):
+        layer = modules.get(node.target) if node.op == "call_module" else None
+        return layer if isinstance(layer, XNORPopcountConv2d) and calls[node.target] == 1 \
+            else None
+
+    for node in list(graph.nodes):
+        conv = conv_of(node)
+        if conv is None:
+            continue
+        users = list(node.users)
+        if len(users) == 1 and users[0].op == "call_module" and len(users[0].args) == 1:
+            terms = bn_terms(modules[users[0].target])
+            if terms is not None:
+                conv.fuse_batchnorm(modules[users[0].target], *terms)
+                users[0].replace_all_uses_with(node)
+                graph.erase_node(users[0])
+        users = list(node.users)
+        add = users[0] if len(users) == 1 else None
+        if add is not None and add.op == "call_function" and add.target in (operator.add,
+                                                                             torch.add) \
+                and len(add.args) == 2 and not add.kwargs:
+            other = add.args[1] if add.args[0] is node else add.args[0]
+            if isinstance(other, fx.Node) and other is not node:
+                with graph.inserting_before(add):
+                    fused = graph.call_module(node.target, (node.args[0], other))
+                add.replace_all_uses_with(fused)
+                graph.erase_node(add)
+                graph.erase_node(node)
+                node = fused
+        _emit_signs(graph, node, conv, conv_of)
+    graph.lint()
+    model.recompile()
+    return model
+
+
+def _emit_signs(graph: fx.Graph, node: fx.Node, conv: XNORPopcountConv2d, conv_of) -> None:
+    """Let ``node``'s output reach the popcount convolutions that take it as their input as
+    packed signs, and everything else as a float."""
+    consumers = [u for u in node.users if conv_of(u) is not None and u.args[0] is node]
+    thresholds = [conv_of(u).threshold for u in consumers]
+    if not consumers or any((t is None) != (thresholds[0] is None) or
+                            (t is not None and not torch.equal(t, thresholds[0]))
+                            for t in thresholds):
+        return
+    others = [u for u in node.users if u not in consumers or
+              node in u.args[1:] or node in u.kwargs.values()]
+    conv.emits = "both" if others else "signs"
+    if thresholds[0] is not None:
+        conv.next_threshold = thresholds[0].reshape(-1).clone()
+    if not others:
+        return
+    with graph.inserting_after(node):
+        floats = graph.call_function(operator.getitem, (node, 0))
+    with graph.inserting_after(floats):
+        signs = graph.call_function(operator.getitem, (node, 1))
+    for user in list(node.users):
+        if user in (floats, signs):
+            continue
+        to_float = lambda a: floats if a is node else a  # noqa: E731
+        args = fx.node.map_arg(user.args, to_float)
+        if user in consumers:
+            args = (signs, *args[1:])
+        user.args, user.kwargs = args, fx.node.map_arg(user.kwargs, to_float)

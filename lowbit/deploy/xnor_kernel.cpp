@@ -12,6 +12,11 @@
 //  3. popcount_gemm: dot[p, o] = 2 * popcount(~(A[p] ^ W[o]) & M[p]) - valid[p], the identity
 //     sum a*w = -n + 2 * popcount(XNOR(a, w)) over the n valid bits; then
 //     out[n, o, y, x] = dot * alpha[o] * k[p] + bias[o] in float32 (XNOR-Net's alpha and K).
+//     The epilogue can go on with what follows the convolution in the network (popcount_conv):
+//     an eval BatchNorm as ATen computes it (fma(y, scale[o], shift[o]), bn_affine), a residual
+//     add, and the next binary layer's input: the signs of y - threshold[o] packed as pack_signs
+//     packs them, with the channel sums of |y - threshold[o]| in pack_signs' order (channels in
+//     order per pixel), so no float activation need be written or read again.
 // The float sums of steps 1-2 run in the order of lowbit.quant.binary.xnor_input_scale (channels
 // in order, taps row by row, padding adding 0.0f, one multiplication), so K is bit-identical to
 // the simulation's; build without -ffast-math.
@@ -174,9 +179,23 @@ struct Gemm {
   const uint64_t *R, *M, *B;  // rows, masks [KWp, P]; weights [O, KWp]
   const int64_t* V;           // valid bits per pixel [P]
   const float *alpha, *k, *bias;
-  float* dst;                 // [P / plane, O, plane]
-  int64_t KWp, P, O, plane;
+  // the epilogue's optional steps, in this order (nullptr: absent)
+  const float *bn_scale, *bn_shift;  // eval BatchNorm, [O]
+  const float* residual;             // added after it, [P / plane, O, plane]
+  float* dst;                        // the float output [P / plane, O, plane]
+  uint64_t* bits;                    // the next layer's sign words [P, out_words]
+  float* magnitude;                  // and its channel sums of |y - threshold| [P]
+  const float* threshold;            // the next layer's RSign threshold [O]
+  int64_t KWp, P, O, plane, out_words;
 };
+
+// Steps after dot * alpha * k + bias, for one output value (the scalar loop and vector tails).
+static inline float finish(const Gemm& g, int64_t o, int64_t at, float y) {
+  if (g.bn_scale) y = std::fma(y, g.bn_scale[o], g.bn_shift[o]);
+  if (g.residual) y = y + g.residual[at];
+  if (g.dst) g.dst[at] = y;
+  return y;
+}
 
 // The scalar loop (the reference, and the tail of every vector path): GCC clones it for CPUs
 // with the POPCNT instruction and picks the clone at load time.
@@ -185,13 +204,25 @@ __attribute__((target_clones("popcnt", "default"))) static void scalar_pixels(co
                                                                              int64_t end) {
   for (int64_t p = begin; p < end; ++p) {
     const int64_t n = p / g.plane, pix = p % g.plane;
+    float magnitude = 0.0f;
+    uint64_t word = 0;
     for (int64_t o = 0; o < g.O; ++o) {
       int64_t count = 0;
       for (int64_t w = 0; w < g.KWp; ++w)
         count += __builtin_popcountll(~(g.R[w * g.P + p] ^ g.B[o * g.KWp + w]) & g.M[w * g.P + p]);
       const float dot = static_cast<float>(2 * count - g.V[p]);
-      g.dst[(n * g.O + o) * g.plane + pix] = dot * g.alpha[o] * g.k[p] + g.bias[o];
+      const float y = finish(g, o, (n * g.O + o) * g.plane + pix,
+                             dot * g.alpha[o] * g.k[p] + g.bias[o]);
+      if (!g.bits) continue;
+      const float z = g.threshold ? y - g.threshold[o] : y;
+      word |= static_cast<uint64_t>(z >= 0.0f) << (o % 64);
+      magnitude += std::fabs(z);
+      if (o % 64 == 63 || o == g.O - 1) {
+        g.bits[p * g.out_words + o / 64] = word;
+        word = 0;
+      }
     }
+    if (g.bits) g.magnitude[p] = magnitude;
   }
 }
 
@@ -199,7 +230,7 @@ constexpr int OB = 4;  // output channels per pass over a pixel block's words (k
 
 // 4 pixels (one 64-bit lane each) x OB channels. Popcount: the nibble lookup (two vpshufb) into
 // byte counts, summed into 64-bit lanes by vpsadbw every 31 words (31 * 8 < 256: no wrap).
-__attribute__((target("avx2"))) static void avx2_block(const Gemm& g, int64_t p0) {
+__attribute__((target("avx2,fma"))) static void avx2_block(const Gemm& g, int64_t p0) {
   const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
                                        0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
   const __m256i low = _mm256_set1_epi8(0x0f), zero = _mm256_setzero_si256();
@@ -207,6 +238,8 @@ __attribute__((target("avx2"))) static void avx2_block(const Gemm& g, int64_t p0
   const int64_t n = p0 / g.plane, pix = p0 % g.plane;
   const __m256i valid = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(g.V + p0));
   const __m128 k4 = _mm_loadu_ps(g.k + p0);
+  __m256i words = zero;          // the next layer's sign bits, 4 pixels
+  __m128 magnitude = _mm_setzero_ps();
   for (int64_t o0 = 0; o0 < g.O; o0 += OB) {
     const int ob = static_cast<int>(std::min<int64_t>(OB, g.O - o0));
     __m256i total[OB], bytes[OB];
@@ -239,9 +272,25 @@ __attribute__((target("avx2"))) static void avx2_block(const Gemm& g, int64_t p0
       const __m128i dot32 = _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(dot, even));
       __m128 y = _mm_mul_ps(_mm_cvtepi32_ps(dot32), _mm_set1_ps(g.alpha[o]));
       y = _mm_add_ps(_mm_mul_ps(y, k4), _mm_set1_ps(g.bias[o]));
-      _mm_storeu_ps(g.dst + (n * g.O + o) * g.plane + pix, y);
+      const int64_t at = (n * g.O + o) * g.plane + pix;
+      if (g.bn_scale) y = _mm_fmadd_ps(y, _mm_set1_ps(g.bn_scale[o]), _mm_set1_ps(g.bn_shift[o]));
+      if (g.residual) y = _mm_add_ps(y, _mm_loadu_ps(g.residual + at));
+      if (g.dst) _mm_storeu_ps(g.dst + at, y);
+      if (!g.bits) continue;
+      const __m128 z = g.threshold ? _mm_sub_ps(y, _mm_set1_ps(g.threshold[o])) : y;
+      const __m128 sign = _mm_cmp_ps(z, _mm_setzero_ps(), _CMP_GE_OQ);
+      words = _mm256_or_si256(words, _mm256_and_si256(_mm256_cvtepi32_epi64(_mm_castps_si128(sign)),
+                                                      _mm256_set1_epi64x(int64_t(1) << (o % 64))));
+      magnitude = _mm_add_ps(magnitude, _mm_andnot_ps(_mm_set1_ps(-0.0f), z));
+      if (o % 64 == 63 || o == g.O - 1) {
+        alignas(32) uint64_t lanes[4];
+        _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), words);
+        for (int i = 0; i < 4; ++i) g.bits[(p0 + i) * g.out_words + o / 64] = lanes[i];
+        words = zero;
+      }
     }
   }
+  if (g.bits) _mm_storeu_ps(g.magnitude + p0, magnitude);
 }
 
 // 8 pixels x OB channels in 512-bit lanes; popcount by the AVX-512BW nibble lookup or, with
@@ -253,6 +302,8 @@ __attribute__((target("avx2"))) static void avx2_block(const Gemm& g, int64_t p0
   const int64_t n = p0 / g.plane, pix = p0 % g.plane;                                          \
   const __m512i valid = _mm512_loadu_si512(g.V + p0);                                          \
   const __m256 k8 = _mm256_loadu_ps(g.k + p0);                                                 \
+  __m512i words = zero; /* the next layer's sign bits, 8 pixels */                             \
+  __m256 magnitude = _mm256_setzero_ps();                                                      \
   for (int64_t o0 = 0; o0 < g.O; o0 += OB) {                                                   \
     const int ob = static_cast<int>(std::min<int64_t>(OB, g.O - o0));                          \
     __m512i total[OB], bytes[OB];                                                              \
@@ -280,11 +331,33 @@ __attribute__((target("avx2"))) static void avx2_block(const Gemm& g, int64_t p0
       const __m512i dot = _mm512_sub_epi64(_mm512_add_epi64(total[j], total[j]), valid);       \
       __m256 y = _mm256_mul_ps(_mm512_cvtepi64_ps(dot), _mm256_set1_ps(g.alpha[o]));           \
       y = _mm256_add_ps(_mm256_mul_ps(y, k8), _mm256_set1_ps(g.bias[o]));                      \
-      _mm256_storeu_ps(g.dst + (n * g.O + o) * g.plane + pix, y);                              \
+      const int64_t at = (n * g.O + o) * g.plane + pix;                                        \
+      if (g.bn_scale)                                                                          \
+        y = _mm256_fmadd_ps(y, _mm256_set1_ps(g.bn_scale[o]), _mm256_set1_ps(g.bn_shift[o]));  \
+      if (g.residual) y = _mm256_add_ps(y, _mm256_loadu_ps(g.residual + at));                  \
+      if (g.dst) _mm256_storeu_ps(g.dst + at, y);                                              \
+      if (!g.bits) continue;                                                                   \
+      const __m256 z = g.threshold ? _mm256_sub_ps(y, _mm256_set1_ps(g.threshold[o])) : y;     \
+      const __m256 sign = _mm256_cmp_ps(z, _mm256_setzero_ps(), _CMP_GE_OQ);                   \
+      words = _mm512_or_si512(words, _mm512_and_si512(                                         \
+          _mm512_cvtepi32_epi64(_mm256_castps_si256(sign)),                                    \
+          _mm512_set1_epi64(int64_t(1) << (o % 64))));                                         \
+      magnitude = _mm256_add_ps(magnitude, _mm256_andnot_ps(_mm256_set1_ps(-0.0f), z));        \
+      if (o % 64 == 63 || o == g.O - 1) {                                                      \
+        if (g.out_words == 1) {                                                                \
+          _mm512_storeu_si512(g.bits + p0, words);                                             \
+        } else {                                                                               \
+          alignas(64) uint64_t lanes[8];                                                       \
+          _mm512_store_si512(lanes, words);                                                    \
+          for (int i = 0; i < 8; ++i) g.bits[(p0 + i) * g.out_words + o / 64] = lanes[i];      \
+        }                                                                                      \
+        words = zero;                                                                          \
+      }                                                                                        \
     }                                                                                          \
-  }
+  }                                                                                            \
+  if (g.bits) _mm256_storeu_ps(g.magnitude + p0, magnitude);
 
-__attribute__((target("avx512f,avx512bw,avx512dq"))) static void avx512bw_block(const Gemm& g,
+__attribute__((target("avx512f,avx512bw,avx512dq,fma"))) static void avx512bw_block(const Gemm& g,
                                                                                 int64_t p0) {
   LOWBIT_AVX512_BODY(
       const __m512i lo = _mm512_and_si512(same, low);
@@ -293,7 +366,7 @@ __attribute__((target("avx512f,avx512bw,avx512dq"))) static void avx512bw_block(
                                                            _mm512_shuffle_epi8(lut, hi)));)
 }
 
-__attribute__((target("avx512f,avx512bw,avx512dq,avx512vpopcntdq"))) static void
+__attribute__((target("avx512f,avx512bw,avx512dq,avx512vpopcntdq,fma"))) static void
 avx512vpopcntdq_block(const Gemm& g, int64_t p0) {
   LOWBIT_AVX512_BODY(total[j] = _mm512_add_epi64(total[j], _mm512_popcnt_epi64(same));)
 }
@@ -308,13 +381,17 @@ struct KernelPath {
 
 static const KernelPath kPaths[] = {
     {"scalar", 0, nullptr, [] { return true; }},
-    {"avx2", 4, avx2_block, [] { return bool(__builtin_cpu_supports("avx2")); }},
+    {"avx2", 4, avx2_block,
+     [] { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }},
     {"avx512bw", 8, avx512bw_block,
-     [] { return __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"); }},
+     [] {
+       return __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
+              __builtin_cpu_supports("fma");
+     }},
     {"avx512vpopcntdq", 8, avx512vpopcntdq_block,
      [] {
        return __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
-              __builtin_cpu_supports("avx512vpopcntdq");
+              __builtin_cpu_supports("avx512vpopcntdq") && __builtin_cpu_supports("fma");
      }},
 };
 
@@ -327,29 +404,104 @@ std::vector<std::string> supported_paths() {
   return names;
 }
 
-// rows, masks [KWp, P]; weights [O, KWp]; valid [P]; alpha [O]; k [P]; bias [O];
-// plane = pixels per image (OH * OW); path: one of supported_paths(). Returns float
-// [P / plane, O, plane]. Blocks never cross an image; each image's last pixels go scalar.
-torch::Tensor popcount_gemm(torch::Tensor rows, torch::Tensor masks, torch::Tensor valid,
-                            torch::Tensor weights, torch::Tensor alpha, torch::Tensor k,
-                            torch::Tensor bias, int64_t plane, const std::string& path) {
+static const KernelPath& kernel_path(const std::string& path) {
   const KernelPath* chosen = nullptr;
   for (const auto& candidate : kPaths)
     if (path == candidate.name) chosen = &candidate;
   TORCH_CHECK(chosen != nullptr && chosen->supported(), "XNOR kernel path '", path,
               "' is not available on this CPU");
+  return *chosen;
+}
+
+static const float* optional_data(const c10::optional<torch::Tensor>& t) {
+  return t.has_value() ? t->data_ptr<float>() : nullptr;
+}
+
+// rows, masks [KWp, P]; weights [O, KWp]; valid [P]; alpha [O]; k [P]; bias [O];
+// plane = pixels per image (OH * OW); path: one of supported_paths(). The epilogue: an eval
+// BatchNorm (bn_scale, bn_shift [O] from bn_affine), a residual [P / plane, O, plane] added
+// after it, then the float output (with_float) and / or the next binary layer's input
+// (with_bits: sign words [P, ceil(O / 64)] of y - threshold and their channel sums of |.| [P]).
+// Returns {float [P / plane, O, plane] or empty, bits or empty, magnitude or empty}. Blocks
+// never cross an image; each image's last pixels go scalar.
+std::vector<torch::Tensor> popcount_conv(
+    torch::Tensor rows, torch::Tensor masks, torch::Tensor valid, torch::Tensor weights,
+    torch::Tensor alpha, torch::Tensor k, torch::Tensor bias, int64_t plane,
+    const std::string& path, c10::optional<torch::Tensor> bn_scale,
+    c10::optional<torch::Tensor> bn_shift, c10::optional<torch::Tensor> residual,
+    bool with_float, c10::optional<torch::Tensor> threshold, bool with_bits) {
+  const KernelPath& chosen = kernel_path(path);
   const int64_t KWp = rows.size(0), P = rows.size(1), O = weights.size(0);
-  auto out = torch::empty({P / plane, O, plane}, torch::dtype(torch::kFloat32));
+  const int64_t out_words = (O + 63) / 64;
+  TORCH_CHECK(bn_scale.has_value() == bn_shift.has_value(), "bn_scale and bn_shift go together");
+  if (residual.has_value()) {
+    TORCH_CHECK(residual->numel() == P * O && residual->scalar_type() == torch::kFloat32,
+                "the residual must be float [N, O, OH, OW]");
+    residual = residual->contiguous();
+  }
+  auto out = torch::empty({with_float ? P / plane : 0, O, plane}, torch::dtype(torch::kFloat32));
+  auto bits = torch::empty({with_bits ? P : 0, out_words}, torch::dtype(torch::kInt64));
+  auto magnitude = torch::empty({with_bits ? P : 0}, torch::dtype(torch::kFloat32));
   const Gemm g{reinterpret_cast<const uint64_t*>(rows.data_ptr<int64_t>()),
                reinterpret_cast<const uint64_t*>(masks.data_ptr<int64_t>()),
                reinterpret_cast<const uint64_t*>(weights.data_ptr<int64_t>()),
                valid.data_ptr<int64_t>(), alpha.data_ptr<float>(), k.data_ptr<float>(),
-               bias.data_ptr<float>(), out.data_ptr<float>(), KWp, P, O, plane};
+               bias.data_ptr<float>(), optional_data(bn_scale), optional_data(bn_shift),
+               optional_data(residual), with_float ? out.data_ptr<float>() : nullptr,
+               with_bits ? reinterpret_cast<uint64_t*>(bits.data_ptr<int64_t>()) : nullptr,
+               with_bits ? magnitude.data_ptr<float>() : nullptr, optional_data(threshold),
+               KWp, P, O, plane, out_words};
   for (int64_t start = 0; start < P; start += plane) {
     int64_t p = start;
-    if (chosen->pixels)
-      for (; p + chosen->pixels <= start + plane; p += chosen->pixels) chosen->block(g, p);
+    if (chosen.pixels)
+      for (; p + chosen.pixels <= start + plane; p += chosen.pixels) chosen.block(g, p);
     scalar_pixels(g, p, start + plane);
+  }
+  return {out, bits, magnitude};
+}
+
+// The float output alone: [P / plane, O, plane].
+torch::Tensor popcount_gemm(torch::Tensor rows, torch::Tensor masks, torch::Tensor valid,
+                            torch::Tensor weights, torch::Tensor alpha, torch::Tensor k,
+                            torch::Tensor bias, int64_t plane, const std::string& path) {
+  return popcount_conv(rows, masks, valid, weights, alpha, k, bias, plane, path, c10::nullopt,
+                       c10::nullopt, c10::nullopt, true, c10::nullopt, false)[0];
+}
+
+// An eval BatchNorm as y = fma(x, scale, shift), with ATen's CPU kernel's terms (batch_norm_kernel
+// .cpp: scale = 1 / sqrt(var + eps) * weight, shift = bias - mean * scale, both contracted to one
+// rounding as its vectorised loop is compiled). The caller checks the result against ATen's own
+// batch_norm before fusing (another build of ATen may round differently).
+std::vector<torch::Tensor> bn_affine(torch::Tensor mean, torch::Tensor var,
+                                     c10::optional<torch::Tensor> weight,
+                                     c10::optional<torch::Tensor> bias, double eps) {
+  mean = mean.contiguous().to(torch::kFloat32);
+  var = var.contiguous().to(torch::kFloat32);
+  const int64_t C = mean.numel();
+  auto scale = torch::empty({C}, torch::dtype(torch::kFloat32));
+  auto shift = torch::empty({C}, torch::dtype(torch::kFloat32));
+  const float *m = mean.data_ptr<float>(), *v = var.data_ptr<float>();
+  const float* w = weight.has_value() ? weight->data_ptr<float>() : nullptr;
+  const float* b = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  for (int64_t c = 0; c < C; ++c) {
+    const float invstd = 1.0f / std::sqrt(v[c] + static_cast<float>(eps));
+    const float a = w ? invstd * w[c] : invstd;
+    scale.data_ptr<float>()[c] = a;
+    shift.data_ptr<float>()[c] = std::fma(-m[c], a, b ? b[c] : 0.0f);
+  }
+  return {scale, shift};
+}
+
+// x [N, C, ...] -> fma(x, scale[c], shift[c]), element by element (the fused BatchNorm's check).
+torch::Tensor affine(torch::Tensor x, torch::Tensor scale, torch::Tensor shift) {
+  x = x.contiguous();
+  auto out = torch::empty_like(x);
+  const int64_t N = x.size(0), C = x.size(1), inner = x.numel() / std::max<int64_t>(1, N * C);
+  const float *src = x.data_ptr<float>(), *a = scale.data_ptr<float>(), *b = shift.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  for (int64_t i = 0; i < x.numel(); ++i) {
+    const int64_t c = (i / inner) % C;
+    dst[i] = std::fma(src[i], a[c], b[c]);
   }
   return out;
 }
@@ -358,5 +510,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack_signs", &pack_signs);
   m.def("im2col", &im2col);
   m.def("popcount_gemm", &popcount_gemm);
+  m.def("popcount_conv", &popcount_conv);
+  m.def("bn_affine", &bn_affine);
+  m.def("affine", &affine);
   m.def("supported_paths", &supported_paths);
 }
