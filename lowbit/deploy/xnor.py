@@ -95,6 +95,17 @@ def kernel_path(requested: str | None = None) -> str:
     return supported[-1]
 
 
+@lru_cache(maxsize=8)
+def _path_for(requested: str | None) -> str:
+    return kernel_path(requested)
+
+
+def current_path() -> str:
+    """:func:`kernel_path` for the current ``$LOWBIT_XNOR_ISA``, resolved once per value (each
+    layer asks on every call)."""
+    return _path_for(os.environ.get("LOWBIT_XNOR_ISA"))
+
+
 def pack_words(bits: torch.Tensor) -> torch.Tensor:
     """Bool ``[..., C]`` -> int64 ``[..., ceil(C / 64)]``, channel c at bit c % 64 of word c // 64."""
     c = bits.shape[-1]
@@ -164,7 +175,7 @@ class XNORPopcountConv2d(nn.Module):
                 or layer.stride[0] != layer.stride[1] or layer.padding[0] != layer.padding[1]:
             raise ValueError("the XNOR kernel takes square stride / padding, groups 1, "
                              "dilation 1")
-        self.in_channels = w.shape[1]
+        self.out_channels, self.in_channels = w.shape[:2]
         self.kernel_size, self.stride, self.padding = layer.kernel_size, layer.stride, \
             layer.padding
         alpha, signs = (t.detach() for t in layer.binary_factors())
@@ -176,60 +187,67 @@ class XNORPopcountConv2d(nn.Module):
         threshold = layer.input_quantizer.threshold  # RSign's, subtracted as the layer does
         self.register_buffer("threshold", None if threshold is None else
                              threshold.detach().float().reshape(1, -1, 1, 1))
-        self._borders = None  # (input shape, masks, valid): they depend only on the geometry
         # the fused epilogue (fuse_epilogues)
         self.batchnorm: nn.Module | None = None
         self.register_buffer("bn_scale", None)
         self.register_buffer("bn_shift", None)
         self.emits = "float"
         self.register_buffer("next_threshold", None)  # the consumers' RSign threshold [O]
+        self._native = None  # the compiled layer (_kernel_layer)
 
     def fuse_batchnorm(self, bn: nn.BatchNorm2d, scale: torch.Tensor, shift: torch.Tensor):
         """Apply ``bn`` (eval) in the epilogue as ``fma(y, scale, shift)`` (:func:`bn_terms`)."""
         self.batchnorm, self.bn_scale, self.bn_shift = bn, scale, shift
+        self._native = None
+
+    def emit(self, emits: str, next_threshold: torch.Tensor | None = None):
+        """Return the output as "float", "signs" (:class:`PackedSigns` of ``y - next_threshold``)
+        or "both"."""
+        self.emits, self.next_threshold, self._native = emits, next_threshold, None
+
+    def __getstate__(self):
+        return {**super().__getstate__(), "_native": None}  # the kernel's object is rebuilt
+
+    def _kernel_layer(self, ext):
+        """The compiled layer (weights, epilogue, border masks and scratch), made on first use."""
+        if self._native is None:
+            threshold = None if self.threshold is None else self.threshold.reshape(-1)
+            self._native = ext.Conv(self.packed, self.alpha, self.bias, threshold,
+                                    self.in_channels, *self.kernel_size, self.stride[0],
+                                    self.padding[0], self.bn_scale, self.bn_shift,
+                                    self.next_threshold)
+        return self._native
 
     def forward(self, x, residual: torch.Tensor | None = None):
         ext = extension()
         if ext is None:
             return self._torch_forward(x, residual)
         if isinstance(x, PackedSigns):  # the producer subtracted this layer's threshold
-            bits, magnitude, shape = x
+            inputs = (None, x.bits, x.magnitude, list(x.shape))
         else:
-            if self.threshold is not None:
-                x = x - self.threshold
-            # one pass packs the signs and sums |x| over channels; im2col adds K's box sums
-            bits, magnitude = ext.pack_signs(x.float())
-            shape = tuple(x.shape)
-        known = self._borders is not None and self._borders[0] == shape
-        rows, k, *borders = ext.im2col(bits, magnitude, self.in_channels, *self.kernel_size,
-                                       self.stride[0], self.padding[0], not known)
-        if not known:
-            self._borders = (shape, *borders)  # the last geometry only: memory stays bounded
-        _, masks, valid = self._borders
-        n, o = shape[0], len(self.packed)
-        oh = (shape[2] + 2 * self.padding[0] - self.kernel_size[0]) // self.stride[0] + 1
-        ow = (shape[3] + 2 * self.padding[1] - self.kernel_size[1]) // self.stride[1] + 1
-        broadcast = residual is not None and tuple(residual.shape) != (n, o, oh, ow)
-        out, bits, magnitude = ext.popcount_conv(
-            rows, masks, valid, self.packed, self.alpha, k, self.bias, oh * ow, kernel_path(),
-            self.bn_scale, self.bn_shift, None if broadcast else residual,
-            self.emits != "signs" or broadcast, self.next_threshold,
-            self.emits != "float" and not broadcast)
-        out = out.reshape(-1, o, oh, ow)
-        if broadcast:  # a residual the kernel does not take: the float add, then pack
+            inputs = (x.float(), None, None, [])
+        if residual is not None and residual.shape[2:] != self._output_size(x):
+            # a broadcast residual: the float add outside the kernel, then the signs packed
+            out, _, _ = self._kernel_layer(ext).run(*inputs, None, True, False, current_path())
             return self._emit(out + residual)
+        out, bits, magnitude = self._kernel_layer(ext).run(
+            *inputs, residual, self.emits != "signs", self.emits != "float", current_path())
         if self.emits == "float":
             return out
-        signs = PackedSigns(bits.reshape(n, oh, ow, -1), magnitude.reshape(n, oh, ow),
-                            (n, o, oh, ow))
+        n, oh, ow, _ = bits.shape
+        signs = PackedSigns(bits, magnitude, (n, self.out_channels, oh, ow))
         return signs if self.emits == "signs" else (out, signs)
+
+    def _output_size(self, x) -> tuple:
+        h, w = x.shape[2:]
+        return tuple((size + 2 * self.padding[0] - k) // self.stride[0] + 1
+                     for size, k in ((h, self.kernel_size[0]), (w, self.kernel_size[1])))
 
     def _emit(self, y: torch.Tensor):
         """``y`` as ``emits`` asks, the signs packed from the float (no fused epilogue)."""
         if self.emits == "float":
             return y
-        z = y if self.next_threshold is None else y - self.next_threshold.reshape(1, -1, 1, 1)
-        signs = PackedSigns(*pack_signs_and_sums(z), tuple(y.shape))
+        signs = PackedSigns(*extension().pack_signs(y, self.next_threshold), tuple(y.shape))
         return signs if self.emits == "signs" else (y, signs)
 
     def _torch_forward(self, x, residual):
@@ -245,11 +263,6 @@ class XNORPopcountConv2d(nn.Module):
             y = y + residual
         # a consumer on this path takes the float and subtracts its own threshold
         return (y, y) if self.emits == "both" else y
-
-
-def pack_signs_and_sums(x: torch.Tensor):
-    """(sign words, channel sums of |x|) of a float ``[N, C, H, W]``: the kernel's packing pass."""
-    return extension().pack_signs(x.float())
 
 
 def bn_terms(bn: nn.Module):
@@ -370,9 +383,8 @@ def _emit_signs(graph: fx.Graph, node: fx.Node, conv: XNORPopcountConv2d, conv_o
         return
     others = [u for u in node.users if u not in consumers or
               node in u.args[1:] or node in u.kwargs.values()]
-    conv.emits = "both" if others else "signs"
-    if thresholds[0] is not None:
-        conv.next_threshold = thresholds[0].reshape(-1).clone()
+    conv.emit("both" if others else "signs",
+              None if thresholds[0] is None else thresholds[0].reshape(-1).clone())
     if not others:
         return
     with graph.inserting_after(node):

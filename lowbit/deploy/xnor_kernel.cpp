@@ -35,9 +35,12 @@
 
 // Cloned for AVX2 (4 pixels' words per register) and the baseline, picked at load time. The
 // inner loop is branch-free over contiguous pixels of one channel plane so that it vectorises.
+// With a threshold [C], the signs and sums are those of x - threshold[c] (RSign), the one float
+// subtraction torch's broadcast x - t makes.
 __attribute__((target_clones("avx2", "default")))
-std::vector<torch::Tensor> pack_signs(torch::Tensor x) {
+std::vector<torch::Tensor> pack_signs(torch::Tensor x, c10::optional<torch::Tensor> threshold) {
   x = x.contiguous();
+  const float* t = threshold.has_value() ? threshold->data_ptr<float>() : nullptr;
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t CW = (C + 63) / 64, HW = H * W;
   auto out = torch::zeros({N, H, W, CW}, torch::dtype(torch::kInt64));
@@ -50,17 +53,20 @@ std::vector<torch::Tensor> pack_signs(torch::Tensor x) {
       const float* __restrict plane = src + (n * C + c) * HW;
       float* __restrict total = mag + n * HW;
       const int shift = static_cast<int>(c % 64);
+      const float tc = t ? t[c] : 0.0f;
       if (CW == 1) {  // every layer up to 64 channels: one word per pixel, contiguous
         uint64_t* __restrict words = dst + n * HW;
         for (int64_t p = 0; p < HW; ++p) {
-          words[p] |= static_cast<uint64_t>(plane[p] >= 0.0f) << shift;
-          total[p] += std::fabs(plane[p]);
+          const float v = t ? plane[p] - tc : plane[p];
+          words[p] |= static_cast<uint64_t>(v >= 0.0f) << shift;
+          total[p] += std::fabs(v);
         }
       } else {
         uint64_t* __restrict words = dst + n * HW * CW + c / 64;
         for (int64_t p = 0; p < HW; ++p) {
-          words[p * CW] |= static_cast<uint64_t>(plane[p] >= 0.0f) << shift;
-          total[p] += std::fabs(plane[p]);
+          const float v = t ? plane[p] - tc : plane[p];
+          words[p * CW] |= static_cast<uint64_t>(v >= 0.0f) << shift;
+          total[p] += std::fabs(v);
         }
       }
     }
@@ -123,6 +129,9 @@ static void im2col_rows(const uint64_t* A, const float* S, uint64_t* R, float* K
     }
 }
 
+static void border_masks(uint64_t* M, int64_t* V, int64_t N, int64_t H, int64_t W, int64_t C,
+                         int64_t KH, int64_t KW, int64_t stride, int64_t pad);
+
 // bits [N, H, W, CW], sums [N, H, W] -> (rows [KWp, P], k [P]) and, with_masks, (masks [KWp, P],
 // valid [P] int64); P = N * OH * OW.
 std::vector<torch::Tensor> im2col(torch::Tensor bits, torch::Tensor sums, int64_t C, int64_t KH,
@@ -137,12 +146,21 @@ std::vector<torch::Tensor> im2col(torch::Tensor bits, torch::Tensor sums, int64_
   const uint64_t* A = reinterpret_cast<const uint64_t*>(bits.data_ptr<int64_t>());
   const float* S = sums.data_ptr<float>();
   uint64_t* R = reinterpret_cast<uint64_t*>(rows.data_ptr<int64_t>());
-  uint64_t* M = reinterpret_cast<uint64_t*>(masks.data_ptr<int64_t>());
   float* Kp = k.data_ptr<float>();
   int64_t* V = valid.data_ptr<int64_t>();
   const float scale = static_cast<float>(1.0 / static_cast<double>(C * KH * KW));
   im2col_rows(A, S, R, Kp, N, H, W, CW, C, KH, KW, stride, pad, OH, OW, KWp, scale);
   if (!with_masks) return {rows, k};
+  border_masks(reinterpret_cast<uint64_t*>(masks.data_ptr<int64_t>()), V, N, H, W, C, KH, KW,
+               stride, pad);
+  return {rows, k, masks, valid};
+}
+
+// The mask rows [KWp, P] (0 on taps outside the image) and valid[p], their popcounts.
+static void border_masks(uint64_t* M, int64_t* V, int64_t N, int64_t H, int64_t W, int64_t C,
+                         int64_t KH, int64_t KW, int64_t stride, int64_t pad) {
+  const int64_t OH = (H + 2 * pad - KH) / stride + 1, OW = (W + 2 * pad - KW) / stride + 1;
+  const int64_t P = N * OH * OW, KWp = (KH * KW * C + 63) / 64, CW = (C + 63) / 64;
   std::vector<uint64_t> mask(KWp + 1);  // the taps inside the image, and how many bits they hold
   int64_t p = 0;
   for (int64_t n = 0; n < N; ++n)
@@ -167,7 +185,6 @@ std::vector<torch::Tensor> im2col(torch::Tensor bits, torch::Tensor sums, int64_
         for (int64_t w = 0; w < KWp; ++w) M[w * P + p] = mask[w];
         V[p] = count;
       }
-  return {rows, k, masks, valid};
 }
 
 // The popcount GEMM, one function per instruction set, each compiled for its own target
@@ -506,8 +523,76 @@ torch::Tensor affine(torch::Tensor x, torch::Tensor scale, torch::Tensor shift) 
   return out;
 }
 
+// One deployed binary convolution: its packed weights and epilogue, the border masks of the
+// last input geometry and the im2col scratch, so that a call from Python is one C++ call (at
+// batch 1 the per-layer Python work cost as much as the kernel).
+class Conv {
+ public:
+  Conv(torch::Tensor packed, torch::Tensor alpha, torch::Tensor bias,
+       c10::optional<torch::Tensor> threshold, int64_t C, int64_t KH, int64_t KW, int64_t stride,
+       int64_t pad, c10::optional<torch::Tensor> bn_scale, c10::optional<torch::Tensor> bn_shift,
+       c10::optional<torch::Tensor> next_threshold)
+      : packed_(packed.contiguous()), alpha_(alpha.contiguous()), bias_(bias.contiguous()),
+        threshold_(threshold), bn_scale_(bn_scale), bn_shift_(bn_shift),
+        next_threshold_(next_threshold), C_(C), KH_(KH), KW_(KW), stride_(stride), pad_(pad) {}
+
+  // Input: a float x [N, C, H, W], or the packed signs (bits, magnitude) of one whose shape is
+  // given. Returns {float [N, O, OH, OW] (with_float) or empty, bits [N, OH, OW, ceil(O / 64)]
+  // and magnitude [N, OH, OW] (with_bits) or empty}.
+  std::vector<torch::Tensor> run(c10::optional<torch::Tensor> x, c10::optional<torch::Tensor> bits,
+                                 c10::optional<torch::Tensor> magnitude,
+                                 std::vector<int64_t> shape,
+                                 c10::optional<torch::Tensor> residual, bool with_float,
+                                 bool with_bits, const std::string& path) {
+    if (x.has_value()) {
+      auto packed = pack_signs(*x, threshold_);
+      bits = packed[0];
+      magnitude = packed[1];
+      shape = x->sizes().vec();
+    }
+    TORCH_CHECK(shape.size() == 4 && shape[1] == C_, "the binary convolution takes ", C_,
+                " input channels");
+    const int64_t N = shape[0], H = shape[2], W = shape[3];
+    const int64_t OH = (H + 2 * pad_ - KH_) / stride_ + 1, OW = (W + 2 * pad_ - KW_) / stride_ + 1;
+    const int64_t P = N * OH * OW, KWp = (KH_ * KW_ * C_ + 63) / 64, O = packed_.size(0);
+    if (shape != shape_) {  // a new geometry: its border masks, and scratch of its size
+      masks_ = torch::empty({KWp, P}, torch::dtype(torch::kInt64));
+      valid_ = torch::empty({P}, torch::dtype(torch::kInt64));
+      border_masks(reinterpret_cast<uint64_t*>(masks_.data_ptr<int64_t>()),
+                   valid_.data_ptr<int64_t>(), N, H, W, C_, KH_, KW_, stride_, pad_);
+      rows_ = torch::empty({KWp, P}, torch::dtype(torch::kInt64));
+      k_ = torch::empty({P}, torch::dtype(torch::kFloat32));
+      shape_ = shape;
+    }
+    im2col_rows(reinterpret_cast<const uint64_t*>(bits->data_ptr<int64_t>()),
+                magnitude->data_ptr<float>(), reinterpret_cast<uint64_t*>(rows_.data_ptr<int64_t>()),
+                k_.data_ptr<float>(), N, H, W, (C_ + 63) / 64, C_, KH_, KW_, stride_, pad_, OH, OW,
+                KWp, static_cast<float>(1.0 / static_cast<double>(C_ * KH_ * KW_)));
+    auto out = popcount_conv(rows_, masks_, valid_, packed_, alpha_, k_, bias_, OH * OW, path,
+                             bn_scale_, bn_shift_, residual, with_float, next_threshold_,
+                             with_bits);
+    return {out[0].view({with_float ? N : 0, O, OH, OW}),
+            out[1].view({with_bits ? N : 0, OH, OW, (O + 63) / 64}),
+            out[2].view({with_bits ? N : 0, OH, OW})};
+  }
+
+ private:
+  torch::Tensor packed_, alpha_, bias_;
+  c10::optional<torch::Tensor> threshold_, bn_scale_, bn_shift_, next_threshold_;
+  int64_t C_, KH_, KW_, stride_, pad_;
+  std::vector<int64_t> shape_;
+  torch::Tensor masks_, valid_, rows_, k_;
+};
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("pack_signs", &pack_signs);
+  pybind11::class_<Conv>(m, "Conv")
+      .def(pybind11::init<torch::Tensor, torch::Tensor, torch::Tensor, c10::optional<torch::Tensor>,
+                          int64_t, int64_t, int64_t, int64_t, int64_t,
+                          c10::optional<torch::Tensor>, c10::optional<torch::Tensor>,
+                          c10::optional<torch::Tensor>>())
+      .def("run", &Conv::run);
+  m.def("pack_signs", &pack_signs, pybind11::arg("x"),
+        pybind11::arg("threshold") = pybind11::none());
   m.def("im2col", &im2col);
   m.def("popcount_gemm", &popcount_gemm);
   m.def("popcount_conv", &popcount_conv);
