@@ -176,3 +176,12 @@ def test_the_recipe_trains_and_deploys_exactly(tmp_path):
 def test_bad_recipe_settings(values, message):
     with pytest.raises(ConfigError, match=message):
         training_method(values["kind"], values)
+
+
+def test_binary_first_and_last_layers_are_allowed_with_a_warning():
+    """first_last_bits: null binarizes the first and last layers too: allowed, with one
+    warning that it costs accuracy; every conv / linear is then binary."""
+    with pytest.warns(UserWarning, match="first and last layers are binary too"):
+        method = training_method("xnor", {"first_last_bits": None})
+        method.prepare(resnet20().eval(), torch.randn(2, 3, 32, 32))
+    assert {bits.w_bits for bits in method.plan.values()} == {1}

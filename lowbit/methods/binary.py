@@ -124,6 +124,10 @@ class BinaryMethod(TrainingMethod):
         order = layer_order(model, example)
         # w_bits 1 marks the binary layers; first / last keep first_last_bits
         self.plan = LayerPolicy(c.first_last_bits, list(c.skip)).resolve(order, 1, 1)
+        if c.first_last_bits is None:
+            warnings.warn(f"{c.kind}: the first and last layers are binary too (first_last_bits: "
+                          f"null); binary networks keep them at higher precision because "
+                          f"binarizing them costs accuracy", stacklevel=2)
         if c.kind in BINARY_INPUTS:
             self._keep_grouped(model)
         if c.shortcuts == "bireal":
