@@ -206,6 +206,27 @@ def _rate_note(rate: dict) -> str:
     return note + f"; `{rate['meta']['command']}`)"
 
 
+def _long_run_progress(key: str) -> str:
+    """The epochs reached by the runs of a PSG schedule that train in ``benchmarks/long_runs``
+    (checkpoints committed, so a later session resumes them), with their last test top-1."""
+    found = []
+    for variant in ("sgd", "psgd"):
+        run = key if variant == "psgd" else key.rsplit(",lambda=", 1)[0]
+        folder = ROOT / "benchmarks" / "long_runs" / \
+            f"psg-{variant}-{run.replace(',', '-').replace('=', '')}"
+        metrics = folder / "metrics.json"
+        if metrics.is_file() and json.loads(metrics.read_text()):
+            last = json.loads(metrics.read_text())[-1]
+            found.append(f"{variant.upper()} at epoch {last['epoch']} (FP test top-1 "
+                         f"{last['test_top1']:.2f})")
+    if not found:
+        return ""
+    return (" Their checkpoints are committed in `benchmarks/long_runs/` (no session's machine "
+            "outlives it), so the next session goes on from them: " + ", ".join(found) + ". A "
+            "run resumed on another machine continues equal within seed noise, not bit for "
+            "bit (its CPU's float kernels may differ).")
+
+
 def psg_section(res: dict, rate: dict) -> list[str]:
     meta = res.get("meta", {})
     lines = ["## PSG reproduction (CIFAR-100 ResNet-32)", "",
@@ -242,7 +263,7 @@ def psg_section(res: dict, rate: dict) -> list[str]:
                          f"{sse['3bit']:.1f} / {sse['2bit']:.1f} |")
         if not all(name in runs for name in ("sgd", "psgd")):
             lines += ["", "Still training: rerunning the schedule's command resumes the runs "
-                          "from their last epoch."]
+                          "from their last epoch." + _long_run_progress(key)]
         lines.append("")
     lines.append("Per-layer histograms and SSE: `benchmarks/results/psg_weights/index.html`.")
     return lines
@@ -813,6 +834,32 @@ def xnor_section(res: dict) -> list[str]:
     lines += ["", f"The deployed XNOR network against its float simulation on 128 test images: "
               f"max |difference| {agree['max_abs_diff']:.2g} (logit range "
               f"{agree['logit_range']:.1f}), same top-1: {agree['top1_equal']}."]
+    for key in ("breakdown_batch128", "breakdown_batch1"):
+        if key in res:
+            parts = [(name, ms) for name, ms in res[key].items() if ms >= 0.01][:8]
+            lines += ["", f"Where a fused forward's time goes, batch "
+                      f"{key.removeprefix('breakdown_batch')} (cProfile, ms per forward; `run`: "
+                      "the popcount convolutions, pack / im2col / GEMM / epilogue; `python`: "
+                      "the interpreter's own time): " +
+                      ", ".join(f"{name} {ms:.2f}" for name, ms in parts) + "."]
+    int8 = res["network_batch128"].get("lowbit int8 (openvino)")
+    if int8:
+        macs = 40.6e6  # ResNet-20's multiply-accumulates per image
+        lines += ["", f"Why the network target is out of reach here: OpenVINO's int8 ResNet-20 "
+                  f"runs {int8:.0f} images/s at batch 128, {macs * int8 / 1e9:.0f} GMAC/s on one "
+                  "core, about what VNNI's 64 int8 MACs per 512-bit instruction allow. "
+                  "VPOPCNTDQ does 512 binary MACs per XNOR-AND-popcount-add, but "
+                  "XNOR-Net's K (a float per output pixel) makes every output a float "
+                  "(`dot * alpha * K + b`, BatchNorm, the residual, then the sign and |.| "
+                  "for the next K: about 18 vector instructions per 8 outputs, more than "
+                  "int8's requantization), and at ResNet-20's 144-576-bit receptive fields "
+                  "that epilogue costs as much as the popcounts. Since the outputs must stay "
+                  "bit-identical to the float simulation, no algebra may fold it into an "
+                  "integer threshold. A K-free binary convolution would allow one (its "
+                  "float epilogue takes only 2K + 1 integer inputs, so the exact threshold can "
+                  "be found by evaluating them all), but only for the block-internal "
+                  "convolutions: the real-valued residual stream keeps a float epilogue on the "
+                  "others. Not built."]
     return lines
 
 
@@ -866,6 +913,9 @@ def mixed_precision_section(res: dict) -> list[str]:
         summary += _frontier_check(model, rows)
     lines += ["", "At the size of uniform W3A4, and the frontier against every uniform point:",
               ""] + summary if summary else []
+    for recipe, command in meta.get("other_recipes", {}).items():
+        lines += ["", f"Rows `<model> {recipe}`: `{command}` (the same comparison with that "
+                  "recipe for every row, uniform and mixed)."]
     lines += _lsq_rows(res)
     cost = res.get("search_cost", {})
     if cost:

@@ -109,7 +109,11 @@ static void im2col_rows(const uint64_t* A, const float* S, uint64_t* R, float* K
           const int64_t reach = W - 1 + pad - kx;  // C++ division truncates: keep it >= 0
           const int64_t last = reach < 0 ? 0 : std::min<int64_t>(OW, reach / stride + 1);
           const int64_t start = first * stride + kx - pad;
-          for (int64_t ox = first; ox < last; ++ox) box[ox] += sums[start + (ox - first) * stride];
+          if (stride == 1) {
+            for (int64_t ox = first; ox < last; ++ox) box[ox] += sums[start + ox - first];
+          } else {
+            for (int64_t ox = first; ox < last; ++ox) box[ox] += sums[start + (ox - first) * stride];
+          }
           const int64_t offset = (ky * KW + kx) * C;
           for (int64_t w = 0; w < CW; ++w) {
             const int64_t bit = offset + 64 * w, word = bit / 64, shift = bit % 64;
@@ -117,6 +121,16 @@ static void im2col_rows(const uint64_t* A, const float* S, uint64_t* R, float* K
             uint64_t* __restrict lo = R + word * P + p0;
             uint64_t* __restrict hi = R + (word + 1) * P + p0;
             const uint64_t* src = line + start * CW + w;
+            if (stride * CW == 1) {  // consecutive pixels read consecutive words: vectorised
+              const int64_t n = last - first;
+              uint64_t* __restrict to = lo + first;
+              for (int64_t i = 0; i < n; ++i) to[i] |= src[i] << shift;
+              if (spills) {
+                uint64_t* __restrict up = hi + first;
+                for (int64_t i = 0; i < n; ++i) up[i] |= src[i] >> (64 - shift);
+              }
+              continue;
+            }
             for (int64_t ox = first; ox < last; ++ox) {
               const uint64_t v = src[(ox - first) * stride * CW];
               lo[ox] |= v << shift;
@@ -355,10 +369,9 @@ __attribute__((target("avx2,fma"))) static void avx2_block(const Gemm& g, int64_
       if (g.dst) _mm256_storeu_ps(g.dst + at, y);                                              \
       if (!g.bits) continue;                                                                   \
       const __m256 z = g.threshold ? _mm256_sub_ps(y, _mm256_set1_ps(g.threshold[o])) : y;     \
-      const __m256 sign = _mm256_cmp_ps(z, _mm256_setzero_ps(), _CMP_GE_OQ);                   \
-      words = _mm512_or_si512(words, _mm512_and_si512(                                         \
-          _mm512_cvtepi32_epi64(_mm256_castps_si256(sign)),                                    \
-          _mm512_set1_epi64(int64_t(1) << (o % 64))));                                         \
+      const __mmask8 sign = _mm256_cmp_ps_mask(z, _mm256_setzero_ps(), _CMP_GE_OQ);            \
+      words = _mm512_mask_or_epi64(words, sign, words,                                         \
+                                   _mm512_set1_epi64(int64_t(1) << (o % 64)));                 \
       magnitude = _mm256_add_ps(magnitude, _mm256_andnot_ps(_mm256_set1_ps(-0.0f), z));        \
       if (o % 64 == 63 || o == g.O - 1) {                                                      \
         if (g.out_words == 1) {                                                                \
@@ -374,7 +387,7 @@ __attribute__((target("avx2,fma"))) static void avx2_block(const Gemm& g, int64_
   }                                                                                            \
   if (g.bits) _mm256_storeu_ps(g.magnitude + p0, magnitude);
 
-__attribute__((target("avx512f,avx512bw,avx512dq,fma"))) static void avx512bw_block(const Gemm& g,
+__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,fma"))) static void avx512bw_block(const Gemm& g,
                                                                                 int64_t p0) {
   LOWBIT_AVX512_BODY(
       const __m512i lo = _mm512_and_si512(same, low);
@@ -383,7 +396,7 @@ __attribute__((target("avx512f,avx512bw,avx512dq,fma"))) static void avx512bw_bl
                                                            _mm512_shuffle_epi8(lut, hi)));)
 }
 
-__attribute__((target("avx512f,avx512bw,avx512dq,avx512vpopcntdq,fma"))) static void
+__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vpopcntdq,fma"))) static void
 avx512vpopcntdq_block(const Gemm& g, int64_t p0) {
   LOWBIT_AVX512_BODY(total[j] = _mm512_add_epi64(total[j], _mm512_popcnt_epi64(same));)
 }
@@ -403,12 +416,13 @@ static const KernelPath kPaths[] = {
     {"avx512bw", 8, avx512bw_block,
      [] {
        return __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
-              __builtin_cpu_supports("fma");
+              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma");
      }},
     {"avx512vpopcntdq", 8, avx512vpopcntdq_block,
      [] {
        return __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
-              __builtin_cpu_supports("avx512vpopcntdq") && __builtin_cpu_supports("fma");
+              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vpopcntdq") &&
+              __builtin_cpu_supports("fma");
      }},
 };
 
