@@ -170,6 +170,7 @@ def test_the_recipe_trains_and_deploys_exactly(tmp_path):
     ({"kind": "bwn", "shortcuts": "bireal"}, "apply to binary activations"),
     ({"kind": "xnor", "shortcuts": "dense"}, "shortcuts must be one of"),
     ({"kind": "xnor", "rprelu": True}, "rprelu follows"),
+    ({"kind": "bnn", "input_scale": False}, "applies to xnor"),
     ({"kind": "bnn", "sign_gradient": "tanh"}, "sign_gradient must be one of"),
     ({"kind": "xnor", "binary_weights_from_epoch": -1}, "binary_weights_from_epoch"),
 ])

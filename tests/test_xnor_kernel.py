@@ -165,7 +165,9 @@ def _xnor_resnet20(recipe: dict, x: torch.Tensor):
 
 @pytest.mark.parametrize("recipe", [{}, {"shortcuts": "bireal", "learnable_threshold": True},
                                     {"shortcuts": "bireal", "learnable_threshold": True,
-                                     "rprelu": True}])
+                                     "rprelu": True},
+                                    {"input_scale": False},
+                                    {"input_scale": False, "learnable_threshold": True}])
 def test_fused_epilogues_keep_the_network_bit_identical(kernel, recipe):
     """BatchNorm, residual add and the next layer's packed signs fused into each binary
     convolution: every convolution takes its BatchNorm, the plain XNOR ResNet passes packed
@@ -185,6 +187,10 @@ def test_fused_epilogues_keep_the_network_bit_identical(kernel, recipe):
     with torch.no_grad():
         assert torch.equal(deployed(x), sim(x))
         assert torch.equal(deployed(x[:1]), sim(x[:1]))  # another geometry: new border masks
+    if kernel != "torch" and recipe.get("input_scale") is False:
+        # without K, each block's first convolution writes its signs from integer thresholds
+        assert [c._native.integer_signs() for c in convs[:2]] == [True, True]
+        assert sum(c.emits == "signs" for c in convs) == 9
 
 
 def test_bn_terms_reproduce_atens_batchnorm():

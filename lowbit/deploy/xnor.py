@@ -191,7 +191,9 @@ class XNORPopcountConv2d(nn.Module):
         self.batchnorm: nn.Module | None = None
         self.register_buffer("bn_scale", None)
         self.register_buffer("bn_shift", None)
+        self.input_scale = layer.input_scale  # XNOR-Net's K (else the epilogue has K = 1)
         self.emits = "float"
+        self.next_scale = True  # whether the consumers use K, so need the channel sums of |.|
         self.register_buffer("next_threshold", None)  # the consumers' RSign threshold [O]
         self._native = None  # the compiled layer (_kernel_layer)
 
@@ -200,10 +202,12 @@ class XNORPopcountConv2d(nn.Module):
         self.batchnorm, self.bn_scale, self.bn_shift = bn, scale, shift
         self._native = None
 
-    def emit(self, emits: str, next_threshold: torch.Tensor | None = None):
-        """Return the output as "float", "signs" (:class:`PackedSigns` of ``y - next_threshold``)
-        or "both"."""
-        self.emits, self.next_threshold, self._native = emits, next_threshold, None
+    def emit(self, emits: str, next_threshold: torch.Tensor | None = None,
+             next_scale: bool = True):
+        """Return the output as "float", "signs" (:class:`PackedSigns` of ``y - next_threshold``,
+        with the channel sums of ``|.|`` where the consumers use K: ``next_scale``) or "both"."""
+        self.emits, self.next_threshold, self.next_scale = emits, next_threshold, next_scale
+        self._native = None
 
     def __getstate__(self):
         return {**super().__getstate__(), "_native": None}  # the kernel's object is rebuilt
@@ -215,7 +219,7 @@ class XNORPopcountConv2d(nn.Module):
             self._native = ext.Conv(self.packed, self.alpha, self.bias, threshold,
                                     self.in_channels, *self.kernel_size, self.stride[0],
                                     self.padding[0], self.bn_scale, self.bn_shift,
-                                    self.next_threshold)
+                                    self.next_threshold, self.input_scale)
         return self._native
 
     def forward(self, x, residual: torch.Tensor | None = None):
@@ -228,10 +232,12 @@ class XNORPopcountConv2d(nn.Module):
             inputs = (x.float(), None, None, [])
         if residual is not None and residual.shape[2:] != self._output_size(x):
             # a broadcast residual: the float add outside the kernel, then the signs packed
-            out, _, _ = self._kernel_layer(ext).run(*inputs, None, True, False, current_path())
+            out, _, _ = self._kernel_layer(ext).run(*inputs, None, True, False, False,
+                                                    current_path())
             return self._emit(out + residual)
         out, bits, magnitude = self._kernel_layer(ext).run(
-            *inputs, residual, self.emits != "signs", self.emits != "float", current_path())
+            *inputs, residual, self.emits != "signs", self.emits != "float", self.next_scale,
+            current_path())
         if self.emits == "float":
             return out
         n, oh, ow, _ = bits.shape
@@ -254,9 +260,11 @@ class XNORPopcountConv2d(nn.Module):
         """The pure-torch path: the same numbers from float ops (signs passed as floats)."""
         if self.threshold is not None:
             x = x - self.threshold
-        k = xnor_input_scale(x, self.kernel_size, self.stride, self.padding)
         dot = F.conv2d(binarize(x), self.signs, None, self.stride, self.padding)
-        y = dot * self.alpha.reshape(1, -1, 1, 1) * k + self.bias.reshape(1, -1, 1, 1)
+        y = dot * self.alpha.reshape(1, -1, 1, 1)
+        if self.input_scale:
+            y = y * xnor_input_scale(x, self.kernel_size, self.stride, self.padding)
+        y = y + self.bias.reshape(1, -1, 1, 1)
         if self.batchnorm is not None:
             y = self.batchnorm(y)
         if residual is not None:
@@ -384,7 +392,8 @@ def _emit_signs(graph: fx.Graph, node: fx.Node, conv: XNORPopcountConv2d, conv_o
     others = [u for u in node.users if u not in consumers or
               node in u.args[1:] or node in u.kwargs.values()]
     conv.emit("both" if others else "signs",
-              None if thresholds[0] is None else thresholds[0].reshape(-1).clone())
+              None if thresholds[0] is None else thresholds[0].reshape(-1).clone(),
+              any(conv_of(u).input_scale for u in consumers))
     if not others:
         return
     with graph.inserting_after(node):

@@ -93,7 +93,7 @@ static void im2col_rows(const uint64_t* A, const float* S, uint64_t* R, float* K
                         float scale) {
   const int64_t P = N * OH * OW;
   std::fill(R, R + KWp * P, uint64_t(0));
-  std::fill(Kp, Kp + P, 0.0f);
+  std::fill(Kp, Kp + P, S ? 0.0f : 1.0f);  // no sums: a convolution without K (K = 1, exact)
   for (int64_t n = 0; n < N; ++n)
     for (int64_t oy = 0; oy < OH; ++oy) {
       const int64_t p0 = (n * OH + oy) * OW;
@@ -102,14 +102,15 @@ static void im2col_rows(const uint64_t* A, const float* S, uint64_t* R, float* K
         const int64_t iy = oy * stride + ky - pad;
         if (iy < 0 || iy >= H) continue;  // padding adds 0
         const uint64_t* line = A + (n * H + iy) * W * CW;
-        const float* sums = S + (n * H + iy) * W;
+        const float* sums = S ? S + (n * H + iy) * W : nullptr;
         for (int64_t kx = 0; kx < KW; ++kx) {
           // the output pixels whose tap kx lands inside the row: 0 <= ox*stride + kx - pad < W
           const int64_t first = std::max<int64_t>(0, (pad - kx + stride - 1) / stride);
           const int64_t reach = W - 1 + pad - kx;  // C++ division truncates: keep it >= 0
           const int64_t last = reach < 0 ? 0 : std::min<int64_t>(OW, reach / stride + 1);
           const int64_t start = first * stride + kx - pad;
-          if (stride == 1) {
+          if (!S) {
+          } else if (stride == 1) {
             for (int64_t ox = first; ox < last; ++ox) box[ox] += sums[start + ox - first];
           } else {
             for (int64_t ox = first; ox < last; ++ox) box[ox] += sums[start + (ox - first) * stride];
@@ -139,7 +140,8 @@ static void im2col_rows(const uint64_t* A, const float* S, uint64_t* R, float* K
           }
         }
       }
-      for (int64_t ox = 0; ox < OW; ++ox) box[ox] *= scale;
+      if (S)
+        for (int64_t ox = 0; ox < OW; ++ox) box[ox] *= scale;
     }
 }
 
@@ -217,8 +219,16 @@ struct Gemm {
   uint64_t* bits;                    // the next layer's sign words [P, out_words]
   float* magnitude;                  // and its channel sums of |y - threshold| [P]
   const float* threshold;            // the next layer's RSign threshold [O]
+  // signs alone, of a convolution without K: bit = dot >= from[o] (up[o]) or dot <= from[o],
+  // the exact image of the float epilogue (sign_thresholds); no float is computed
+  const int64_t* sign_from;
+  const uint8_t* sign_up;
   int64_t KWp, P, O, plane, out_words;
 };
+
+static inline bool integer_sign(const Gemm& g, int64_t o, int64_t dot) {
+  return g.sign_up[o] ? dot >= g.sign_from[o] : dot <= g.sign_from[o];
+}
 
 // Steps after dot * alpha * k + bias, for one output value (the scalar loop and vector tails).
 static inline float finish(const Gemm& g, int64_t o, int64_t at, float y) {
@@ -241,19 +251,23 @@ __attribute__((target_clones("popcnt", "default"))) static void scalar_pixels(co
       int64_t count = 0;
       for (int64_t w = 0; w < g.KWp; ++w)
         count += __builtin_popcountll(~(g.R[w * g.P + p] ^ g.B[o * g.KWp + w]) & g.M[w * g.P + p]);
-      const float dot = static_cast<float>(2 * count - g.V[p]);
-      const float y = finish(g, o, (n * g.O + o) * g.plane + pix,
-                             dot * g.alpha[o] * g.k[p] + g.bias[o]);
-      if (!g.bits) continue;
-      const float z = g.threshold ? y - g.threshold[o] : y;
-      word |= static_cast<uint64_t>(z >= 0.0f) << (o % 64);
-      magnitude += std::fabs(z);
+      if (g.sign_from) {
+        word |= static_cast<uint64_t>(integer_sign(g, o, 2 * count - g.V[p])) << (o % 64);
+      } else {
+        const float dot = static_cast<float>(2 * count - g.V[p]);
+        const float y = finish(g, o, (n * g.O + o) * g.plane + pix,
+                               dot * g.alpha[o] * g.k[p] + g.bias[o]);
+        if (!g.bits) continue;
+        const float z = g.threshold ? y - g.threshold[o] : y;
+        word |= static_cast<uint64_t>(z >= 0.0f) << (o % 64);
+        magnitude += std::fabs(z);
+      }
       if (o % 64 == 63 || o == g.O - 1) {
         g.bits[p * g.out_words + o / 64] = word;
         word = 0;
       }
     }
-    if (g.bits) g.magnitude[p] = magnitude;
+    if (g.magnitude) g.magnitude[p] = magnitude;
   }
 }
 
@@ -299,6 +313,22 @@ __attribute__((target("avx2,fma"))) static void avx2_block(const Gemm& g, int64_
       const int64_t o = o0 + j;
       total[j] = _mm256_add_epi64(total[j], _mm256_sad_epu8(bytes[j], zero));
       const __m256i dot = _mm256_sub_epi64(_mm256_add_epi64(total[j], total[j]), valid);
+      if (g.sign_from) {
+        const __m256i edge = _mm256_set1_epi64x(g.sign_from[o]);
+        const __m256i bit = g.sign_up[o] ? _mm256_xor_si256(_mm256_cmpgt_epi64(edge, dot),
+                                                            _mm256_set1_epi64x(-1))
+                                         : _mm256_xor_si256(_mm256_cmpgt_epi64(dot, edge),
+                                                            _mm256_set1_epi64x(-1));
+        words = _mm256_or_si256(words, _mm256_and_si256(
+                                           bit, _mm256_set1_epi64x(int64_t(1) << (o % 64))));
+        if (o % 64 == 63 || o == g.O - 1) {
+          alignas(32) uint64_t lanes[4];
+          _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), words);
+          for (int i = 0; i < 4; ++i) g.bits[(p0 + i) * g.out_words + o / 64] = lanes[i];
+          words = zero;
+        }
+        continue;
+      }
       // |dot| <= K < 2^31: the low 32 bits of each lane are the value
       const __m128i dot32 = _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(dot, even));
       __m128 y = _mm_mul_ps(_mm_cvtepi32_ps(dot32), _mm_set1_ps(g.alpha[o]));
@@ -321,7 +351,7 @@ __attribute__((target("avx2,fma"))) static void avx2_block(const Gemm& g, int64_
       }
     }
   }
-  if (g.bits) _mm_storeu_ps(g.magnitude + p0, magnitude);
+  if (g.magnitude) _mm_storeu_ps(g.magnitude + p0, magnitude);
 }
 
 // 8 pixels x OB channels in 512-bit lanes; popcount by the AVX-512BW nibble lookup or, with
@@ -360,6 +390,20 @@ __attribute__((target("avx2,fma"))) static void avx2_block(const Gemm& g, int64_
       const int64_t o = o0 + j;                                                                \
       total[j] = _mm512_add_epi64(total[j], _mm512_sad_epu8(bytes[j], zero));                  \
       const __m512i dot = _mm512_sub_epi64(_mm512_add_epi64(total[j], total[j]), valid);       \
+      if (g.sign_from) {                                                                       \
+        const __m512i edge = _mm512_set1_epi64(g.sign_from[o]);                                \
+        const __mmask8 bit = g.sign_up[o] ? _mm512_cmpge_epi64_mask(dot, edge)                 \
+                                          : _mm512_cmple_epi64_mask(dot, edge);                \
+        words = _mm512_mask_or_epi64(words, bit, words,                                        \
+                                     _mm512_set1_epi64(int64_t(1) << (o % 64)));               \
+        if (o % 64 == 63 || o == g.O - 1) {                                                    \
+          alignas(64) uint64_t lanes[8];                                                       \
+          _mm512_store_si512(lanes, words);                                                    \
+          for (int i = 0; i < 8; ++i) g.bits[(p0 + i) * g.out_words + o / 64] = lanes[i];      \
+          words = zero;                                                                        \
+        }                                                                                      \
+        continue;                                                                              \
+      }                                                                                        \
       __m256 y = _mm256_mul_ps(_mm512_cvtepi64_ps(dot), _mm256_set1_ps(g.alpha[o]));           \
       y = _mm256_add_ps(_mm256_mul_ps(y, k8), _mm256_set1_ps(g.bias[o]));                      \
       const int64_t at = (n * g.O + o) * g.plane + pix;                                        \
@@ -385,7 +429,7 @@ __attribute__((target("avx2,fma"))) static void avx2_block(const Gemm& g, int64_
       }                                                                                        \
     }                                                                                          \
   }                                                                                            \
-  if (g.bits) _mm256_storeu_ps(g.magnitude + p0, magnitude);
+  if (g.magnitude) _mm256_storeu_ps(g.magnitude + p0, magnitude);
 
 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,fma"))) static void avx512bw_block(const Gemm& g,
                                                                                 int64_t p0) {
@@ -460,7 +504,9 @@ std::vector<torch::Tensor> popcount_conv(
     torch::Tensor alpha, torch::Tensor k, torch::Tensor bias, int64_t plane,
     const std::string& path, c10::optional<torch::Tensor> bn_scale,
     c10::optional<torch::Tensor> bn_shift, c10::optional<torch::Tensor> residual,
-    bool with_float, c10::optional<torch::Tensor> threshold, bool with_bits) {
+    bool with_float, c10::optional<torch::Tensor> threshold, bool with_bits,
+    bool with_magnitude, c10::optional<torch::Tensor> sign_from,
+    c10::optional<torch::Tensor> sign_up) {
   const KernelPath& chosen = kernel_path(path);
   const int64_t KWp = rows.size(0), P = rows.size(1), O = weights.size(0);
   const int64_t out_words = (O + 63) / 64;
@@ -472,7 +518,10 @@ std::vector<torch::Tensor> popcount_conv(
   }
   auto out = torch::empty({with_float ? P / plane : 0, O, plane}, torch::dtype(torch::kFloat32));
   auto bits = torch::empty({with_bits ? P : 0, out_words}, torch::dtype(torch::kInt64));
-  auto magnitude = torch::empty({with_bits ? P : 0}, torch::dtype(torch::kFloat32));
+  const bool integer_signs = sign_from.has_value() && with_bits && !with_float &&
+                             !with_magnitude && !residual.has_value();
+  with_magnitude = with_magnitude && with_bits;
+  auto magnitude = torch::empty({with_magnitude ? P : 0}, torch::dtype(torch::kFloat32));
   const Gemm g{reinterpret_cast<const uint64_t*>(rows.data_ptr<int64_t>()),
                reinterpret_cast<const uint64_t*>(masks.data_ptr<int64_t>()),
                reinterpret_cast<const uint64_t*>(weights.data_ptr<int64_t>()),
@@ -480,8 +529,10 @@ std::vector<torch::Tensor> popcount_conv(
                bias.data_ptr<float>(), optional_data(bn_scale), optional_data(bn_shift),
                optional_data(residual), with_float ? out.data_ptr<float>() : nullptr,
                with_bits ? reinterpret_cast<uint64_t*>(bits.data_ptr<int64_t>()) : nullptr,
-               with_bits ? magnitude.data_ptr<float>() : nullptr, optional_data(threshold),
-               KWp, P, O, plane, out_words};
+               with_magnitude ? magnitude.data_ptr<float>() : nullptr, optional_data(threshold),
+               integer_signs ? sign_from->data_ptr<int64_t>() : nullptr,
+               integer_signs ? sign_up->data_ptr<uint8_t>() : nullptr, KWp, P, O, plane,
+               out_words};
   for (int64_t start = 0; start < P; start += plane) {
     int64_t p = start;
     if (chosen.pixels)
@@ -496,7 +547,8 @@ torch::Tensor popcount_gemm(torch::Tensor rows, torch::Tensor masks, torch::Tens
                             torch::Tensor weights, torch::Tensor alpha, torch::Tensor k,
                             torch::Tensor bias, int64_t plane, const std::string& path) {
   return popcount_conv(rows, masks, valid, weights, alpha, k, bias, plane, path, c10::nullopt,
-                       c10::nullopt, c10::nullopt, true, c10::nullopt, false)[0];
+                       c10::nullopt, c10::nullopt, true, c10::nullopt, false, false,
+                       c10::nullopt, c10::nullopt)[0];
 }
 
 // An eval BatchNorm as y = fma(x, scale, shift), with ATen's CPU kernel's terms (batch_norm_kernel
@@ -545,10 +597,51 @@ class Conv {
   Conv(torch::Tensor packed, torch::Tensor alpha, torch::Tensor bias,
        c10::optional<torch::Tensor> threshold, int64_t C, int64_t KH, int64_t KW, int64_t stride,
        int64_t pad, c10::optional<torch::Tensor> bn_scale, c10::optional<torch::Tensor> bn_shift,
-       c10::optional<torch::Tensor> next_threshold)
+       c10::optional<torch::Tensor> next_threshold, bool input_scale)
       : packed_(packed.contiguous()), alpha_(alpha.contiguous()), bias_(bias.contiguous()),
         threshold_(threshold), bn_scale_(bn_scale), bn_shift_(bn_shift),
-        next_threshold_(next_threshold), C_(C), KH_(KH), KW_(KW), stride_(stride), pad_(pad) {}
+        next_threshold_(next_threshold), C_(C), KH_(KH), KW_(KW), stride_(stride), pad_(pad),
+        input_scale_(input_scale) {
+    if (!input_scale) sign_thresholds();
+  }
+
+  // Without K the epilogue's sign is a function of the integer dot alone, and a monotone one
+  // (each float step rounds monotonically): evaluating the scalar epilogue at every dot in
+  // [-K, K] gives, per channel, the exact edge where the sign flips, and its direction. A
+  // channel that is not monotone (none seen) leaves the float epilogue in charge.
+  void sign_thresholds() {
+    const int64_t O = packed_.size(0), K = KH_ * KW_ * C_;
+    auto from = torch::empty({O}, torch::dtype(torch::kInt64));
+    auto up = torch::empty({O}, torch::dtype(torch::kUInt8));
+    const float *alpha = alpha_.data_ptr<float>(), *bias = bias_.data_ptr<float>();
+    for (int64_t o = 0; o < O; ++o) {
+      int flips = 0;
+      bool previous = false, first = false;
+      int64_t edge = 0;
+      for (int64_t d = -K; d <= K; ++d) {
+        float y = static_cast<float>(d) * alpha[o] * 1.0f + bias[o];
+        if (bn_scale_) y = std::fma(y, bn_scale_->data_ptr<float>()[o],
+                                    bn_shift_->data_ptr<float>()[o]);
+        const float z = next_threshold_ ? y - next_threshold_->data_ptr<float>()[o] : y;
+        const bool bit = z >= 0.0f;
+        if (d == -K) first = bit;
+        else if (bit != previous) { ++flips; edge = bit ? d : d - 1; }
+        previous = bit;
+      }
+      if (flips > 1) return;  // not a step: keep the float epilogue
+      if (flips == 0) {       // constant: every dot gives `first`
+        up.data_ptr<uint8_t>()[o] = 1;
+        from.data_ptr<int64_t>()[o] = first ? -K - 1 : K + 1;
+      } else {
+        up.data_ptr<uint8_t>()[o] = first ? 0 : 1;  // 0 -> 1 as dot grows: bit = dot >= edge
+        from.data_ptr<int64_t>()[o] = edge;         // else bit = dot <= edge
+      }
+    }
+    sign_from_ = from;
+    sign_up_ = up;
+  }
+
+  bool integer_signs() const { return sign_from_.has_value(); }
 
   // Input: a float x [N, C, H, W], or the packed signs (bits, magnitude) of one whose shape is
   // given. Returns {float [N, O, OH, OW] (with_float) or empty, bits [N, OH, OW, ceil(O / 64)]
@@ -557,7 +650,7 @@ class Conv {
                                  c10::optional<torch::Tensor> magnitude,
                                  std::vector<int64_t> shape,
                                  c10::optional<torch::Tensor> residual, bool with_float,
-                                 bool with_bits, const std::string& path) {
+                                 bool with_bits, bool with_magnitude, const std::string& path) {
     if (x.has_value()) {
       auto packed = pack_signs(*x, threshold_);
       bits = packed[0];
@@ -579,21 +672,24 @@ class Conv {
       shape_ = shape;
     }
     im2col_rows(reinterpret_cast<const uint64_t*>(bits->data_ptr<int64_t>()),
-                magnitude->data_ptr<float>(), reinterpret_cast<uint64_t*>(rows_.data_ptr<int64_t>()),
+                input_scale_ ? magnitude->data_ptr<float>() : nullptr,
+                reinterpret_cast<uint64_t*>(rows_.data_ptr<int64_t>()),
                 k_.data_ptr<float>(), N, H, W, (C_ + 63) / 64, C_, KH_, KW_, stride_, pad_, OH, OW,
                 KWp, static_cast<float>(1.0 / static_cast<double>(C_ * KH_ * KW_)));
     auto out = popcount_conv(rows_, masks_, valid_, packed_, alpha_, k_, bias_, OH * OW, path,
                              bn_scale_, bn_shift_, residual, with_float, next_threshold_,
-                             with_bits);
+                             with_bits, with_magnitude, sign_from_, sign_up_);
     return {out[0].view({with_float ? N : 0, O, OH, OW}),
             out[1].view({with_bits ? N : 0, OH, OW, (O + 63) / 64}),
-            out[2].view({with_bits ? N : 0, OH, OW})};
+            out[2].view({with_bits && with_magnitude ? N : 0, OH, OW})};
   }
 
  private:
   torch::Tensor packed_, alpha_, bias_;
   c10::optional<torch::Tensor> threshold_, bn_scale_, bn_shift_, next_threshold_;
   int64_t C_, KH_, KW_, stride_, pad_;
+  bool input_scale_;
+  c10::optional<torch::Tensor> sign_from_, sign_up_;  // sign_thresholds (without K)
   std::vector<int64_t> shape_;
   torch::Tensor masks_, valid_, rows_, k_;
 };
@@ -603,8 +699,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(pybind11::init<torch::Tensor, torch::Tensor, torch::Tensor, c10::optional<torch::Tensor>,
                           int64_t, int64_t, int64_t, int64_t, int64_t,
                           c10::optional<torch::Tensor>, c10::optional<torch::Tensor>,
-                          c10::optional<torch::Tensor>>())
-      .def("run", &Conv::run);
+                          c10::optional<torch::Tensor>, bool>())
+      .def("run", &Conv::run)
+      .def("integer_signs", &Conv::integer_signs);
   m.def("pack_signs", &pack_signs, pybind11::arg("x"),
         pybind11::arg("threshold") = pybind11::none());
   m.def("im2col", &im2col);

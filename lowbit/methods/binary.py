@@ -25,6 +25,9 @@ The modern binary recipe, as options of ``bnn`` / ``xnor`` (ALGORITHMS.md 8.2):
 * ``learnable_threshold``: ReActNet's RSign, ``sign(x - t_c)`` with a learnable threshold per
   input channel; ``rprelu``: ReActNet's RPReLU after each real-valued shortcut (Liu et al. 2020).
 * ``sign_gradient: approx``: Bi-Real's ApproxSign gradient instead of the hardtanh STE.
+* ``input_scale: false`` (``xnor``): no K, the activation scale of XNOR-Net, which Bi-Real Net
+  and ReActNet drop; deployed, such a convolution whose output only feeds binary convolutions
+  writes its signs from an integer threshold per channel (:mod:`lowbit.deploy.xnor`).
 * ``binary_weights_from_epoch: E``: two stages in one run (Martinez et al. 2020, real-to-binary):
   binary activations with real weights for the first E epochs, then binary weights too. Give
   the training a cosine schedule restarting at E (``milestones: [E]``) for a fresh schedule per
@@ -70,6 +73,7 @@ class BinaryConfig(ConfigMixin):
     rprelu: bool = False
     sign_gradient: str = "ste"
     binary_weights_from_epoch: int = 0
+    input_scale: bool = True
 
     def validate(self) -> "BinaryConfig":
         if self.kind not in KINDS:
@@ -90,6 +94,8 @@ class BinaryConfig(ConfigMixin):
         if used and self.kind not in BINARY_INPUTS:
             raise ConfigError(f"{', '.join(used)} apply to binary activations (bnn, xnor), "
                               f"not {self.kind}")
+        if not self.input_scale and self.kind != "xnor":
+            raise ConfigError(f"input_scale (XNOR-Net's K) applies to xnor, not {self.kind}")
         if self.rprelu and self.shortcuts == "none":
             raise ConfigError("rprelu follows the real-valued shortcuts: set shortcuts: bireal")
         if self.first_last_bits is not None:
@@ -164,7 +170,10 @@ class BinaryMethod(TrainingMethod):
                 self.clipped.append(layer.weight)
             weights = self._binary_weight()
             self.binary_weights.append(weights)
-            return cls.from_float(layer, weights, inputs)
+            wrapped = cls.from_float(layer, weights, inputs)
+            if cls is XNORConv2d:
+                wrapped.input_scale = c.input_scale
+            return wrapped
         return swap_layers(model, wrap)
 
     def _keep_grouped(self, model: nn.Module) -> None:

@@ -154,7 +154,11 @@ class XNORConv2d(QuantConv2d):
     the +-1 convolution sums integers, exact in float32 in any order, and the three factors are
     then applied in the order the deployed popcount kernel uses, so the deployed layer gives
     this layer's outputs bit for bit. The gradients are those of ``conv(sign(I), alpha sign(W))``.
+    With ``input_scale`` False there is no K: ``conv(sign(I), sign(W)) * alpha + b``, the binary
+    convolution of Bi-Real Net and ReActNet (Liu et al. 2018, 2020).
     """
+
+    input_scale = True
 
     def binary_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(alpha [O, 1, 1, 1], sign(W)) of the weight, with their gradients."""
@@ -166,9 +170,10 @@ class XNORConv2d(QuantConv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.input_quantizer.shifted(x)  # RSign's threshold: K is that of the shifted input
-        k = xnor_input_scale(x.detach(), self.kernel_size, self.stride, self.padding,
-                             self.dilation)
         alpha, signs = self.binary_factors()
         dot = self._conv_forward(self.input_quantizer.sign(x), signs, None)
-        out = dot * alpha.reshape(1, -1, 1, 1) * k
+        out = dot * alpha.reshape(1, -1, 1, 1)
+        if self.input_scale:
+            out = out * xnor_input_scale(x.detach(), self.kernel_size, self.stride, self.padding,
+                                         self.dilation)
         return out if self.bias is None else out + self.bias.reshape(1, -1, 1, 1)
