@@ -42,7 +42,11 @@ def packed_bytes(qmodel, spec: str) -> int:
         return export_packed(qmodel, Path(folder) / "m.lowbit", spec).stat().st_size
 
 
-def run(name: str, label: str, model, config, calib, test, done: dict) -> dict:
+def run(name: str, label: str, model, config, calib, test, done: dict,
+        spec: str | None = None) -> dict:
+    """One PTQ row of ``name`` (``spec``: the model's spec for the packed file, default
+    ``name``)."""
+    spec = spec or name
     if label in done:
         return done[label]
     t = time.perf_counter()
@@ -57,7 +61,7 @@ def run(name: str, label: str, model, config, calib, test, done: dict) -> dict:
             done[label] = row
             return row
     seconds = time.perf_counter() - t
-    row = {"top1": lowbit.evaluate(q, test), "bytes": packed_bytes(q, name),
+    row = {"top1": lowbit.evaluate(q, test), "bytes": packed_bytes(q, spec),
            "bits": {n: b.w_bits for n, b in q.lowbit.plan.items()},
            "quantize_seconds": seconds, "config": config.to_dict(), "commit": commit()}
     if q.lowbit.mixed:
@@ -177,6 +181,10 @@ def main():
     ap.add_argument("--models", default="resnet20,resnet32,psg_resnet32")
     ap.add_argument("--estimators", default="hessian,output")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--recipe", default="ptq-w4a4-best", help="the PTQ recipe of every row; "
+                    "another than the default is recorded as '<model> <recipe>'")
+    ap.add_argument("--widths", default=",".join(map(str, UNIFORM)),
+                    help="uniform weight widths (the budgets come from W2 / W3 / W4 if run)")
     ap.add_argument("--lsq", action="store_true", help="LSQ fine-tuning of uniform and mixed "
                     "plans (after the PTQ rows)")
     ap.add_argument("--search-cost", action="store_true", help="only time the search "
@@ -188,30 +196,42 @@ def main():
         return search_cost(args, results)
     if args.lsq:
         return lsq_rows(args, results)
+    widths = [int(w) for w in args.widths.split(",")]
     for name in args.models.split(","):
         model, calib, test = load_benchmark(name)
-        done = results.get(name, {})
+        key = name if args.recipe == "ptq-w4a4-best" else f"{name} {args.recipe}"
+        done = results.get(key, {})
         rows = {}
-        for bits in UNIFORM:
-            config = lowbit.load_recipe("ptq-w4a4-best", w_bits=bits,
-                                        **({"bias_correction": "mean"} if bits == 2 else {}))
-            rows[f"uniform W{bits}A4"] = run(name, f"uniform W{bits}A4", model, config, calib,
-                                             test, done)
-        sizes = [rows[f"uniform W{b}A4"]["bytes"] for b in UNIFORM[:3]]
-        # uniform W2's own size is just out of reach (the prediction's margin): 1% above it too
-        budgets = sorted({*sizes, int(sizes[0] * 1.01), (sizes[0] + sizes[1]) // 2,
-                          (sizes[1] + sizes[2]) // 2})
+        for bits in widths:
+            config = lowbit.load_recipe(args.recipe, w_bits=bits,
+                                        **({"bias_correction": "mean"} if bits == 2 and
+                                           args.recipe == "ptq-w4a4-best" else {}))
+            rows[f"uniform W{bits}A4"] = run(key, f"uniform W{bits}A4", model, config, calib,
+                                             test, done, spec=name)
+        sizes = {b: rows[f"uniform W{b}A4"]["bytes"] for b in (2, 3, 4) if b in widths}
+        budgets = set(sizes.values())
+        if 2 in sizes:  # uniform W2's own size is just out of reach (the 256-byte margin)
+            budgets.add(int(sizes[2] * 1.01))
+        budgets |= {(sizes[a] + sizes[b]) // 2 for a, b in ((2, 3), (3, 4))
+                    if a in sizes and b in sizes}
         for estimator in args.estimators.split(","):
-            for budget in budgets:
+            for budget in sorted(budgets):
                 label = f"mixed {estimator} {budget}"
-                config = lowbit.load_recipe("ptq-w4a4-best", size_budget=budget,
+                config = lowbit.load_recipe(args.recipe, size_budget=budget,
                                             sensitivity=estimator)
-                rows[label] = run(name, label, model, config, calib, test, done)
-        plot(name, rows)
-    record(RESULTS, "meta", None, {
-        "machine": platform.processor() or platform.machine(), "threads": args.threads,
-        "command": f"python benchmarks/mixed_precision.py --models {args.models} "
-                   f"--estimators {args.estimators}"})
+                rows[label] = run(key, label, model, config, calib, test, done, spec=name)
+        if key == name:
+            plot(name, rows)
+    command = (f"python benchmarks/mixed_precision.py --models {args.models} "
+               f"--estimators {args.estimators}")
+    meta = json.loads(RESULTS.read_text()).get("meta", {}) if RESULTS.is_file() else {}
+    if args.recipe == "ptq-w4a4-best":
+        meta.update({"machine": platform.processor() or platform.machine(),
+                     "threads": args.threads, "command": command})
+    else:  # the other recipes' commands, listed under the table
+        meta.setdefault("other_recipes", {})[args.recipe] = \
+            f"{command} --recipe {args.recipe} --widths {args.widths}"
+    record(RESULTS, "meta", None, meta)
 
 
 if __name__ == "__main__":
