@@ -15,7 +15,8 @@ import signal
 from pathlib import Path
 
 TRAINING_SCRIPTS = ("psg_train.py", "qat_train.py", "compress_train.py", "lowbit train",
-                    "deploy_any_cnn.py", "method_matrix.py")
+                    "deploy_any_cnn.py", "method_matrix.py", "binary_recipe.py",
+                    "deep_compression.py", "mixed_precision.py", "mobilenet_ptq.py")
 
 
 def training_processes() -> list[int]:
