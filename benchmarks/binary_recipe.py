@@ -8,7 +8,7 @@ Each row adds one ingredient to the row above it (``ROWS``): XNOR-Net as ``compr
 trains it, then Bi-Real's real-valued shortcut around every binary conv, ReActNet's RSign and
 RPReLU, Bi-Real's ApproxSign gradient, distillation from the float model, and the two-stage
 schedule (binary activations with real weights for the first half, cosine restarting at the
-second). Every row: Adam, lr 1e-3, no weight decay, batch 128, crop and flip (padded as the
+second), then the same without XNOR-Net's K (``input_scale: false``). Every row: Adam, lr 1e-3, no weight decay, batch 128, crop and flip (padded as the
 checkpoint was trained), the same epochs. Runs train in ``benchmarks/runs/binary-...``
 (resumable: run the same command again) and each finished row is written to
 ``benchmarks/results/binary_recipe.json`` with its per-epoch curve as soon as it ends.
@@ -46,6 +46,9 @@ ROWS = [
     ("+ approxsign", APPROX, {}),
     ("+ distillation", APPROX, {"distill": True, "kd_alpha": 0.9}),
     ("+ two stages", {**APPROX, "two_stage": True}, {"distill": True, "kd_alpha": 0.9}),
+    # XNOR-Net's K dropped, as Bi-Real Net and ReActNet have none (the faster deployed form)
+    ("+ no K", {**APPROX, "two_stage": True, "input_scale": False},
+     {"distill": True, "kd_alpha": 0.9}),
 ]
 
 

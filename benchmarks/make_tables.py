@@ -282,7 +282,9 @@ def qat_section(res: dict) -> list[str]:
              "model with lr 0.002 and half the epochs; `+mse` every LSQ step starting at its "
              "least quantization MSE (`lsq_init: mse`, the recipe `lsq-w4a4-finetune`); `+bn` "
              "the float BN statistics kept (lr 0.001, a third of the epochs); `3x` three times "
-             "the `+kd` epochs, `lr 0.01` at the paper's lr. STE QAT's min-max "
+             "the `+kd` epochs, `lr 0.01` at the paper's lr; `long` and `30 ep` the `+kd+mse` "
+             "run for 30 epochs, evaluated every 5 (issue 19's long schedules; `--runs "
+             "benchmarks/long_runs`: resumable across sessions). STE QAT's min-max "
              "weight range at 2 bits has the levels 0 and +-max|w| per channel, so most weights "
              "fall on 0.", "",
              *_header("setting", (MODELS[m] for m in models))]

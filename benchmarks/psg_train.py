@@ -9,10 +9,11 @@ The paper's run (68 epochs: lr 0.01, x0.1 after 40 of them, i.e. at epoch 123; l
 W4; batch 128; weight decay 1e-4; reflection padding; seed 1) is the same call with
 ``--epochs 68 --milestone 40``, or ``lowbit train`` as printed by ``--print-paper-command``.
 
-Each run trains in ``--runs``/``psg-{sgd,psgd}-...`` (default ``benchmarks/runs``; a checkpoint
-per epoch; rerunning the script resumes: put long runs outside the work tree, which a fresh
-checkout replaces) and its evaluation is written to ``benchmarks/results/psg_train.json`` row
-by row. ``--eval-every N`` evaluates the grid every N epochs along the way (the paper's run: 10)
+Each run trains in ``--runs``/``psg-{sgd,psgd}-...`` (a checkpoint per epoch; rerunning the
+script resumes) and its evaluation is written to ``benchmarks/results/psg_train.json`` row by
+row. The default folder, ``benchmarks/long_runs``, is tracked by git: no session's machine
+outlives it, so a session commits the runs' last checkpoints (about 4 MB each) before it stops
+and the next one resumes them from the checkout. ``--eval-every N`` evaluates the grid every N epochs along the way (the paper's run: 10)
 without changing the schedule; ``--variant`` runs SGD and PSGD in separate processes, side by
 side; ``--channels-last`` / ``--compile`` speed the step up (``benchmarks/train_speed.py``).
 """
@@ -39,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 RESULTS = ROOT / "benchmarks" / "results" / "psg_train.json"
 FIGURE = ROOT / "benchmarks" / "results" / "psg_weights"
-RUNS = ROOT / "benchmarks" / "runs"
+RUNS = ROOT / "benchmarks" / "long_runs"  # tracked: see the docstring
 START = SHARED / "checkpoints" / "PSG_ResNet82.pth"
 DATA = "cifar100=" + str(SHARED / "data" / "cifar-100-python.tar.xz")
 PAPER_COMMAND = (
