@@ -238,3 +238,31 @@ def test_a_residual_of_another_shape_is_added_outside_the_kernel():
     x = torch.randn(2, 8, 6, 6)
     with torch.no_grad():
         assert torch.equal(deployed(x), net(x))
+
+
+def test_integer_sign_thresholds_follow_the_float_epilogue_both_ways(kernel):
+    """A K-free binary convolution whose BatchNorm scales are of both signs (a falling sign
+    as well as a rising one), some channels constant, and the next layer's RSign threshold:
+    the deployed signs (integer thresholds on the kernel paths) equal the simulation's."""
+    from lowbit.transforms.fold import trace
+
+    torch.manual_seed(0)
+    a, b = (XNORConv2d.from_float(torch.nn.Conv2d(24, 24, 3, 1, 1), ScaledBinaryWeight(),
+                                  SignActivation(24)) for _ in range(2))
+    a.input_scale = b.input_scale = False
+    bn = torch.nn.BatchNorm2d(24).eval()
+    with torch.no_grad():
+        bn.weight.normal_()
+        bn.weight[:3] = 0.0  # constant channels: the sign of the BN shift alone
+        bn.bias.normal_()
+        bn.running_mean.normal_(0, 5)
+        bn.running_var.uniform_(0.5, 20)
+        b.input_quantizer.threshold.normal_(0, 0.5)
+    net = trace(torch.nn.Sequential(a, bn, b).eval())[0]
+    deployed = xnor.deploy_xnor(net)
+    x = torch.randn(3, 24, 7, 9)
+    with torch.no_grad():
+        assert torch.equal(deployed(x), net(x))
+    first = deployed.get_submodule("0")
+    if kernel != "torch":
+        assert first.emits == "signs" and first._native.integer_signs()
