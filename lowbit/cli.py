@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     bi.add_argument("--out", help="also write the results as JSON here")
     bi.add_argument("--runners", help="comma-separated runner names (default: every runner "
                     "whose packages are installed; the fp32 eager baseline is always run)")
-    bi.add_argument("--binary", metavar="FILE", help="also time this XNOR-Net model (its "
+    bi.add_argument("--binary", metavar="FILE", help="also time this XNOR-Net or BNN model (its "
                     "packed file or model.pt) on the XNOR-popcount kernel, as 'xnor popcount'")
 
     sub.add_parser("recipes", help="list the packaged recipes")
@@ -306,27 +306,29 @@ def cmd_eval(args) -> int:
 
 
 def _on_binary_kernel(model, device: str):
-    """An XNOR-Net model with its XNOR convolutions on the popcount kernel (the same outputs as
-    its float form, :func:`lowbit.deploy.deploy_xnor`) when it runs on the CPU."""
+    """An XNOR-Net or BNN model with its binary convolutions on the popcount kernel (the same
+    outputs as its float form, :func:`lowbit.deploy.deploy_xnor`) when it runs on the CPU."""
     from lowbit.deploy import xnor
-    from lowbit.nn.binary import XNORConv2d
 
-    if device != "cpu" or not any(isinstance(m, XNORConv2d) for m in model.modules()):
+    if device != "cpu" or not any(xnor.binary_conv(m) for m in model.modules()):
         return model
-    path = xnor.kernel_path() if xnor.extension() is not None else "pure-torch"
-    print(f"XNOR layers run on the popcount kernel ({path} path)")
-    return xnor.deploy_xnor(model)
+    deployed = xnor.deploy_xnor(model)
+    count = sum(isinstance(m, xnor.XNORPopcountConv2d) for m in deployed.modules())
+    if count:
+        path = xnor.kernel_path() if xnor.extension() is not None else "pure-torch"
+        print(f"{count} binary layers run on the popcount kernel ({path} path)")
+    return deployed
 
 
 def _binary_runner(path: str, dataset):
-    """The XNOR-Net model in ``path`` (a packed file or a trained model.pt) on the popcount
-    kernel, for bench-infer."""
-    from lowbit.nn.binary import XNORConv2d
+    """The XNOR-Net or BNN model in ``path`` (a packed file or a trained model.pt) on the
+    popcount kernel, for bench-infer."""
+    from lowbit.deploy import xnor
 
     loaded = _load_lowbit_file(path, dataset, False)
-    if loaded is None or not any(isinstance(m, XNORConv2d) for m in loaded[0].modules()):
-        raise ConfigError(f"--binary {path} holds no XNOR-Net model (train one with "
-                          "--method xnor)")
+    if loaded is None or not any(xnor.binary_conv(m) for m in loaded[0].modules()):
+        raise ConfigError(f"--binary {path} holds no XNOR-Net or BNN model (train one with "
+                          "--method xnor or bnn)")
     return _on_binary_kernel(loaded[0], "cpu")
 
 

@@ -201,7 +201,7 @@ def test_plot_weights_writes_a_png_per_layer_and_a_page(capsys, tmp_path, digits
 
 @pytest.mark.filterwarnings("ignore:.*distinct weights")  # k-means' 8-bit first layer says so
 @pytest.mark.parametrize("method", [["lsq", "--w-bits", "3", "--a-bits", "3"], ["xnor"],
-                                    ["kmeans", "--w-bits", "3"]])
+                                    ["bnn"], ["kmeans", "--w-bits", "3"]])
 def test_trained_models_reload_with_the_same_accuracy(capsys, tmp_path, digits_ckpt, method):
     out = tmp_path / method[0]
     code, _, err = run(capsys, "train", "--model", "digits_cnn", "--checkpoint", str(digits_ckpt),
@@ -212,15 +212,16 @@ def test_trained_models_reload_with_the_same_accuracy(capsys, tmp_path, digits_c
     top1 = json.loads((out / "report.json").read_text())["top1"]
     code, stdout, _ = run(capsys, "eval", "--checkpoint", str(out / "model.pt"), "--data", "digits")
     assert code == 0 and f"top-1 {top1:.2f}%" in stdout
-    assert ("popcount kernel" in stdout) == (method[0] == "xnor")  # XNOR runs the binary kernel
+    binary = method[0] in ("xnor", "bnn")  # XNOR-Net and BNN run on the binary kernel
+    assert ("popcount kernel" in stdout) == binary
     code, stdout, err = run(capsys, "export", "--checkpoint", str(out / "model.pt"),
                             "--out", str(tmp_path / "m.lowbit"))
     assert code == 0, err
     code, stdout, _ = run(capsys, "eval", "--checkpoint", str(tmp_path / "m.lowbit"),
                           "--data", "digits")
     assert code == 0 and f"top-1 {top1:.2f}%" in stdout
-    assert ("popcount kernel" in stdout) == (method[0] == "xnor")
-    if method[0] == "xnor":  # timed beside the float and int8 models in one run
+    assert ("popcount kernel" in stdout) == binary
+    if binary:  # timed beside the float and int8 models in one run
         bench = tmp_path / "bench.json"
         flags = ["bench-infer", "--model", "digits_cnn", "--checkpoint", str(digits_ckpt),
                  "--data", "digits", "--batch-sizes", "1,8", "--rounds", "1", "--limit", "64",

@@ -127,7 +127,7 @@ def test_a_convolution_the_kernel_does_not_take_stays_in_float_form():
     layers = [XNORConv2d.from_float(torch.nn.Conv2d(16, 16, 3, 1, d, dilation=d),
                                     ScaledBinaryWeight(), SignActivation()) for d in (1, 2)]
     model = torch.nn.Sequential(*layers).eval()
-    with pytest.warns(UserWarning, match="1 stays in float XNOR form"):
+    with pytest.warns(UserWarning, match="1 stays in float binary form"):
         deployed = xnor.deploy_xnor(model)
     assert isinstance(deployed[0], xnor.XNORPopcountConv2d) and isinstance(deployed[1], XNORConv2d)
     x = torch.randn(2, 16, 8, 8)
@@ -266,3 +266,21 @@ def test_integer_sign_thresholds_follow_the_float_epilogue_both_ways(kernel):
     first = deployed.get_submodule("0")
     if kernel != "torch":
         assert first.emits == "signs" and first._native.integer_signs()
+
+
+def test_a_bnn_network_runs_on_the_kernel(kernel):
+    """BNN (binary weights and inputs, no scale, no K) deploys on the same kernel: every binary
+    convolution of ResNet-20, outputs equal to the simulation's on every path."""
+    from lowbit.models import resnet20
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 32, 32)
+    sim = training_method("bnn", {}).prepare(resnet20().eval(), x[:2]).train()
+    with torch.no_grad():
+        sim(x)
+    sim.eval()
+    deployed = xnor.deploy_xnor(sim)
+    convs = [m for m in deployed.modules() if isinstance(m, xnor.XNORPopcountConv2d)]
+    assert len(convs) == 18 and not any(c.input_scale for c in convs)
+    with torch.no_grad():
+        assert torch.equal(deployed(x), sim(x))

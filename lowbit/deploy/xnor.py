@@ -45,8 +45,8 @@ from torch import fx, nn
 from torch.nn import functional as F
 
 from lowbit.errors import ConfigError
-from lowbit.nn.binary import XNORConv2d
-from lowbit.nn.layers import QUANT_LAYERS
+from lowbit.nn.binary import BinaryWeight, SignActivation, XNORConv2d
+from lowbit.nn.layers import QUANT_LAYERS, QuantConv2d
 from lowbit.quant.binary import binarize, xnor_input_scale
 
 SOURCE = Path(__file__).with_name("xnor_kernel.cpp")
@@ -161,24 +161,43 @@ class PackedSigns(NamedTuple):
     shape: tuple
 
 
+def binary_conv(layer: nn.Module) -> bool:
+    """Whether ``layer`` is a convolution of signs by signs that the kernel computes: an
+    :class:`~lowbit.nn.binary.XNORConv2d`, or a BNN convolution (``--method bnn``: binary
+    weights and inputs, no scale, no K; its bias, added inside a float convolution's sums, is
+    not reproduced bit for bit, so a BNN convolution with a bias stays in float form). Rebuilt
+    from a packed file, a BNN convolution holds its decoded +-1 weights behind an identity."""
+    if isinstance(layer, XNORConv2d):
+        return True
+    if not isinstance(layer, QuantConv2d) or not isinstance(layer.input_quantizer, SignActivation):
+        return False
+    quantizer = layer.weight_quantizer
+    return isinstance(quantizer, BinaryWeight) or (
+        isinstance(quantizer, nn.Identity) and bool((layer.weight.abs() == 1).all()))
+
+
 class XNORPopcountConv2d(nn.Module):
-    """An :class:`~lowbit.nn.binary.XNORConv2d` deployed: packed weight signs, per-filter alpha,
-    and the XNOR-popcount kernel. After :func:`fuse_epilogues` it may also apply the BatchNorm
+    """A binary convolution (:func:`binary_conv`) deployed: packed weight signs, per-filter
+    alpha (1 for BNN), and the XNOR-popcount kernel. After :func:`fuse_epilogues` it may also apply the BatchNorm
     that followed it (:meth:`fuse_batchnorm`), add a residual (``forward``'s second input) and
     return its output as :class:`PackedSigns` for the next binary convolutions (``emits``:
     "float", "signs" or "both", a ``(float, signs)`` pair)."""
 
-    def __init__(self, layer: XNORConv2d):
+    def __init__(self, layer: QuantConv2d):
         super().__init__()
         w = layer.weight.detach()
         if layer.groups != 1 or layer.dilation != (1, 1) or isinstance(layer.padding, str) \
                 or layer.stride[0] != layer.stride[1] or layer.padding[0] != layer.padding[1]:
             raise ValueError("the XNOR kernel takes square stride / padding, groups 1, "
                              "dilation 1")
+        xnor = isinstance(layer, XNORConv2d)
+        if not xnor and layer.bias is not None:
+            raise ValueError("a BNN convolution's bias is added inside its float sums")
         self.out_channels, self.in_channels = w.shape[:2]
         self.kernel_size, self.stride, self.padding = layer.kernel_size, layer.stride, \
             layer.padding
-        alpha, signs = (t.detach() for t in layer.binary_factors())
+        alpha, signs = (t.detach() for t in layer.binary_factors()) if xnor else \
+            (torch.ones(len(w)), binarize(w))
         self.register_buffer("packed", pack_weights(signs))
         self.register_buffer("signs", signs)
         self.register_buffer("alpha", alpha.reshape(-1).float())
@@ -191,7 +210,7 @@ class XNORPopcountConv2d(nn.Module):
         self.batchnorm: nn.Module | None = None
         self.register_buffer("bn_scale", None)
         self.register_buffer("bn_shift", None)
-        self.input_scale = layer.input_scale  # XNOR-Net's K (else the epilogue has K = 1)
+        self.input_scale = xnor and layer.input_scale  # XNOR-Net's K (else K = 1, exact)
         self.emits = "float"
         self.next_scale = True  # whether the consumers use K, so need the channel sums of |.|
         self.register_buffer("next_threshold", None)  # the consumers' RSign threshold [O]
@@ -307,21 +326,22 @@ class FrozenWeight(nn.Module):
 
 
 def deploy_xnor(model: nn.Module, fuse: bool = True) -> nn.Module:
-    """A copy of an XNOR-Net model (``lowbit train --method xnor``) whose XNOR convolutions run
-    the popcount kernel and whose other quantized layers keep their quantized weights frozen
+    """A copy of an XNOR-Net or BNN model (``lowbit train --method xnor`` / ``bnn``) whose binary
+    convolutions (:func:`binary_conv`) run the popcount kernel and whose other quantized layers
+    keep their quantized weights frozen
     (:class:`FrozenWeight`); a traced model (``fx.GraphModule``, as lowbit's binary methods make
     it) also has each convolution's BatchNorm, residual add and next binary input fused into the
-    kernel (:func:`fuse_epilogues`; ``fuse=False`` leaves them as separate modules). An XNOR
-    convolution the kernel does not take (grouped,
-    dilated, rectangular stride) stays in its float form, with a warning."""
+    kernel (:func:`fuse_epilogues`; ``fuse=False`` leaves them as separate modules). A binary
+    convolution the kernel does not take (grouped, dilated, rectangular stride, a BNN bias)
+    stays in its float form, with a warning."""
     model = copy.deepcopy(model).eval()
     for name, module in list(model.named_modules()):
         parent, _, child = name.rpartition(".")
-        if isinstance(module, XNORConv2d):
+        if binary_conv(module):
             try:
                 deployed = XNORPopcountConv2d(module)
             except ValueError as e:
-                warnings.warn(f"{name} stays in float XNOR form: {e}", stacklevel=2)
+                warnings.warn(f"{name} stays in float binary form: {e}", stacklevel=2)
                 continue
             setattr(model.get_submodule(parent) if parent else model, child, deployed)
         elif isinstance(module, QUANT_LAYERS):
