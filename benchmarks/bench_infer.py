@@ -5,8 +5,8 @@ FP32 eager PyTorch and the int8 peers (PyTorch FX x86, onnxruntime quantize_stat
     python benchmarks/bench_infer.py
 
 Target (issue 5): lowbit's int8 at least matches the fastest peer at both batch sizes, with the
-accuracy of lowbit's simulation. Timing is interleaved (lowbit.deploy.bench); run it with no other
-benchmark on the machine.
+accuracy of lowbit's simulation. Timing is interleaved (lowbit.deploy.bench); long training runs
+are paused while it runs (``pause.py``); run it with no other benchmark on the machine.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from pathlib import Path
 
 from lowbit.cli import main as lowbit
 
+from pause import paused  # noqa: E402
 from ptq_ablation import SHARED, commit  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_infer.json"
@@ -23,15 +24,18 @@ RESULTS = Path(__file__).resolve().parent / "results" / "bench_infer.json"
 
 def main():
     warnings.simplefilter("ignore", UserWarning)
-    code = lowbit(["bench-infer", "--model", "resnet20", "--checkpoint",
-                   str(SHARED / "checkpoints" / "akamaster_resnet20-12fca82f.th"),
-                   "--data", "cifar10=" + str(SHARED / "data" / "cifar-10-python-batch1-test.tar.xz"),
-                   "--threads", "1,2", "--batch-sizes", "1,128", "--batch-size", "500",
-                   "--out", str(RESULTS)])
+    with paused() as stopped:
+        code = lowbit(["bench-infer", "--model", "resnet20", "--checkpoint",
+                       str(SHARED / "checkpoints" / "akamaster_resnet20-12fca82f.th"),
+                       "--data",
+                       "cifar10=" + str(SHARED / "data" / "cifar-10-python-batch1-test.tar.xz"),
+                       "--threads", "1,2", "--batch-sizes", "1,128", "--batch-size", "500",
+                       "--out", str(RESULTS)])
     if code:
         raise SystemExit(code)
     result = json.loads(RESULTS.read_text())
-    result["meta"] = {"commit": commit(), "command": "python benchmarks/bench_infer.py"}
+    result["meta"] = {"commit": commit(), "command": "python benchmarks/bench_infer.py",
+                      "paused_training_runs": len(stopped)}
     RESULTS.write_text(json.dumps(result, indent=1))
 
 

@@ -72,6 +72,8 @@ def main():
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--compile", action="store_true", help="torch.compile the training step")
     ap.add_argument("--labels", help="only these rows, in this order (separated by ';')")
+    ap.add_argument("--runs", default=str(RUNS), help="folder of the runs' checkpoints "
+                    "(benchmarks/long_runs, tracked by git, for runs longer than a session)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore", UserWarning)
@@ -87,7 +89,7 @@ def main():
             settings, config = config_for(name, args.epochs, values,
                                           {**extra, "compile": args.compile})
             slug = "".join(c for c in label if c.isalnum() or c in "-.") or "xnor"
-            out = RUNS / f"binary-{name}-{args.epochs}ep-{slug}"
+            out = Path(args.runs) / f"binary-{name}-{args.epochs}ep-{slug}"
             t = time.perf_counter()
             result = train(model, data, norm, config, method=training_method("xnor", settings),
                            out=out, resume=(out / "checkpoint.pt").is_file())
