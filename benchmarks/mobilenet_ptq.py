@@ -4,8 +4,11 @@
     python benchmarks/mobilenet_ptq.py [--limit N]      # the PTQ table (resumable)
 
 The float model is trained here by ``lowbit train`` (:data:`TRAIN_ARGS`: ``--epochs`` of cosine,
-40 by default, 13 fit one session; the full 50,000 training images) into ``--run`` (default
-``~/lowbit-runs/mbv2-050-c100``, out of git); ``--train`` starts or resumes it. The table then
+40 by default; the full 50,000 training images) into ``--run`` (default
+``benchmarks/long_runs/mbv2-050-c100``); ``--train`` starts or resumes it. The run takes several
+sessions, so its resume checkpoint is committed with the other long runs (issue 19) after each
+one; the finished ``model.pt`` stays out of git (``.gitignore``) and the table recreates it
+with ``--train``. The table then
 uses that run's ``model.pt``, or with ``--partial`` its latest epoch checkpoint (to try the
 script while training goes on; those rows are marked with the epoch and are not the table's
 figures).
@@ -96,13 +99,14 @@ def rows():
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--run", type=Path, default=Path.home() / "lowbit-runs" / "mbv2-050-c100")
+    ap.add_argument("--run", type=Path,
+                    default=Path(__file__).resolve().parent / "long_runs" / "mbv2-050-c100")
     ap.add_argument("--train", action="store_true", help="train (or resume) the float model")
     ap.add_argument("--partial", action="store_true",
                     help="use the latest epoch checkpoint while training is unfinished")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--epochs", type=int, default=40,
-                    help="--train: length of the cosine schedule (40; 13 fits one 3-hour session)")
+                    help="--train: length of the cosine schedule (40)")
     ap.add_argument("--compile", action="store_true", help="--train: torch.compile the step")
     ap.add_argument("--limit", type=int, help="evaluate on the first N test images")
     ap.add_argument("--only", help="comma-separated substrings: run only matching rows")

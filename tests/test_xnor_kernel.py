@@ -284,3 +284,17 @@ def test_a_bnn_network_runs_on_the_kernel(kernel):
     assert len(convs) == 18 and not any(c.input_scale for c in convs)
     with torch.no_grad():
         assert torch.equal(deployed(x), sim(x))
+
+
+def test_a_bnn_convolution_with_a_bias_stays_in_float_form():
+    """A float convolution adds its bias inside its sums, which the kernel's dot + bias does
+    not reproduce bit for bit: such a BNN layer keeps its float form, named in a warning."""
+    from lowbit.nn.binary import BinaryWeight
+    from lowbit.nn.layers import QuantConv2d
+
+    layer = QuantConv2d.from_float(torch.nn.Conv2d(8, 8, 3, 1, 1, bias=True), BinaryWeight(),
+                                   SignActivation())
+    assert xnor.binary_conv(layer)
+    with pytest.warns(UserWarning, match="0 stays in float binary form: a BNN convolution's bias"):
+        deployed = xnor.deploy_xnor(torch.nn.Sequential(layer).eval())
+    assert not isinstance(deployed[0], xnor.XNORPopcountConv2d)
