@@ -49,9 +49,30 @@ def test_static_batch_pads_and_splits(calib):
     q = lowbit.quantize(trained_like(UserNet()), lowbit.PTQConfig(**SYMMETRIC), calib)
     model = to_onnx(q, (1, 3, 12, 12), calib=calib)
     x = calib[0][:11]
-    dynamic = OpenVinoRunner(model)(x)
+    dynamic = OpenVinoRunner(model, batch="dynamic")(x)
     static = OpenVinoRunner(model, batch=4)(x)  # 4 + 4 + 3 (padded)
     assert static.shape == dynamic.shape and torch.allclose(static, dynamic, atol=1e-5)
+
+
+def test_each_batch_size_gets_its_static_model(calib, monkeypatch):
+    """The default runner compiles one static-shape model per batch size it sees (up to
+    STATIC_SHAPES, then the dynamic one), and each returns the dynamic model's logits; the
+    returned logits are a copy, not the request's buffer that the next call overwrites."""
+    from lowbit.deploy import openvino_runtime
+
+    q = lowbit.quantize(trained_like(UserNet()), lowbit.PTQConfig(**SYMMETRIC), calib)
+    model = to_onnx(q, (1, 3, 12, 12), calib=calib)
+    dynamic = OpenVinoRunner(model, batch="dynamic")
+    monkeypatch.setattr(openvino_runtime, "STATIC_SHAPES", 2)
+    runner = OpenVinoRunner(model)
+    x = calib[0]
+    first = runner(x[:1])
+    for n in (1, 5, 1, 3, 7):
+        assert torch.allclose(runner(x[:n]), dynamic(x[:n]), atol=1e-5)
+    assert sorted(runner.requests, key=str) == [1, 5, None]  # 3 and 7 ran on the dynamic model
+    assert torch.allclose(first, dynamic(x[:1]), atol=1e-5)
+    with pytest.raises(ConfigError, match="batch must be"):
+        OpenVinoRunner(model, batch=0)
 
 
 def test_ir_is_written_whole_and_reloads(tmp_path, calib):

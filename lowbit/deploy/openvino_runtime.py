@@ -32,6 +32,7 @@ from lowbit.errors import ConfigError, ExportError
 
 INT8 = ("u8", "i8")
 COMPUTE_LAYERS = ("Convolution", "GroupConvolution", "FullyConnected", "MatMul")
+STATIC_SHAPES = 8  # batch sizes compiled as static shapes before falling back to the dynamic model
 
 
 def _openvino():
@@ -80,37 +81,68 @@ def save_openvino(source, out: Path) -> Path:
 class OpenVinoRunner:
     """A model compiled by OpenVINO for the CPU, as a callable on torch tensors (float logits).
 
-    ``threads``: OpenVINO's inference threads. ``batch``: compile for that static batch size
-    (shorter batches are zero-padded, and their padding rows dropped from the output); None
-    keeps the file's dynamic batch dimension.
+    ``threads``: OpenVINO's inference threads. ``batch``:
+    * None (default): a static-shape model per batch size, each compiled the first time that
+      batch size is run (up to :data:`STATIC_SHAPES` sizes; further sizes share one
+      dynamic-batch model). OpenVINO's CPU plugin picks its kernels and memory plan for a
+      static shape at compile time; with a dynamic batch it re-plans on each call, which on
+      ResNet-20 at batch 1 cost about 30% of the throughput (``benchmarks/runtime_speed.py``).
+    * an int N: one static model for N; shorter batches are zero-padded (their rows dropped from
+      the output), longer ones split.
+    * ``"dynamic"``: the file's dynamic batch dimension, one compiled model for every size.
+
+    Inputs are handed to OpenVINO without a copy (``share_inputs``); the logits are copied out
+    of the request's buffer, which the next call overwrites.
     """
 
-    def __init__(self, source, threads: int = 1, batch: int | None = None):
-        ov = _openvino()
-        model = read_model(source)
-        if batch is not None:
-            shape = model.inputs[0].get_partial_shape()
-            shape[0] = batch
-            model.reshape({model.inputs[0]: shape})
+    def __init__(self, source, threads: int = 1, batch: int | str | None = None):
+        if not (batch is None or batch == "dynamic" or (isinstance(batch, int) and batch > 0)):
+            raise ConfigError(f"batch must be a positive int, None or 'dynamic', got {batch!r}")
+        self.threads = cpu_threads(threads)
+        self.model = read_model(source)
         self.batch = batch
+        self.requests: dict[int | None, object] = {}  # batch size (None: dynamic) -> request
+        self.compiled = self._compile(batch if isinstance(batch, int) else None)
+
+    def _compile(self, size: int | None):
+        """Compile the model for a static batch ``size`` (None: the dynamic batch), keep an
+        infer request for it, and return the compiled model."""
+        model = self.model
+        if size is not None:
+            model = model.clone()
+            shape = model.inputs[0].get_partial_shape()
+            shape[0] = size
+            model.reshape({model.inputs[0]: shape})
         try:
-            self.compiled = ov.Core().compile_model(model, "CPU", {
-                "INFERENCE_NUM_THREADS": cpu_threads(threads),
-                "INFERENCE_PRECISION_HINT": "f32"})
+            compiled = _openvino().Core().compile_model(model, "CPU", {
+                "INFERENCE_NUM_THREADS": self.threads, "INFERENCE_PRECISION_HINT": "f32"})
         except Exception as e:
             raise ExportError(f"OpenVINO cannot compile the model: "
                               f"{' '.join(str(e).split())[-300:]}") from None
-        self.request = self.compiled.create_infer_request()
+        self.requests[size] = compiled.create_infer_request()
+        return compiled
+
+    def _request(self, n: int):
+        if isinstance(self.batch, int):
+            return self.requests[self.batch]
+        if self.batch == "dynamic" or n in self.requests:
+            return self.requests[n if n in self.requests else None]
+        static = sum(size is not None for size in self.requests)
+        if static >= STATIC_SHAPES:
+            return self.requests[None]
+        self._compile(n)
+        return self.requests[n]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         n = len(x)
-        if self.batch is not None and n > self.batch:
+        if isinstance(self.batch, int) and n > self.batch:
             return torch.cat([self(part) for part in x.split(self.batch)])
         x = x.detach().float()
-        if self.batch is not None and n < self.batch:
+        if isinstance(self.batch, int) and n < self.batch:
             x = torch.nn.functional.pad(x, (0, 0) * (x.dim() - 1) + (0, self.batch - n))
-        out = self.request.infer({0: x.contiguous().numpy()})
-        return torch.from_numpy(out[self.compiled.outputs[0]].copy())[:n]
+        request = self._request(len(x))
+        request.infer({0: x.contiguous().numpy()}, share_inputs=True)
+        return torch.from_numpy(request.get_output_tensor(0).data.copy())[:n]
 
     def precisions(self) -> dict[str, dict[str, int]]:
         """For each layer type of the execution graph that does the multiply-adds (convolution,
