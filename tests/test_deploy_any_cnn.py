@@ -107,3 +107,26 @@ def test_bad_calibration_for_the_fully_quantized_form_is_one_clear_error(calib):
         lower(q, [torch.full((2, 3, 12, 12), float("nan"))])
     with pytest.raises(ConfigError, match="act_bits must be in 2..16"):
         lower(q, calib, act_bits=1)
+
+
+@pytest.mark.parametrize("a_bits", [8, 4])
+def test_a_residual_stream_is_written_once_on_its_conv_grid(calib, a_bits):
+    """Rule 3: a block input read by a depthwise conv and by the block's residual add is
+    written on the conv's input grid (no second, calibrated grid, so no requantization pair in
+    the ONNX file) when that grid has 8 bits; a 4-bit conv grid is not forced onto the add."""
+    config = lowbit.PTQConfig(w_bits=8, a_bits=a_bits, clip="percentile", first_last_bits=None)
+    q = lowbit.quantize(trained_like(UserNet()), config, calib)  # grids unlike min-max ones
+    lowering = lower(q, calib)
+    stem_out = next(n for n in lowering.graph_module.graph.nodes if n.target == "stem.2")
+    conv_grid = lowering.layer_grid(next(iter(n for n in stem_out.users
+                                              if n.target == "body.a.dw")))
+    model = to_onnx(lowering, (1, 3, 12, 12))
+    producers = {o: n.op_type for n in model.graph.node for o in n.output}
+    requantized = [n for n in model.graph.node if n.op_type == "QuantizeLinear"
+                   and producers.get(n.input[0]) == "DequantizeLinear"]
+    if a_bits == 8:
+        assert lowering.output_grid(stem_out) == conv_grid and not requantized
+    else:
+        assert lowering.output_grid(stem_out) != conv_grid and requantized
+        assert lowering.output_grid(stem_out).qmax - lowering.output_grid(stem_out).qmin == 255
+    _check_agreement(q, lowering, calib[0])
