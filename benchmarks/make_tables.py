@@ -694,15 +694,24 @@ def mobilenet_section(res: dict) -> list[str]:
 def runtime_speed_section(res: dict) -> list[str]:
     """Images/s per runner (benchmarks/runtime_speed.py) with the issue-16 target ratios."""
     meta = res["meta"]
+    commands = list(dict.fromkeys(row.get("command", meta["command"])
+                                  for model, row in res.items() if model != "meta"))
     lines = ["## CPU runtimes on real model sizes", "",
-             f"Command: `{meta['command']}`, best of {meta['rounds']} interleaved rounds, "
-             "training paused. Each cell: images/s (x FP32 eager in the same rounds). ResNet-20: "
+             f"Commands: {', '.join(f'`{c}`' for c in commands)}, best of {meta['rounds']} "
+             "interleaved rounds, training paused. Each cell: images/s (x FP32 eager in the same "
+             "rounds). ResNet-20: "
              "the trained CIFAR-10 checkpoint, top-1 on the full test set; torchvision models at "
              "224 px with random weights (speed only). lowbit int8 is `ptq-int8-deploy` "
              "(symmetric 7-bit weights, uint8 activations) exported fully quantized; \"int8 "
              "layers\" counts the conv / linear layers OpenVINO's execution graph ran in u8 / i8. "
-             "Targets: lowbit int8 (the faster of its onnxruntime and OpenVINO runs) >= 1.2x the fastest of PyTorch int8 (FX, PT2E, ExecuTorch) and "
-             "onnxruntime `quantize_static`; lowbit in OpenVINO within 5% of NNCF in OpenVINO.", ""]
+             "OpenVINO compiles a static-shape model per batch size (from commit `3ee8180`; "
+             "before, one dynamic-batch model, about 30% slower at batch 1). \"Compute\": the "
+             "network's multiply-accumulates per image, the microseconds per image that OpenVINO's "
+             "execution graph spends in its convolutions at batch 1, one thread (its PERF_COUNT "
+             "counters), and the MAC rates that gives and that the fastest peer's whole run "
+             "reaches. Targets: lowbit int8 (the faster of its onnxruntime and OpenVINO runs) "
+             ">= 1.2x the fastest of PyTorch int8 (FX, PT2E, ExecuTorch) and onnxruntime "
+             "`quantize_static`; lowbit in OpenVINO within 5% of NNCF in OpenVINO.", ""]
     pytorch_peers = ("pytorch fx int8", "pytorch pt2e int8 (inductor)", "executorch int8 (xnnpack)",
                      "onnxruntime qdq int8")
     for model, row in res.items():
@@ -734,10 +743,22 @@ def runtime_speed_section(res: dict) -> list[str]:
                     part += (f", lowbit / NNCF in OpenVINO "
                              f"{t['lowbit int8 (openvino)'] / t['nncf int8 (openvino)']:.2f}x")
                 checks.append(part)
+        compute = ""
+        if "openvino_us_batch1" in row and "threads=1 batch=1" in row["timing"]:
+            t, macs = row["timing"]["threads=1 batch=1"], row["macs"]
+            conv = sum(us for kind, us in row["openvino_us_batch1"].items() if "onv" in kind)
+            total = sum(row["openvino_us_batch1"].values())
+            peer = max((n for n in pytorch_peers if n in t), key=lambda n: t[n])
+            compute = (
+                f"Compute: {macs / 1e6:.1f} M MACs per image; at batch 1, one thread, OpenVINO "
+                f"spends {conv:.0f} of its {total:.0f} us per image in convolutions "
+                f"({macs / conv / 1e3:.0f} GMAC/s); the fastest peer there ({peer}) runs the "
+                f"whole network at {macs * t[peer] / 1e9:.0f} GMAC/s, so 1.2x it needs "
+                f"{1.2 * macs * t[peer] / 1e9:.0f} GMAC/s.")
         precisions = row.get("precisions", {})
         layers = [f"{n} {sum(v for c in pr.values() for k, v in c.items() if k in ('u8', 'i8'))}"
                   f"/{sum(sum(c.values()) for c in pr.values())}" for n, pr in precisions.items()]
-        lines += ["", "Ratios: " + "; ".join(checks) + "." if checks else "",
+        lines += ["", "Ratios: " + "; ".join(checks) + "." if checks else "", compute,
                   "int8 layers: " + ", ".join(layers) + "." if layers else ""]
         if "w4a8_bytes" in row:
             b = row["w4a8_bytes"]

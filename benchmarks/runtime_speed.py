@@ -25,11 +25,13 @@ import warnings
 from pathlib import Path
 
 import torch
+from torch import nn
 
 import lowbit
 from lowbit.deploy.bench import _batches_tensor, images_per_second, runners
 from lowbit.deploy.onnx_export import OnnxRunner, to_onnx
 from lowbit.deploy.openvino_runtime import OpenVinoRunner
+from lowbit.methods.mixed_precision import layer_shapes
 from lowbit.report import quantized_size_bytes
 from calib_memory import RandomImages, settled
 from pause import paused
@@ -51,6 +53,34 @@ def sub_byte(model, calib, shape, row: dict):
     return q, lambda threads: {"lowbit w4a8 int8 kernels": OnnxRunner(eight, threads),
                                "lowbit w4a8 int8 kernels (openvino)":
                                    OpenVinoRunner(eight, threads)}
+
+
+def macs_per_image(model, shape) -> int:
+    """Multiply-accumulates of one image through the model's Conv2d / Linear layers."""
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    return sum(s.macs for s in layer_shapes(model, names, torch.zeros(shape)).values())
+
+
+def openvino_profile(onnx_model, shape, repeats: int = 500) -> dict[str, float]:
+    """Microseconds per image that OpenVINO's execution graph spends in each layer type
+    (its PERF_COUNT counters, one thread, static shape ``shape``; the last of ``repeats``
+    inferences)."""
+    import openvino as ov
+
+    model = ov.Core().read_model(onnx_model.SerializeToString())
+    model.reshape({model.inputs[0]: list(shape)})
+    compiled = ov.Core().compile_model(model, "CPU", {
+        "INFERENCE_NUM_THREADS": 1, "INFERENCE_PRECISION_HINT": "f32", "PERF_COUNT": True})
+    request = compiled.create_infer_request()
+    x = torch.rand(shape).numpy()
+    for _ in range(repeats):
+        request.infer({0: x})
+    times: dict[str, float] = {}
+    for layer in request.get_profiling_info():
+        if layer.status == layer.Status.EXECUTED:
+            seconds = layer.real_time.total_seconds()
+            times[layer.node_type] = times.get(layer.node_type, 0.0) + 1e6 * seconds / shape[0]
+    return times
 
 
 def load(name: str):
@@ -79,7 +109,10 @@ def main():
             start = time.perf_counter()
             qmodel = lowbit.quantize(model, lowbit.load_recipe("ptq-int8-deploy"), calib)
             row = {"commit": commit(), "cpu": cpu_description(), "input": list(shape[1:]),
-                   "calib_seconds": time.perf_counter() - start, "timing": {}}
+                   "command": command.strip(), "calib_seconds": time.perf_counter() - start,
+                   "macs": macs_per_image(model, shape), "timing": {},
+                   "openvino_us_batch1": openvino_profile(
+                       to_onnx(qmodel, shape, calib=[_batches_tensor(calib, 256)]), shape)}
             w4, extra = sub_byte(model, calib, shape, row) if test is not None else (None, None)
             for threads in map(int, args.threads.split(",")):
                 torch.set_num_threads(threads)

@@ -111,6 +111,54 @@ def test_fully_quantized_graph_runs_integer_kernels_and_keeps_accuracy(tmp_path,
     assert (a - b).abs().max() <= 0.1 * (a.max() - a.min())
 
 
+class LinearBottlenecks(torch.nn.Module):
+    """MobileNetV2's pattern: a residual stream without ReLU (signed activations) read by the
+    next block's first conv and by its residual add."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8))
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(8, 16, 1), nn.BatchNorm2d(16), nn.ReLU6(),
+                          nn.Conv2d(16, 8, 1), nn.BatchNorm2d(8)) for _ in range(2))
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for block in self.blocks:
+            x = x + block(x)
+        return self.head(x.mean((2, 3)))
+
+
+def test_signed_activations_are_written_as_uint8_and_run_integer_kernels(tmp_path, calib):
+    """A signed 8-bit grid is exported as uint8 codes with the zero point moved by 128 (the same
+    q - Z), which onnxruntime's x86 kernels take: every conv and add of the signed residual
+    stream runs as QLinearConv / QLinearAdd, and the logits follow the simulation."""
+    import onnxruntime as ort
+
+    q = lowbit.quantize(trained_like(LinearBottlenecks()),
+                        lowbit.PTQConfig(w_bits=7, a_bits=8, w_symmetric=True,
+                                         first_last_bits=None), calib)
+    model = to_onnx(q, (1, 3, 12, 12), calib=calib)
+    initializers = {t.name: t for t in model.graph.initializer}
+    zero_points = [initializers[n.input[2]] for n in model.graph.node
+                   if n.op_type == "QuantizeLinear" and n.input[2] in initializers]
+    assert zero_points and all(z.data_type == TensorProto.UINT8 for z in zero_points)
+    assert any(onnx.numpy_helper.to_array(z) != 0 for z in zero_points)  # signed ranges shifted
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    assert ops.count("QLinearConv") == 5 and ops.count("QLinearAdd") == 2
+    assert "Conv" not in ops and "Add" not in ops
+    x = torch.randn(64, 3, 12, 12, generator=torch.Generator().manual_seed(3))
+    sim = lowbit.deploy.lower(q, calib).simulation()(x)
+    out = OnnxRunner(model)(x)
+    assert (out.argmax(1) == sim.argmax(1)).float().mean() >= 0.95
+    assert (out - sim).abs().max() <= 2 * (sim.max() - sim.min()) / 255
+
+
 def test_bench_infer_reports_every_runner(tmp_path, capsys):
     import importlib.util
     import json
