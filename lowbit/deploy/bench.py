@@ -21,7 +21,9 @@ Runners (each maps a float batch to logits):
   (xnnpack)`` (its XNNPACK quantizer, per-channel symmetric), the runtime PyTorch ships to
   phones, run by its Python bindings with the XNNPACK thread pool at ``threads``.
   Both export a static batch size (``torch.export`` specializes it), so each batch size is
-  exported, calibrated and compiled on first use (:class:`PerBatchRunner`).
+  exported, calibrated and compiled on first use (:class:`PerBatchRunner`). And ``lowbit int8
+  (xnnpack)``: lowbit's own fully quantized lowering on XNNPACK
+  (:mod:`lowbit.deploy.executorch_runtime`), one program per batch size too.
 
 Speed is images per second, best of several rounds, the runners interleaved round by round so a
 noisy machine slows all of them alike; ratios are to FP32 eager measured in the same rounds.
@@ -121,8 +123,9 @@ def nncf_int8(model, calib, threads: int):
 RUNNERS = ("fp32 eager", "lowbit int8", "pytorch fx int8", "onnxruntime qdq int8",
            "lowbit int8 (openvino)", "fp32 (openvino)", "nncf int8 (openvino)",
            "pytorch pt2e int8 (inductor)", "executorch fp32 (xnnpack)",
-           "executorch int8 (xnnpack)")
+           "executorch int8 (xnnpack)", "lowbit int8 (xnnpack)")
 NEEDS = {"lowbit int8 (openvino)": ("openvino",), "fp32 (openvino)": ("openvino",),
+         "lowbit int8 (xnnpack)": ("executorch", "torchao"),
          "nncf int8 (openvino)": ("openvino", "nncf"), "pytorch pt2e int8 (inductor)": ("torchao",),
          "executorch fp32 (xnnpack)": ("executorch",), "executorch int8 (xnnpack)": ("executorch",)}
 
@@ -149,8 +152,14 @@ def runners(model, qmodel, calib, input_shape, threads: int, names=None) -> dict
         "nncf int8 (openvino)": lambda: nncf_int8(model, calib, threads),
         "pytorch pt2e int8 (inductor)": lambda: pt2e_x86_int8(model, calib),
         "executorch fp32 (xnnpack)": lambda: executorch_xnnpack(model, calib, threads, False),
-        "executorch int8 (xnnpack)": lambda: executorch_xnnpack(model, calib, threads, True)}
+        "executorch int8 (xnnpack)": lambda: executorch_xnnpack(model, calib, threads, True),
+        "lowbit int8 (xnnpack)": lambda: _executorch_runner(qmodel, calib, threads)}
     return {name: build[name]() for name in names}
+
+
+def _executorch_runner(qmodel, calib, threads: int):
+    from lowbit.deploy.executorch_runtime import ExecuTorchRunner
+    return ExecuTorchRunner(qmodel, [_batches_tensor(calib, 256)], threads)
 
 
 def _openvino_runner(source, threads: int):
