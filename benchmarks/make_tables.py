@@ -539,7 +539,8 @@ def cost_section(res: dict) -> list[str]:
 
 def agreement_section(res: dict) -> list[str]:
     meta = res["meta"]
-    lines = ["## Deployment: integer engine, onnxruntime and OpenVINO against the simulation", "",
+    lines = ["## Deployment: integer engine, onnxruntime, OpenVINO and XNNPACK against the "
+             "simulation", "",
              f"Command: `{meta['command']}` (last at commit `{meta['commit']}`"
              + (f", {meta['cpu']}" if "cpu" in meta else "") + "), full "
              "CIFAR-10 test set. The integer engine (`lowbit.deploy.IntegerEngine`) runs int32 "
@@ -553,6 +554,10 @@ def agreement_section(res: dict) -> list[str]:
              "\"float32 simulation\" row is the float32 simulation's own distance to it, the "
              "noise floor of a float32 reference (a float32 sum that lands an activation on the "
              "other side of a rounding boundary changes its code, and the change propagates). "
+             "\"xnnpack\" is ExecuTorch's XNNPACK running the fully quantized lowering "
+             "(`lowbit.deploy.executorch_runtime`; every tensor an integer, free grids calibrated "
+             "on 256 training images), compared with that lowering's own simulation; it runs "
+             "only 8-bit activations with symmetric weights, and the settings it refuses say why. "
              "Targets: top-1 agreement >= 99.9% (ResNet-20, W8A8 and W4A4), each runtime's "
              "top-1 within 0.1 of the simulation.", "",
              "| model | setting | runtime | simulation top-1 | runtime top-1 | top-1 agreement % "
@@ -563,6 +568,10 @@ def agreement_section(res: dict) -> list[str]:
             continue
         for setting, engines in settings.items():
             for engine, r in engines.items():
+                if "refused" in r:
+                    lines.append(f"| {model} | {setting} | {engine} | refused: {r['refused']} "
+                                 f"|||||||`{r['commit']}` |")
+                    continue
                 counts = r.get("precisions")
                 share = "-" if counts is None else "{}/{}".format(
                     sum(n for c in counts.values() for p, n in c.items() if p in ("u8", "i8")),
