@@ -1,5 +1,6 @@
 """Agreement of lowbit's integer-only engine and of its QDQ ONNX export (run in onnxruntime and
-in OpenVINO) with the fake-quant simulation, on the full CIFAR-10 test set (ResNet-20; ResNet-32
+in OpenVINO) and of its XNNPACK program (ExecuTorch; compared with the fully quantized
+lowering's own simulation, which it runs) with the fake-quant simulation, on the full CIFAR-10 test set (ResNet-20; ResNet-32
 beside it): top-1 of each, top-1 agreement, and the logit differences in 8-bit output steps.
 
     python benchmarks/deploy_agreement.py [--models resnet20,resnet32] [--runtimes ...]
@@ -27,6 +28,7 @@ import lowbit
 from lowbit.deploy import lower
 from lowbit.deploy.integer import IntegerEngine
 from lowbit.deploy.onnx_export import OnnxRunner, to_onnx
+from lowbit.errors import LowbitError
 from lowbit.evaluate import agreement
 
 from ptq_ablation import commit, load_benchmark  # noqa: E402
@@ -39,7 +41,9 @@ SETTINGS = {"W8A8": lowbit.PTQConfig(w_bits=8, a_bits=8),
             # mixed precision (issue 18): widths per layer at a 3-bit mean, through every path
             "W4A4 deploy recipe mixed to avg 3 bits": lowbit.load_recipe("ptq-w4a4-deploy",
                                                                           avg_bits=3.0)}
-RUNTIMES = ("integer engine", "onnxruntime", "openvino")
+RUNTIMES = ("integer engine", "onnxruntime", "openvino", "xnnpack")
+FULLY_QUANTIZED = ("xnnpack",)  # runtimes that need every tensor an integer
+CALIB_IMAGES = 256  # for the fully quantized form's free grids, as lowbit export --data uses
 
 
 def runner(runtime: str, q, threads: int):
@@ -47,6 +51,9 @@ def runner(runtime: str, q, threads: int):
         return IntegerEngine(q)
     if runtime == "onnxruntime":
         return OnnxRunner(to_onnx(q, (1, 3, 32, 32)), threads)
+    if runtime == "xnnpack":
+        from lowbit.deploy.executorch_runtime import ExecuTorchRunner
+        return ExecuTorchRunner(q, threads=threads)
     from lowbit.deploy.openvino_runtime import OpenVinoRunner
     return OpenVinoRunner(to_onnx(q, (1, 3, 32, 32)), threads)
 
@@ -86,13 +93,28 @@ def main():
             sim32 = outputs(q, test)
             sim64 = outputs(lower(q).simulation(torch.float64), test)
             runs = {"float32 simulation": (None, sim32)}
+            references = {}  # runtime -> its own (float32, float64) simulation outputs
             for runtime in args.runtimes.split(","):
-                run = runner(runtime, q, args.threads)
-                t = time.perf_counter()
-                runs[runtime] = (run, outputs(run, test), time.perf_counter() - t)
+                source = q
+                if runtime in FULLY_QUANTIZED:
+                    images = torch.cat([x for x, _ in calib])[:CALIB_IMAGES]
+                    source = lower(q, [images])
+                    references[runtime] = (outputs(source.simulation(), test),
+                                           outputs(source.simulation(torch.float64), test))
+                try:
+                    run = runner(runtime, source, args.threads)
+                    t = time.perf_counter()
+                    runs[runtime] = (run, outputs(run, test), time.perf_counter() - t)
+                except LowbitError as e:  # a runtime that cannot run this setting
+                    results.setdefault(name, {}).setdefault(label, {})[runtime] = {
+                        "refused": str(e), "commit": commit()}
+                    print(name, label, runtime, "refused:", e, flush=True)
             for runtime, (run, outs, *seconds) in runs.items():
-                row = agreement(Replay(sim32), Replay(outs), test)
-                row["vs_float64"] = agreement(Replay(sim64), Replay(outs), test)
+                ref32, ref64 = references.get(runtime, (sim32, sim64))
+                row = agreement(Replay(ref32), Replay(outs), test)
+                row["vs_float64"] = agreement(Replay(ref64), Replay(outs), test)
+                row["reference"] = "fully quantized simulation" if runtime in references \
+                    else "simulation"
                 row["seconds"] = seconds[0] if seconds else None
                 row["commit"] = commit()
                 if hasattr(run, "precisions"):

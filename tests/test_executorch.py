@@ -18,8 +18,8 @@ INT8 = dict(w_bits=7, a_bits=8, w_symmetric=True, first_last_bits=None)
 
 def test_xnnpack_follows_the_simulation(calib):
     """Residual adds, depthwise and grouped convs, mean pooling, the output layer: logits
-    within a few 8-bit output steps of the simulation (XNNPACK's int8 add approximates scale
-    ratios in fixed point, so a sum near a rounding boundary can move a code), the same
+    within a few 8-bit output steps of the float32 simulation (a code that lands on the other
+    side of a rounding boundary in either one moves, and the change propagates), the same
     top-1 on nearly every image, and each batch size its own program."""
     q = lowbit.quantize(trained_like(UserNet()), lowbit.PTQConfig(**INT8), calib)
     lowering = lower(q, calib)
