@@ -48,3 +48,15 @@ def test_the_simulation_form_is_refused(calib):
     q = lowbit.quantize(trained_like(UserNet()), lowbit.PTQConfig(**INT8), calib)
     with pytest.raises(ExportError, match="fully quantized form"):
         to_executorch(lower(q), (1, 3, 12, 12))
+
+
+def test_bench_skips_a_lowbit_runtime_that_refuses_the_model(calib):
+    """A 4-bit-activation model has no XNNPACK form: the speed race goes on without that runner,
+    with a warning naming it."""
+    from lowbit.deploy.bench import runners
+
+    q = lowbit.quantize(trained_like(UserNet()), lowbit.PTQConfig(**dict(INT8, a_bits=4)), calib)
+    with pytest.warns(UserWarning, match="lowbit int8 \\(xnnpack\\) skipped: .*8-bit"):
+        runs = runners(UserNet(), q, calib, (1, 3, 12, 12), 1,
+                       ["fp32 eager", "lowbit int8", "lowbit int8 (xnnpack)"])
+    assert sorted(runs) == ["fp32 eager", "lowbit int8"]

@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 from lowbit.deploy.onnx_export import OnnxRunner, to_onnx
+from lowbit.errors import LowbitError
 
 
 def _batches_tensor(calib, limit: int = 512) -> torch.Tensor:
@@ -153,13 +154,22 @@ def runners(model, qmodel, calib, input_shape, threads: int, names=None) -> dict
         "pytorch pt2e int8 (inductor)": lambda: pt2e_x86_int8(model, calib),
         "executorch fp32 (xnnpack)": lambda: executorch_xnnpack(model, calib, threads, False),
         "executorch int8 (xnnpack)": lambda: executorch_xnnpack(model, calib, threads, True),
-        "lowbit int8 (xnnpack)": lambda: _executorch_runner(qmodel, calib, threads)}
-    return {name: build[name]() for name in names}
+        "lowbit int8 (xnnpack)": lambda: _executorch_runner(qmodel, calib, input_shape,
+                                                            threads)}
+    built = {}
+    for name in names:
+        try:
+            built[name] = build[name]()
+        except LowbitError as e:  # a runtime that cannot run this model: the others still race
+            if not name.startswith("lowbit"):
+                raise
+            warnings.warn(f"{name} skipped: {e}")
+    return built
 
 
-def _executorch_runner(qmodel, calib, threads: int):
+def _executorch_runner(qmodel, calib, input_shape, threads: int):
     from lowbit.deploy.executorch_runtime import ExecuTorchRunner
-    return ExecuTorchRunner(qmodel, [_batches_tensor(calib, 256)], threads)
+    return ExecuTorchRunner(qmodel, [_batches_tensor(calib, 256)], threads, input_shape)
 
 
 def _openvino_runner(source, threads: int):

@@ -152,9 +152,10 @@ def to_executorch(qmodel, input_shape, calib=None) -> bytes:
 
 class ExecuTorchRunner:
     """A lowering run by ExecuTorch + XNNPACK as a callable on torch tensors (float logits): one
-    program per batch size, built on first use (ExecuTorch programs have static shapes)."""
+    program per batch size, built on first use (ExecuTorch programs have static shapes), or at
+    once for ``input_shape``, so that a model XNNPACK cannot run is refused here."""
 
-    def __init__(self, qmodel, calib=None, threads: int = 1):
+    def __init__(self, qmodel, calib=None, threads: int = 1, input_shape=None):
         _executorch()
         from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
 
@@ -163,6 +164,8 @@ class ExecuTorchRunner:
         self.lowering = qmodel if isinstance(qmodel, Lowering) else lower(qmodel, calib)
         _unsafe_reset_threadpool(cpu_threads(threads))  # XNNPACK's pool is process-wide
         self.programs: dict[tuple, object] = {}
+        if input_shape is not None:
+            self._method(tuple(input_shape))
 
     def _method(self, shape: tuple):
         from executorch.runtime import Runtime
