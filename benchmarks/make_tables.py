@@ -772,6 +772,9 @@ def runtime_speed_section(res: dict) -> list[str]:
                   f"/{sum(sum(c.values()) for c in pr.values())}" for n, pr in precisions.items()]
         lines += ["", "Ratios: " + "; ".join(checks) + "." if checks else "", compute,
                   "int8 layers: " + ", ".join(layers) + "." if layers else ""]
+        if row.get("left_out"):
+            lines.append("Left out (the peer failed on this model): " + "; ".join(
+                f"{name}: {why}" for name, why in row["left_out"].items()) + ".")
         if "w4a8_bytes" in row:
             b = row["w4a8_bytes"]
             lines.append("W4A8 file sizes: " + ", ".join(f"{k} {v / 1024:.0f} KiB"

@@ -183,3 +183,19 @@ def test_bench_infer_reports_every_runner(tmp_path, capsys):
     assert main(["bench-infer", "--model", "digits_cnn", "--data", "digits",
                  "--runners", "tflite"]) == 2
     assert "unknown runner 'tflite'" in capsys.readouterr().err
+
+
+def test_a_failing_peer_is_left_out_of_the_speed_race_by_name():
+    """A peer's own quantizer failing on a model removes that peer (with a warning naming it
+    and the error); a failure of lowbit's own runner is not hidden."""
+    from lowbit.deploy.bench import images_per_second
+
+    def fails(x):
+        raise ValueError("Input partition has more than one output node")
+
+    runs = {"fp32 eager": lambda x: x * 2, "pytorch pt2e int8 (inductor)": fails}
+    with pytest.warns(UserWarning, match="pt2e int8 \\(inductor\\) left out: ValueError: Input"):
+        speed = images_per_second(runs, torch.zeros(2, 3), rounds=1, seconds=0.01)
+    assert list(speed) == list(runs) == ["fp32 eager"] and speed["fp32 eager"] > 0
+    with pytest.raises(ValueError):
+        images_per_second({"lowbit int8": fails}, torch.zeros(2, 3), rounds=1, seconds=0.01)
