@@ -1,7 +1,7 @@
 """Agreement of lowbit's integer-only engine and of its QDQ ONNX export (run in onnxruntime and
 in OpenVINO) and of its XNNPACK program (ExecuTorch; compared with the fully quantized
-lowering's own simulation, which it runs) with the fake-quant simulation, on the full CIFAR-10 test set (ResNet-20; ResNet-32
-beside it): top-1 of each, top-1 agreement, and the logit differences in 8-bit output steps.
+lowering's own simulation, which it runs) with the fake-quant simulation, on the full CIFAR-10
+test set (ResNet-20; ResNet-32 beside it): top-1 of each, top-1 agreement, and the logit differences in 8-bit output steps.
 
     python benchmarks/deploy_agreement.py [--models resnet20,resnet32] [--runtimes ...]
 

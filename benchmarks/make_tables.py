@@ -714,13 +714,14 @@ def runtime_speed_section(res: dict) -> list[str]:
              "(symmetric 7-bit weights, uint8 activations) exported fully quantized; \"int8 "
              "layers\" counts the conv / linear layers OpenVINO's execution graph ran in u8 / i8. "
              "OpenVINO compiles a static-shape model per batch size (from commit `3ee8180`; "
-             "before, one dynamic-batch model, about 30% slower at batch 1). \"lowbit int8 "
+             "before, one dynamic-batch model). \"lowbit int8 "
              "(xnnpack)\" runs the same lowering on ExecuTorch's XNNPACK "
              "(`lowbit.deploy.executorch_runtime`). \"Compute\": the "
              "network's multiply-accumulates per image, the microseconds per image that OpenVINO's "
              "execution graph spends in its convolutions at batch 1, one thread (its PERF_COUNT "
              "counters), and the MAC rates that gives and that the fastest peer's whole run "
-             "reaches. Targets: lowbit int8 (the fastest of its onnxruntime, OpenVINO and XNNPACK runs) "
+             "reaches. Targets: lowbit int8 (the fastest of its onnxruntime, OpenVINO and "
+             "XNNPACK runs) "
              ">= 1.2x the fastest of PyTorch int8 (FX, PT2E, ExecuTorch) and onnxruntime "
              "`quantize_static`; lowbit in OpenVINO within 5% of NNCF in OpenVINO.", ""]
     pytorch_peers = ("pytorch fx int8", "pytorch pt2e int8 (inductor)", "executorch int8 (xnnpack)",

@@ -127,13 +127,8 @@ def main():
                 for size in sizes:
                     x = _batches_tensor(calib, size)
                     x = torch.cat([x] * -(-size // len(x)))[:size]
-                    with warnings.catch_warnings(record=True) as caught:
-                        warnings.simplefilter("always")
-                        speed = images_per_second(runs, x, args.rounds)
-                    row.setdefault("left_out", {}).update(
-                        {str(w.message).split(" left out: ")[0]: str(w.message).split(
-                            " left out: ", 1)[1] for w in caught if " left out: " in
-                         str(w.message)})
+                    speed = images_per_second(runs, x, args.rounds,
+                                              left_out=row.setdefault("left_out", {}))
                     row["timing"][f"threads={threads} batch={size}"] = speed
                     base = speed["fp32 eager"]
                     print(name, threads, size, {k: f"{v / base:.2f}x" for k, v in speed.items()},

@@ -250,11 +250,12 @@ def executorch_xnnpack(model, calib, threads: int, int8: bool) -> PerBatchRunner
 
 @torch.no_grad()
 def images_per_second(runs: dict, batch: torch.Tensor, rounds: int = 5,
-                      seconds: float = 1.0) -> dict[str, float]:
+                      seconds: float = 1.0, left_out: dict | None = None) -> dict[str, float]:
     """Best images/s of each runner on ``batch``, interleaved over ``rounds``; each round runs
     a runner for about ``seconds``. A peer that fails on the model (PT2E's x86 quantizer on
     torchvision's ResNet-18, say) is removed from ``runs`` with a warning naming it and its
-    error; lowbit's own runners fail loudly."""
+    error (also recorded in ``left_out``, name -> error, when given); lowbit's own runners fail
+    loudly."""
     reps = {}
     for name, run in list(runs.items()):  # warm up, and size each round to about `seconds`
         try:
@@ -262,7 +263,10 @@ def images_per_second(runs: dict, batch: torch.Tensor, rounds: int = 5,
         except Exception as e:  # a peer's own exporter or quantizer: any exception type
             if name.startswith("lowbit") or name == "fp32 eager":
                 raise
-            warnings.warn(f"{name} left out: {type(e).__name__}: {' '.join(str(e).split())[:200]}")
+            why = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+            warnings.warn(f"{name} left out: {why}")
+            if left_out is not None:
+                left_out[name] = why
             del runs[name]
             continue
         t = time.perf_counter()

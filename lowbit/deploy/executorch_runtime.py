@@ -33,7 +33,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from lowbit.deploy.lowering import Lowering, lower, with_grids
-from lowbit.deploy.onnx_export import _ExportLayer, export_module
+from lowbit.deploy.onnx_export import _ExportLayer, export_layers
 from lowbit.errors import ConfigError, ExportError
 
 __all__ = ["ExecuTorchRunner", "to_executorch"]
@@ -133,11 +133,10 @@ def to_executorch(qmodel, input_shape, calib=None) -> bytes:
     if not lowering.fully_quantized:
         raise ExportError("XNNPACK needs the fully quantized form: pass calibration batches")
     example = torch.zeros(input_shape)
-    onnx_form = export_module(lowering, example)
     nodes = {n.target: n for n in lowering.graph_module.graph.nodes
              if lowering.kinds.get(n) == "layer"}
     layers = {name: _XnnpackLayer(layer, name, lowering.output_grid(nodes[name]) is None)
-              for name, layer in onnx_form.named_modules() if isinstance(layer, _ExportLayer)}
+              for name, layer in export_layers(lowering).items()}
     module = with_grids(lowering, lambda graph, node, grid: graph.call_function(
         _qdq, (node, *astuple(grid))), layers)
     with warnings.catch_warnings():

@@ -47,8 +47,7 @@ The rules (TFLite's integer conventions; Jacob et al. 2018):
    residual block's output that feeds the next block's first conv and its shortcut add is
    written once, on that conv's grid, when the grid has at least ``act_bits`` bits: a second,
    calibrated grid would cost a requantization (a ``DequantizeLinear -> QuantizeLinear`` pair
-   that runtimes execute, about 8% of onnxruntime's time on ResNet-20 at batch 1) and round
-   the conv's input twice. A coarser layer grid (4-bit activations) is not forced onto the
+   that runtimes execute: five of them on ResNet-20) and round the conv's input twice. A coarser layer grid (4-bit activations) is not forced onto the
    adds, which keep an ``act_bits`` grid.
 4. A layer whose only consumer is the graph output keeps its int32 accumulator.
 """

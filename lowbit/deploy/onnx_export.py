@@ -199,9 +199,9 @@ class _ExportLayer(nn.Module):
         return F.linear(x, w, b)
 
 
-def export_module(lowering: Lowering, example: torch.Tensor) -> nn.Module:
-    """The lowering as the module PyTorch's exporter writes: QDQ after every gridded tensor,
-    :class:`_ExportLayer` for every quantized layer (``example``: an input, for shapes)."""
+def export_layers(lowering: Lowering) -> dict[str, _ExportLayer]:
+    """An :class:`_ExportLayer` (integer codes, input grid) for every quantized layer of the
+    lowering, by module name; the ONNX and XNNPACK writers both read them."""
     layers = {}
     for node in lowering.graph_module.graph.nodes:
         if lowering.kinds[node] != "layer":
@@ -223,8 +223,14 @@ def export_module(lowering: Lowering, example: torch.Tensor) -> nn.Module:
         elif not isinstance(q, nn.Identity):
             raise ExportError(f"{node.target}: {type(q).__name__} inputs have no QDQ form")
         layers[node.target] = _ExportLayer(layer, node.target, grid)
+    return layers
+
+
+def export_module(lowering: Lowering, example: torch.Tensor) -> nn.Module:
+    """The lowering as the module PyTorch's exporter writes: QDQ after every gridded tensor,
+    :class:`_ExportLayer` for every quantized layer (``example``: an input, for shapes)."""
     module = with_grids(lowering, lambda graph, node, grid: graph.call_function(
-        _qdq, (node, *astuple(grid))), layers)
+        _qdq, (node, *astuple(grid))), export_layers(lowering))
     _even_adaptive_pools(module, example)
     return module
 

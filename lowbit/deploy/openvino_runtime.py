@@ -85,8 +85,8 @@ class OpenVinoRunner:
     * None (default): a static-shape model per batch size, each compiled the first time that
       batch size is run (up to :data:`STATIC_SHAPES` sizes; further sizes share one
       dynamic-batch model). OpenVINO's CPU plugin picks its kernels and memory plan for a
-      static shape at compile time; with a dynamic batch it re-plans on each call, which on
-      ResNet-20 at batch 1 cost about 30% of the throughput (``benchmarks/runtime_speed.py``).
+      static shape at compile time; with a dynamic batch it re-plans on each call, which was
+      clearly slower on ResNet-20 at batch 1 (measured by hand, not by a committed benchmark).
     * an int N: one static model for N; shorter batches are zero-padded (their rows dropped from
       the output), longer ones split.
     * ``"dynamic"``: the file's dynamic batch dimension, one compiled model for every size.
@@ -125,12 +125,10 @@ class OpenVinoRunner:
     def _request(self, n: int):
         if isinstance(self.batch, int):
             return self.requests[self.batch]
-        if self.batch == "dynamic" or n in self.requests:
-            return self.requests[n if n in self.requests else None]
-        static = sum(size is not None for size in self.requests)
-        if static >= STATIC_SHAPES:
-            return self.requests[None]
-        self._compile(n)
+        if n not in self.requests:
+            if self.batch == "dynamic" or len(self.requests) - 1 >= STATIC_SHAPES:
+                return self.requests[None]  # the dynamic model, always compiled
+            self._compile(n)
         return self.requests[n]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
